@@ -1,0 +1,144 @@
+"""The `icl-study` command line.
+
+    icl-study plan quickstart                 # validate, count, estimate; runs nothing
+    icl-study run quickstart --store results  # embedded local Ray; --address auto joins a cluster
+    icl-study status --store results
+
+Bad input (an invalid sweep, a store that cannot be written) exits with status 2 and one message
+before any trial starts.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from pipelines import sweep as sweeps
+from pipelines.store import Store, StoreError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Simulation studies of in-context learning: sweeps, store, fits.")
+
+STORE = typer.Option(Path("results"), "--store", help="directory of the Parquet store")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"icl-study: error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _load(spec: str) -> sweeps.Sweep:
+    try:
+        return sweeps.load(spec)
+    except sweeps.SweepError as err:
+        raise _fail(str(err)) from None
+
+
+def _gemm_rate() -> float:
+    """This machine's float64 GEMM rate on one thread, in FLOP/s (for the compute estimate)."""
+    import torch
+
+    n, threads = 256, torch.get_num_threads()
+    torch.set_num_threads(1)
+    a = torch.randn(n, n, dtype=torch.float64)
+    a @ a
+    t0, reps = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 0.2:
+        a @ a
+        reps += 1
+    torch.set_num_threads(threads)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def _plan(sw: sweeps.Sweep, store: Store) -> tuple[list[sweeps.Bundle], set[str]]:
+    done = store.done_runs() & {r.run_id for r in sw.runs}
+    return sw.bundles(skip=done), done
+
+
+@app.command()
+def plan(sweep: str = typer.Argument(..., help="sweep file or shipped sweep name"), store: Path = STORE) -> None:
+    """Validate a sweep and count what it would run; runs nothing."""
+    sw = _load(sweep)
+    st = Store(store)
+    bundles, done = _plan(sw, st)
+    info = sweeps.describe(sw)
+    todo = sum(len(b.runs) for b in bundles)
+    flops = sum(sweeps.estimate_flops(r) for b in bundles for r in b.runs)
+    rate = _gemm_rate()
+    typer.echo(f"sweep {sw.name} ({sw.path})")
+    typer.echo(f"  configurations  {info['configurations']}")
+    typer.echo(f"  seeds           {info['seeds']}")
+    typer.echo(f"  runs            {info['runs']}")
+    typer.echo(f"  already done    {len(done)}  (in {st.root})")
+    typer.echo(f"  to run          {todo}")
+    typer.echo(f"  bundles         {len(bundles)}  (Ray trials, at most {sw.bundle_size} runs each)")
+    typer.echo(f"  compute         ~{flops:.2g} flop to run: ~{flops / rate:.0f} s on one core at this machine's {rate / 1e9:.1f} GFLOP/s (rough)")
+
+
+@app.command()
+def run(
+    sweep: str = typer.Argument(..., help="sweep file or shipped sweep name"),
+    store: Path = STORE,
+    address: str = typer.Option(None, "--address", help="Ray address; 'auto' joins a running cluster (default: embedded local Ray)"),
+    cpus_per_trial: float = typer.Option(1.0, "--cpus-per-trial", min=0.0),
+    gpus_per_trial: float = typer.Option(0.0, "--gpus-per-trial", min=0.0, help="e.g. 0.25 packs four trials on a GPU"),
+    max_concurrent: int = typer.Option(None, "--max-concurrent", min=1, help="cap on trials in flight"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    num_cpus: int = typer.Option(None, "--num-cpus", min=1, help="CPUs of the embedded local Ray (default: all)"),
+) -> None:
+    """Run what the store lacks of a sweep, one Ray Tune trial per bundle."""
+    from pipelines.runner import run_sweep
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise _fail(f"--device: one of auto, cpu, cuda; got {device!r}")
+    sw = _load(sweep)
+    st = Store(store)
+    try:
+        st.check_writable()
+    except StoreError as err:
+        raise _fail(str(err)) from None
+    leftovers = st.recover()
+    retried = st.forget_failed()
+    bundles, done = _plan(sw, st)
+    todo = sum(len(b.runs) for b in bundles)
+    typer.echo(f"sweep {sw.name}: {len(sw.runs)} runs, {len(done)} already in {st.root}, {todo} to run in {len(bundles)} bundles")
+    if leftovers or retried:
+        typer.echo(f"  cleaned {len(leftovers)} files of interrupted writes; retrying {retried} failed bundles")
+    if not bundles:
+        typer.echo("nothing to run")
+        return
+    s = run_sweep(sw, st, bundles, address, cpus_per_trial, gpus_per_trial, max_concurrent, device, num_cpus)
+    typer.echo(
+        f"done: {s.ok} ok, {s.diverged} diverged, {s.failed} failed of {s.runs} runs; {s.rows} rows written; "
+        f"wall {s.wall_s:.1f}s, trial compute {s.compute_s:.1f}s"
+    )
+    for e in s.errors:
+        typer.echo(f"  failed {e}", err=True)
+    if s.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(store: Path = STORE) -> None:
+    """Summarise the store: runs by sweep and status, rows per table."""
+    st = Store(store)
+    if not st.root.is_dir():
+        raise _fail(f"store {st.root} does not exist")
+    try:
+        trials = st.read("trials", ["family", "sweep", "status"]).to_pandas()
+        counts = {t: st.read(t, ["run_id"]).num_rows for t in ("curves", "evals", "params")}
+    except StoreError as err:
+        raise _fail(str(err)) from None
+    typer.echo(f"store {st.root}")
+    if trials.empty:
+        typer.echo("  no runs yet")
+    else:
+        table = trials.value_counts(["family", "sweep", "status"]).unstack("status", fill_value=0)
+        typer.echo(table.to_string())
+    typer.echo("  rows: " + ", ".join(f"{k} {v}" for k, v in {"trials": len(trials), **counts}.items()))
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

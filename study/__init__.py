@@ -1,0 +1,1 @@
+"""The science: task families, models, estimators, training, evaluation and theory (no Ray)."""

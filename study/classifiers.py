@@ -1,0 +1,164 @@
+"""Estimators of family `gmm`, all with one call signature: `estimator(prompts) -> probs [P, c]`.
+
+Only `bayes` reads the hidden task; `lsa_limit`, `lda_plugin`, `lda_pooled` and `logreg` see the
+context (and `lda_plugin` the true Lam, as theory.md defines it); the trained LSA is built by
+`lsa_estimator` and called the same way, so evaluation never branches on the kind of model.
+At M = inf every context statistic is its exact expectation: the plug-in and pooled LDA then
+equal `bayes`, and so does `logreg`, whose population optimum is the true log-odds (the LDA model
+is well specified for it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from study import lsa
+from study.covariance import Covariance
+from study.gmm import Context, Tasks, label_embedding
+
+LOGREG_L2 = 1.0  # ridge on all weights (intercepts too): a unit Gaussian prior
+LOGREG_ITERS = 25
+
+
+@dataclass
+class Prompts:
+    """Evaluation prompts of one test length: hidden tasks, queries, context, true covariance."""
+
+    tasks: Tasks
+    ctx: Context
+    cov: Covariance
+    c: int
+
+    @property
+    def xq(self) -> torch.Tensor:
+        return self.tasks.xq
+
+
+Estimator = Callable[[Prompts], torch.Tensor]
+
+
+def _lda(means: torch.Tensor, prec: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    """softmax_k(m_k^T S^-1 x - m_k^T S^-1 m_k / 2) with uniform priors.  prec: [d, d] or [P, d, d]."""
+    pm = means @ prec  # [P, c, d]; prec is symmetric
+    logits = torch.einsum("pkd,pd->pk", pm, xq) - 0.5 * (pm * means).sum(-1)
+    return torch.softmax(logits, dim=-1)
+
+
+def bayes(pr: Prompts) -> torch.Tensor:
+    """The true posterior given the task's means and Lam."""
+    return _lda(pr.tasks.means, pr.cov.inv, pr.xq)
+
+
+def context_V(ctx: Context, c: int) -> torch.Tensor:
+    """V = (1/M) sum_i ytil_i x_i^T from the class statistics.  Shapes: -> [P, c', d]."""
+    E = label_embedding(c).to(ctx.means)
+    return torch.einsum("pk,kj,pkd->pjd", ctx.frac, E, ctx.means)
+
+
+def context_gram(ctx: Context, xq: torch.Tensor, c: int) -> torch.Tensor:
+    """Z Z^T / M from the class statistics (the query column included).  Shapes: -> [P, D, D]."""
+    E = label_embedding(c).to(ctx.means)
+    d = xq.shape[1]
+    xx = ctx.within + torch.einsum("pk,pki,pkj->pij", ctx.frac, ctx.means, ctx.means)
+    V = context_V(ctx, c)
+    yy = torch.einsum("pk,ki,kj->pij", ctx.frac, E, E)
+    top = torch.cat([xx, V.transpose(1, 2)], dim=2)
+    G = torch.cat([top, torch.cat([V, yy], dim=2)], dim=1)
+    if not ctx.exact:
+        G[:, :d, :d] += xq[:, :, None] * xq[:, None, :] / ctx.M
+    return G
+
+
+def lsa_estimator(params: dict[str, torch.Tensor]) -> Estimator:
+    """The LSA with given parameters (`W`, or `W_PV` and `W_KQ` of the full form)."""
+
+    def predict(pr: Prompts) -> torch.Tensor:
+        xq = pr.xq
+        if "W" in params:
+            logits = lsa.reduced_logits(params["W"][None].to(xq), context_V(pr.ctx, pr.c)[None], xq[None])[0]
+        else:
+            d = xq.shape[1]
+            P, K = params["W_PV"][None, d:, :].to(xq), params["W_KQ"][None, :, :d].to(xq)
+            logits = lsa.full_logits(P, K, context_gram(pr.ctx, xq, pr.c)[None], xq[None])[0][0]
+        return lsa.probabilities(logits)
+
+    predict.needs_within = "W" not in params  # the full form reads the context's Gram matrix
+    return predict
+
+
+def lsa_limit(pr: Prompts) -> torch.Tensor:
+    """The LSA at its theoretical limit W = 2 Lam^-1 (binary) or c Lam^-1."""
+    scale = 2.0 if pr.c == 2 else float(pr.c)
+    return lsa_estimator({"W": scale * pr.cov.inv})(pr)
+
+
+def lda_plugin(pr: Prompts) -> torch.Tensor:
+    """Class means from the context, the true Lam; an empty class has mean 0."""
+    return _lda(pr.ctx.means, pr.cov.inv, pr.xq)
+
+
+def lda_pooled(pr: Prompts) -> torch.Tensor:
+    """Class means and a pooled covariance from the context, shrunk towards a scaled identity.
+
+    S = M / max(M - c, 1) * within; shrinkage weight a = d / (M + d) towards (tr S / d) I (I when
+    tr S = 0, i.e. no class seen twice); a = 0 at M = inf, where S = Lam.
+    """
+    ctx, d = pr.ctx, pr.xq.shape[1]
+    if ctx.exact:
+        S = ctx.within
+    else:
+        S = ctx.within * (ctx.M / max(ctx.M - pr.c, 1.0))
+        a = d / (ctx.M + d)
+        scale = torch.diagonal(S, dim1=1, dim2=2).mean(-1)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        S = (1 - a) * S + a * scale[:, None, None] * torch.eye(d, dtype=S.dtype, device=S.device)
+    return _lda(ctx.means, torch.linalg.inv(S), pr.xq)
+
+
+lda_pooled.needs_within = True
+
+
+def logreg(pr: Prompts) -> torch.Tensor:
+    """L2-regularised softmax regression with intercepts, fitted on each context by Newton's method."""
+    ctx = pr.ctx
+    if ctx.exact:
+        return bayes(pr)
+    x, y, c = ctx.x, ctx.y, pr.c
+    P, M, d = x.shape
+    xt = torch.cat([x, torch.ones(P, M, 1, dtype=x.dtype, device=x.device)], dim=-1)  # [P, M, d+1]
+    Y = torch.nn.functional.one_hot(y, c).to(x.dtype)
+    D = c * (d + 1)
+    w = torch.zeros(P, c, d + 1, dtype=x.dtype, device=x.device)
+    eye = torch.eye(D, dtype=x.dtype, device=x.device)
+    for _ in range(LOGREG_ITERS):
+        p = torch.softmax(torch.einsum("pmi,pki->pmk", xt, w), dim=-1)
+        grad = torch.einsum("pmk,pmi->pki", p - Y, xt) + LOGREG_L2 * w
+        # Hessian of the summed CE: sum_m (diag p - p p^T) kron x x^T, laid out as [(k,i), (l,j)]
+        pp = torch.diag_embed(p) - p[..., :, None] * p[..., None, :]  # [P, M, c, c]
+        wx = (pp[..., None] * xt[:, :, None, None, :]).reshape(P, M, c * c * (d + 1))
+        H = (wx.transpose(1, 2) @ xt).reshape(P, c, c, d + 1, d + 1).permute(0, 1, 3, 2, 4)
+        H = H.reshape(P, D, D) + LOGREG_L2 * eye
+        step = torch.linalg.solve(H, grad.reshape(P, D, 1)).reshape(P, c, d + 1)
+        w = w - step
+        if float(step.abs().max()) < 1e-10:
+            break
+    xq = torch.cat([pr.xq, torch.ones(P, 1, dtype=x.dtype, device=x.device)], dim=-1)
+    return torch.softmax(torch.einsum("pki,pi->pk", w, xq), dim=-1)
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "bayes": bayes,
+    "lsa_limit": lsa_limit,
+    "lda_plugin": lda_plugin,
+    "lda_pooled": lda_pooled,
+    "logreg": logreg,
+}
+
+
+def get(name: str) -> Estimator:
+    if name not in ESTIMATORS:
+        raise KeyError(f"unknown estimator {name!r}; known: {', '.join(sorted(ESTIMATORS))}")
+    return ESTIMATORS[name]

@@ -1,0 +1,276 @@
+"""Trial configuration: one frozen, validated type per component, composed into a `TrialConfig`.
+
+Every field has a flat name that is the same in sweep files, in Ray's param space and in the
+Parquet columns. `TrialConfig.from_flat(d)` is the one way in; `to_flat()` the one way out, and
+`config_id` is a hash of its canonical JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field and what is allowed."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"field '{field}': {message}")
+
+
+class _Component(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ----------------------------------------------------------------------------------------------
+# task families
+
+
+def _parse_cov(value: Any) -> Any:
+    # accept the spec form "diag(4)" as well as the flat pair {cov: diag, kappa: 4}
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(identity|diag|rotated)\s*(?:\(\s*([0-9.eE+-]+)\s*\))?\s*", value)
+        if m and m.group(2) is not None:
+            return {"cov": m.group(1), "kappa": float(m.group(2))}
+    return value
+
+
+CovSpec = Literal["identity", "diag", "rotated"]
+
+
+class GMMTask(_Component):
+    """Family `gmm`: c-class Gaussian mixtures with a shared covariance Lam (theory.md section 2)."""
+
+    family: Literal["gmm"] = "gmm"
+    d: int = Field(ge=1, description="input dimension")
+    c: int = Field(default=2, ge=2, description="number of classes")
+    snr: float = Field(gt=0, description="Mahalanobis norm of every class mean")
+    cov: CovSpec = Field(default="identity", description="covariance spec of Lam")
+    kappa: float = Field(default=1.0, ge=1, description="condition number of Lam (diag, rotated)")
+    cov_seed: int = Field(default=0, ge=0, description="seed of the rotation of Lam (rotated)")
+    symmetric: bool = Field(default=False, description="binary only: mu_1 = -mu_0")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cov_spec(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("cov"), str):
+            parsed = _parse_cov(data["cov"])
+            if isinstance(parsed, dict):
+                if "kappa" in data and float(data["kappa"]) != parsed["kappa"]:
+                    raise ValueError("cov: the spec's kappa and the field kappa disagree")
+                data = {**data, **parsed}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GMMTask:
+        if self.symmetric and self.c != 2:
+            raise ConfigError("symmetric", f"applies to c = 2 only, got c = {self.c}")
+        if self.cov == "identity" and self.kappa != 1.0:
+            raise ConfigError("kappa", "applies to cov diag or rotated; identity has kappa = 1")
+        return self
+
+    @property
+    def n_label(self) -> int:
+        """c': the number of label rows in the prompt (1 for binary, c otherwise)."""
+        return 1 if self.c == 2 else self.c
+
+    def data_key(self) -> dict[str, Any]:
+        """The fields that fix the data distribution (not the model, not the training)."""
+        return self.model_dump()
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+
+
+class LSAModel(_Component):
+    """Single-layer linear self-attention (theory.md section 2)."""
+
+    model: Literal["lsa"] = "lsa"
+    param: Literal["reduced", "full"] = Field(default="reduced")
+    init_scale: float = Field(
+        default=0.0, ge=0, description="full only: std of a random perturbation of the block init"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LSAModel:
+        if self.param == "reduced" and self.init_scale != 0.0:
+            raise ConfigError("init_scale", "applies to param full; reduced starts at W = 0")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# training and evaluation
+
+
+class Train(_Component):
+    """Full-batch gradient descent on B fixed training prompts of length N."""
+
+    N: int = Field(ge=1, description="training prompt length")
+    B: int | None = Field(default=4096, ge=1, description="number of training prompts")
+    lr: float = Field(gt=0, description="GD step size")
+    steps: int = Field(ge=1, description="GD steps")
+    log_every: int = Field(default=10, ge=1, description="curve resolution in steps")
+    dtype: Literal["float64", "float32"] = "float64"
+
+
+def _parse_lengths(value: Any) -> Any:
+    if isinstance(value, (int, float, str)):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        return value
+    out = []
+    for v in value:
+        if isinstance(v, str) and v.strip().lower() in {"inf", ".inf", "infinity"}:
+            v = math.inf
+        if isinstance(v, float) and math.isinf(v) and v > 0:
+            out.append(math.inf)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and v >= 1:
+            out.append(float(v))
+        else:
+            raise ValueError(f"test lengths are integers >= 1 or inf, got {v!r}")
+    if not out:
+        raise ValueError("needs at least one test length")
+    return sorted(set(out))
+
+
+TestLengths = Annotated[list[float], BeforeValidator(_parse_lengths)]
+
+
+class Eval(_Component):
+    """Evaluation prompts: n_eval per test length M (inf: the exact context expectation)."""
+
+    M: TestLengths = Field(description="test prompt lengths, inf allowed")
+    n_eval: int = Field(default=2048, ge=1, description="evaluation prompts per M")
+    estimators: tuple[str, ...] | None = Field(
+        default=None, description="estimators compared with the model (default: all of the family)"
+    )
+
+    @property
+    def finite_M(self) -> list[int]:
+        return [int(m) for m in self.M if math.isfinite(m)]
+
+
+# ----------------------------------------------------------------------------------------------
+# the trial config
+
+FAMILIES: dict[str, type[_Component]] = {"gmm": GMMTask}
+MODELS: dict[str, type[_Component]] = {"lsa": LSAModel}
+COMPONENTS = ("task", "model", "train", "eval")
+
+
+def _lookup(registry: dict[str, Any], field: str, name: Any) -> Any:
+    if name not in registry:
+        raise ConfigError(field, f"unknown {field} {name!r}; known: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def _first_error(err: ValidationError) -> ConfigError:
+    e = err.errors()[0]
+    field = ".".join(str(p) for p in e["loc"]) or "config"
+    msg = e["msg"].removeprefix("Value error, ")
+    if isinstance(e.get("ctx", {}).get("error"), ConfigError):
+        cerr = e["ctx"]["error"]
+        return ConfigError(cerr.field, str(cerr).split(": ", 1)[1])
+    if e["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif e["type"] == "missing":
+        msg = "required field is missing"
+    return ConfigError(field, msg)
+
+
+class TrialConfig(BaseModel):
+    """One configuration of the study: task x model x training x evaluation (seeds excluded)."""
+
+    model_config = ConfigDict(frozen=True)
+    task: GMMTask
+    model: LSAModel
+    train: Train
+    eval: Eval
+
+    ESTIMATORS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "gmm": ("bayes", "lsa_limit", "lda_plugin", "lda_pooled", "logreg"),
+    }
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> TrialConfig:
+        """Build from a flat dict; raises `ConfigError` naming the first bad field."""
+        flat = dict(flat)
+        task_cls = _lookup(FAMILIES, "family", flat.get("family", "gmm"))
+        model_cls = _lookup(MODELS, "model", flat.get("model", "lsa"))
+        owners = {"task": task_cls, "model": model_cls, "train": Train, "eval": Eval}
+        parts: dict[str, dict[str, Any]] = {k: {} for k in owners}
+        for key, value in flat.items():
+            owner = next((k for k, c in owners.items() if key in c.model_fields), None)
+            if owner is None:
+                allowed = sorted({f for c in owners.values() for f in c.model_fields})
+                raise ConfigError(key, f"unknown field; allowed: {', '.join(allowed)}")
+            parts[owner][key] = value
+        try:
+            built = {k: owners[k](**v) for k, v in parts.items()}
+        except ValidationError as err:
+            raise _first_error(err) from None
+        except ConfigError:
+            raise
+        cfg = cls(**built)
+        cfg._check()
+        return cfg
+
+    def _check(self) -> None:
+        known = self.ESTIMATORS[self.task.family]
+        for name in self.eval.estimators or ():
+            if name not in known:
+                raise ConfigError(
+                    "estimators", f"unknown estimator {name!r} for family {self.task.family}; known: {', '.join(sorted(known))}"
+                )
+        if self.model.model == "lsa" and self.train.B is None:
+            raise ConfigError("B", "the LSA trains by full-batch GD on B fixed prompts; give an integer B >= 1")
+
+    @property
+    def estimators(self) -> tuple[str, ...]:
+        return self.eval.estimators or self.ESTIMATORS[self.task.family]
+
+    def to_flat(self) -> dict[str, Any]:
+        """All fields of all components in one dict (the Parquet columns)."""
+        out: dict[str, Any] = {}
+        for part in COMPONENTS:
+            out.update(getattr(self, part).model_dump())
+        out["estimators"] = list(self.estimators)
+        return out
+
+    @property
+    def config_id(self) -> str:
+        return stable_hash(self.to_flat())
+
+    def run_id(self, seed: int) -> str:
+        return stable_hash({"config_id": self.config_id, "seed": int(seed)})
+
+
+def canonical_json(obj: Any) -> str:
+    def default(o: Any) -> Any:
+        if isinstance(o, tuple):
+            return list(o)
+        raise TypeError(f"not JSON-serialisable: {o!r}")
+
+    # inf is not JSON; spell it so that the hash is stable and readable
+    def fix(o: Any) -> Any:
+        if isinstance(o, float) and math.isinf(o):
+            return "inf" if o > 0 else "-inf"
+        if isinstance(o, dict):
+            return {k: fix(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [fix(v) for v in o]
+        return o
+
+    return json.dumps(fix(obj), sort_keys=True, separators=(",", ":"), default=default)
+
+
+def stable_hash(obj: Any, n: int = 16) -> str:
+    """Hex digest of the canonical JSON of `obj` (stable across processes and machines)."""
+    return hashlib.blake2b(canonical_json(obj).encode(), digest_size=n // 2).hexdigest()

@@ -1,0 +1,245 @@
+"""Family `gmm`: prompts of in-context classification of Gaussian mixtures (theory.md section 2).
+
+A prompt has its own class means mu_k = Lam^{1/2} u_k, u_k uniform on the sphere of radius snr,
+labels y ~ Uniform{0..c-1}, inputs x = mu_y + Lam^{1/2} xi. Two samplers:
+
+- `sample_train(..., gram=False)` draws the reduced LSA's sufficient statistic
+  V = (1/N) sum_i ytil_i x_i^T directly from its exact distribution (class counts are multinomial,
+  each class sum is Gaussian), in O(c d) per prompt instead of O(N d);
+- the raw sampler draws every context example; it feeds the full LSA (which needs the Gram
+  matrix Z Z^T / N) and every evaluation, where estimators such as logistic regression need the
+  examples themselves.
+
+Both draw the tasks and queries of a prompt from the same generator calls, so the two training
+paths see the same tasks and queries and contexts that are equal in distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from study.config import GMMTask
+from study.covariance import Covariance
+from study.rng import generator
+
+TRAIN_BLOCK = 1024  # training prompts per random block
+EVAL_BLOCK = 64  # evaluation prompts per random block
+EXAMPLE_BLOCK = 256  # context examples per random block
+
+
+def label_embedding(c: int) -> torch.Tensor:
+    """ytil of each class: -1/+1 for binary, one-hot otherwise.  Shapes: [c, c']."""
+    if c == 2:
+        return torch.tensor([[-1.0], [1.0]], dtype=torch.float64)
+    return torch.eye(c, dtype=torch.float64)
+
+
+@dataclass
+class Tasks:
+    """The hidden task and the query of each prompt.  Shapes: means [P, c, d], xq [P, d], yq [P]."""
+
+    means: torch.Tensor
+    xq: torch.Tensor
+    yq: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Tasks:
+        return Tasks(self.means.to(device), self.xq.to(device), self.yq.to(device))
+
+
+def _key(task: GMMTask, seed: int) -> dict[str, Any]:
+    return {"data": task.data_key(), "seed": int(seed)}
+
+
+def _draw_tasks(task: GMMTask, cov: Covariance, n: int, g: torch.Generator) -> Tasks:
+    u = torch.randn(n, task.c, task.d, generator=g, dtype=torch.float64)
+    u = task.snr * u / u.norm(dim=-1, keepdim=True)
+    if task.symmetric:
+        u[:, 0] = -u[:, 1]
+    means = u @ cov.half  # half is symmetric: rows are Lam^{1/2} u_k, so ||mu_k||_{Lam^-1} = snr
+    yq = torch.randint(task.c, (n,), generator=g)
+    xq = means[torch.arange(n), yq] + torch.randn(n, task.d, generator=g, dtype=torch.float64) @ cov.half
+    return Tasks(means, xq, yq)
+
+
+def _draw_examples(task: GMMTask, cov: Covariance, means: torch.Tensor, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n context examples for each prompt.  Shapes: x [P, n, d], y [P, n]."""
+    p = means.shape[0]
+    y = torch.randint(task.c, (p, n), generator=g)
+    xi = torch.randn(p, n, task.d, generator=g, dtype=torch.float64)
+    x = torch.gather(means, 1, y[..., None].expand(p, n, task.d)) + xi @ cov.half
+    return x, y
+
+
+def _blocks(total: int, size: int) -> Iterator[tuple[int, int]]:
+    for b, start in enumerate(range(0, total, size)):
+        yield b, min(size, total - start)
+
+
+@dataclass
+class TrainStats:
+    """Per-prompt sufficient statistics of the training prompts.
+
+    Shapes: V [B, c', d] = (1/N) sum_i ytil_i x_i^T; gram [B, d+c', d+c'] = Z Z^T / N (query
+    column included) or None; xq [B, d]; yq [B].
+    """
+
+    V: torch.Tensor
+    xq: torch.Tensor
+    yq: torch.Tensor
+    gram: torch.Tensor | None
+
+
+def sample_train(task: GMMTask, cov: Covariance, N: int, B: int, seed: int, gram: bool = False) -> TrainStats:
+    """B training prompts of length N, as sufficient statistics (raw examples only if `gram`)."""
+    E = label_embedding(task.c)
+    key = _key(task, seed)
+    parts = []
+    for b, n in _blocks(B, TRAIN_BLOCK):
+        g = generator(key, "train", b)
+        t = _draw_tasks(task, cov, n, g)
+        if gram:
+            G = _raw_gram(task, cov, t, N, key, b, E)
+            V = G[:, task.d :, : task.d]
+        else:
+            G = None
+            sums = _exact_class_sums(task, cov, t.means, N, g)
+            V = torch.einsum("kj,pkd->pjd", E, sums) / N
+        parts.append((V, t.xq, t.yq, G))
+    V, xq, yq, G = (torch.cat(z) if z[0] is not None else None for z in zip(*parts))
+    return TrainStats(V, xq, yq, G)
+
+
+def _exact_class_sums(task: GMMTask, cov: Covariance, means: torch.Tensor, N: int, g: torch.Generator) -> torch.Tensor:
+    """sum_{i: y_i = k} x_i for N uniform labels, drawn exactly.  Shapes: [P, c, d]."""
+    p, c, d = means.shape
+    counts = torch.empty(p, c, dtype=torch.float64)
+    left = torch.full((p,), float(N), dtype=torch.float64)
+    for k in range(c - 1):  # multinomial counts as a chain of binomials
+        counts[:, k] = torch.binomial(left, torch.full_like(left, 1.0 / (c - k)), generator=g)
+        left = left - counts[:, k]
+    counts[:, c - 1] = left
+    xi = torch.randn(p, c, d, generator=g, dtype=torch.float64)
+    return counts[..., None] * means + counts.sqrt()[..., None] * (xi @ cov.half)
+
+
+def _raw_gram(task: GMMTask, cov: Covariance, t: Tasks, N: int, key: Any, b: int, E: torch.Tensor) -> torch.Tensor:
+    p, d = t.xq.shape
+    D = d + E.shape[1]
+    G = torch.zeros(p, D, D, dtype=torch.float64)
+    for e, n in _blocks(N, EXAMPLE_BLOCK):
+        x, y = _draw_examples(task, cov, t.means, n, generator(key, "train", b, e))
+        z = torch.cat([x, E[y]], dim=-1)
+        G += z.transpose(1, 2) @ z
+    G[:, :d, :d] += t.xq[:, :, None] * t.xq[:, None, :]
+    return G / N
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation prompts
+
+
+@dataclass
+class Context:
+    """What an estimator may see of a context of length M, as per-class statistics.
+
+    Shapes: frac [P, c] (class counts / M), means [P, c, d] (class means, 0 for an empty class),
+    within [P, d, d] (pooled within-class scatter / M, or None if not asked for), x [P, M, d] and
+    y [P, M] (the raw examples; None when M = inf, where the statistics are exact expectations).
+    """
+
+    M: float
+    frac: torch.Tensor
+    means: torch.Tensor
+    within: torch.Tensor | None
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+
+    @property
+    def exact(self) -> bool:
+        return math.isinf(self.M)
+
+
+@dataclass
+class EvalChunk:
+    """A chunk of evaluation prompts and their contexts at every test length of the grid."""
+
+    tasks: Tasks
+    contexts: list[Context]
+
+
+def exact_context(task: GMMTask, cov: Covariance, tasks: Tasks, within: bool) -> Context:
+    """The M = inf context: class frequencies, means and scatter replaced by their true values."""
+    p = tasks.means.shape[0]
+    dev = tasks.means.device
+    frac = torch.full((p, task.c), 1.0 / task.c, dtype=torch.float64, device=dev)
+    lam = cov.lam.to(dev).expand(p, task.d, task.d) if within else None
+    return Context(math.inf, frac, tasks.means, lam)
+
+
+def eval_chunks(
+    task: GMMTask,
+    cov: Covariance,
+    seed: int,
+    n_eval: int,
+    lengths: list[float],
+    within: bool,
+    device: torch.device | str = "cpu",
+    budget: int = 1 << 22,
+) -> Iterator[EvalChunk]:
+    """Evaluation prompts in chunks of whole random blocks, each with its contexts at every M.
+
+    Contexts are nested: the context at M is the first M examples of the longest one, so every
+    estimator and every M is compared on the same tasks and queries.
+    """
+    finite = sorted(int(m) for m in lengths if math.isfinite(m))
+    m_max = max(finite, default=0)
+    key = _key(task, seed)
+    per_block = EVAL_BLOCK * max(m_max, 1) * task.d
+    blocks_per_chunk = max(1, budget // per_block)
+    block_list = list(_blocks(n_eval, EVAL_BLOCK))
+    for start in range(0, len(block_list), blocks_per_chunk):
+        tasks, xs, ys = [], [], []
+        for b, n in block_list[start : start + blocks_per_chunk]:
+            t = _draw_tasks(task, cov, n, generator(key, "eval", b))
+            tasks.append(t)
+            if m_max:
+                ex = [_draw_examples(task, cov, t.means, k, generator(key, "eval", b, e)) for e, k in _blocks(m_max, EXAMPLE_BLOCK)]
+                xs.append(torch.cat([x for x, _ in ex], dim=1))
+                ys.append(torch.cat([y for _, y in ex], dim=1))
+        t = Tasks(*(torch.cat(z) for z in zip(*((t.means, t.xq, t.yq) for t in tasks)))).to(device)
+        contexts = []
+        if m_max:
+            x, y = torch.cat(xs).to(device), torch.cat(ys).to(device)
+            contexts = _prefix_contexts(task.c, x, y, finite, within)
+        if any(math.isinf(m) for m in lengths):
+            contexts.append(exact_context(task, cov, t, within))
+        yield EvalChunk(t, contexts)
+
+
+def _prefix_contexts(c: int, x: torch.Tensor, y: torch.Tensor, lengths: list[int], within: bool) -> list[Context]:
+    """Class statistics of every prefix length, accumulated block by block.  x: [P, M_max, d]."""
+    p, _, d = x.shape
+    counts = torch.zeros(p, c, dtype=x.dtype, device=x.device)
+    sums = torch.zeros(p, c, d, dtype=x.dtype, device=x.device)
+    xx = torch.zeros(p, d, d, dtype=x.dtype, device=x.device) if within else None
+    out, prev = [], 0
+    for m in lengths:
+        xb = x[:, prev:m]
+        onehot = torch.nn.functional.one_hot(y[:, prev:m], c).to(x.dtype)
+        counts += onehot.sum(1)
+        sums += onehot.transpose(1, 2) @ xb
+        if within:
+            xx += xb.transpose(1, 2) @ xb
+        prev = m
+        means = sums / counts.clamp(min=1.0)[..., None]
+        frac = counts / m
+        w = None
+        if within:
+            w = xx / m - torch.einsum("pk,pki,pkj->pij", frac, means, means)
+        out.append(Context(float(m), frac, means, w, x[:, :m], y[:, :m]))
+    return out

@@ -1,0 +1,94 @@
+"""The minimiser of the reduced LSA's empirical cross-entropy, by damped Newton's method.
+
+The reduced logit V W x_q is linear in W, so the empirical loss is convex in vec(W) with features
+f = vec(V_j x_q^T), and Newton's method reaches its minimiser to float64 precision in a few
+iterations. The Hessian at the minimiser also gives the theory's local GD rate
+max_i |1 - lr lambda_i(H)| (theory.md section 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from study.lsa import cross_entropy
+
+CHUNK = 8192  # prompts per chunk when forming the d^2 x d^2 Hessian
+
+
+@dataclass
+class Optimum:
+    """Shapes: W [d, d], hess_eigs [d*d]."""
+
+    W: torch.Tensor
+    loss: float
+    hess_eigs: torch.Tensor
+    converged: bool
+    iterations: int
+
+
+def _features(V: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    """f_j = vec(V_j x_q^T), row-major like W.  Shapes: V [b, c', d], xq [b, d] -> [b, c', d*d]."""
+    b, c, d = V.shape
+    return (V[..., :, None] * xq[:, None, None, :]).reshape(b, c, d * d)
+
+
+def _loss_grad_hess(w: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch.Tensor, hess: bool):
+    B = V.shape[0]
+    loss = torch.zeros((), dtype=w.dtype, device=w.device)
+    grad = torch.zeros_like(w)
+    H = torch.zeros(w.numel(), w.numel(), dtype=w.dtype, device=w.device) if hess else None
+    for s in range(0, B, CHUNK):
+        f = _features(V[s : s + CHUNK], xq[s : s + CHUNK])
+        logits = f @ w
+        ls, g = cross_entropy(logits, y[s : s + CHUNK])
+        loss += ls.sum()
+        grad += torch.einsum("bj,bjk->k", g, f)
+        if hess:
+            if f.shape[1] == 1:
+                p = torch.sigmoid(logits[:, 0])
+                fw = f[:, 0] * (p * (1 - p))[:, None]
+                H += fw.T @ f[:, 0]
+            else:
+                p = torch.softmax(logits, dim=-1)
+                fbar = torch.einsum("bj,bjk->bk", p, f)
+                H += torch.einsum("bjk,bjl->kl", f * p[..., None], f) - fbar.T @ fbar
+    return loss / B, grad / B, (H / B if hess else None)
+
+
+def empirical_optimum(
+    V: torch.Tensor, xq: torch.Tensor, y: torch.Tensor, W0: torch.Tensor | None = None, tol: float = 1e-14, max_iter: int = 100
+) -> Optimum:
+    """Minimise the mean CE of V W x_q over W by damped Newton, from W0 (default 0).
+
+    Shapes: V [B, c', d], xq [B, d], y [B], W0 [d, d].  Computes in float64.
+    """
+    V, xq = V.double(), xq.double()
+    d = xq.shape[1]
+    w = torch.zeros(d * d, dtype=torch.float64, device=V.device) if W0 is None else W0.double().reshape(-1).clone()
+    if not torch.isfinite(w).all():
+        w.zero_()
+    converged, it = False, 0
+    for it in range(1, max_iter + 1):
+        loss, grad, H = _loss_grad_hess(w, V, xq, y, hess=True)
+        jitter = 1e-12 * H.diagonal().mean().clamp(min=1e-300)
+        step = torch.linalg.solve(H + jitter * torch.eye(len(w), dtype=w.dtype, device=w.device), grad)
+        decrement = float(grad @ step)  # squared Newton decrement
+        if decrement / 2 <= tol:
+            converged = True
+            break
+        t = 1.0
+        while t > 1e-12:  # Armijo backtracking keeps every iterate a descent
+            trial, _, _ = _loss_grad_hess(w - t * step, V, xq, y, hess=False)
+            if trial <= loss - 1e-4 * t * decrement:
+                break
+            t /= 2
+        w = w - t * step
+    loss, _, H = _loss_grad_hess(w, V, xq, y, hess=True)
+    return Optimum(w.reshape(d, d), float(loss), torch.linalg.eigvalsh(H), converged, it)
+
+
+def local_rate(hess_eigs: torch.Tensor, lr: float) -> float:
+    """GD's contraction per step near the optimum: max_i |1 - lr lambda_i(H)|."""
+    return float((1.0 - lr * hess_eigs).abs().max())

@@ -1,0 +1,177 @@
+"""Full-batch gradient descent on the LSA, vectorised over the members of a bundle.
+
+A member is one (configuration, seed); members that share shapes (d, c, B, param) train as one
+stack, each with its own data, step size and covariance. `train` is one plain loop around a pure
+step function; it records the curve every `log_every` steps and then measures each logged point
+against the empirical optimum (Newton for `reduced`; for `full`, whose loss is not convex, GD run
+on for `REFERENCE_FACTOR` times as many steps). A member whose loss turns non-finite is
+`diverged` at that step; the others go on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from study import lsa
+from study.optimum import empirical_optimum, local_rate
+
+REFERENCE_FACTOR = 10  # full param: the reference optimum is GD run on to 10x the steps
+
+
+@dataclass
+class Problem:
+    """A stack of S training problems.
+
+    Shapes: V [S, B, c', d], xq [S, B, d], yq [S, B], gram [S, B, D, D] or None,
+    lr [S], lam_inv [S, d, d]; `scale` is c'' (2 for binary, c otherwise).
+    """
+
+    V: torch.Tensor
+    xq: torch.Tensor
+    yq: torch.Tensor
+    gram: torch.Tensor | None
+    lr: torch.Tensor
+    lam_inv: torch.Tensor
+    scale: float
+
+    @property
+    def S(self) -> int:
+        return self.V.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.xq.shape[-1]
+
+
+@dataclass
+class Curves:
+    """Shapes: every tensor [T, S] over the logged steps."""
+
+    steps: list[int]
+    train_loss: torch.Tensor
+    subopt: torch.Tensor
+    dist_opt: torch.Tensor
+    dist_theory: torch.Tensor
+
+
+@dataclass
+class TrainResult:
+    """Per-member outcome.  Shapes: [S] tensors; params name -> [S, ...]."""
+
+    curves: Curves
+    params: dict[str, torch.Tensor]
+    diverged_at: torch.Tensor  # first step with a non-finite loss, -1 if none
+    final_loss: torch.Tensor
+    opt_loss: torch.Tensor
+    opt_converged: torch.Tensor
+    opt_dist_theory: torch.Tensor  # ||W_opt / c'' - Lam^-1||_max
+    rho_theory: torch.Tensor  # max_i |1 - lr lambda_i(H)| at the optimum (reduced only)
+    opt_params: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def init_params(prob: Problem, param: str, init_scale: float = 0.0, gen: list[torch.Generator] | None = None) -> dict[str, torch.Tensor]:
+    """W = 0 (reduced), or the block structure at W = 0 plus an optional random perturbation (full)."""
+    S, d, dt, dev = prob.S, prob.d, prob.V.dtype, prob.V.device
+    if param == "reduced":
+        return {"W": torch.zeros(S, d, d, dtype=dt, device=dev)}
+    W_PV, W_KQ = lsa.block_init(d, prob.V.shape[2], S, dtype=dt)
+    if init_scale > 0:
+        D = W_PV.shape[-1]
+        noise = torch.stack([torch.randn(2, D, D, generator=g, dtype=torch.float64) for g in gen]).to(dt)
+        W_PV, W_KQ = W_PV + init_scale * noise[:, 0] / D**0.5, W_KQ + init_scale * noise[:, 1] / D**0.5
+    return {"W_PV": W_PV.to(dev), "W_KQ": W_KQ.to(dev)}
+
+
+def step(params: dict[str, torch.Tensor], prob: Problem) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean loss at `params` [S] and the gradient; pure."""
+    if "W" in params:
+        logits = lsa.reduced_logits(params["W"], prob.V, prob.xq)
+        loss, g = lsa.cross_entropy(logits, prob.yq)
+        return loss.mean(1), {"W": lsa.reduced_grad(g, prob.V, prob.xq)}
+    d = prob.d
+    P, K = params["W_PV"][:, d:, :], params["W_KQ"][:, :, :d]
+    logits, _, h = lsa.full_logits(P, K, prob.gram, prob.xq)
+    loss, g = lsa.cross_entropy(logits, prob.yq)
+    dP, dK = lsa.full_grad(g, P, prob.gram, prob.xq, h)
+    gPV, gKQ = torch.zeros_like(params["W_PV"]), torch.zeros_like(params["W_KQ"])
+    gPV[:, d:, :], gKQ[:, :, :d] = dP, dK
+    return loss.mean(1), {"W_PV": gPV, "W_KQ": gKQ}
+
+
+def gd(params: dict[str, torch.Tensor], prob: Problem, steps: int, log_every: int | None = None):
+    """Run `steps` GD steps; returns final params, first non-finite step [S], and the log.
+
+    The log holds (step, loss [S], params) at every multiple of log_every and at the end.
+    """
+    lr = prob.lr[:, None, None]
+    diverged_at = torch.full((prob.S,), -1, dtype=torch.long, device=prob.V.device)
+    log = []
+    for t in range(steps + 1):
+        loss, grad = step(params, prob)
+        newly = (~torch.isfinite(loss)) & (diverged_at < 0)
+        diverged_at = torch.where(newly, torch.full_like(diverged_at, t), diverged_at)
+        if log_every and (t % log_every == 0 or t == steps):
+            log.append((t, loss.detach().clone(), {k: v.clone() for k, v in params.items()}))
+            if bool((diverged_at >= 0).all()):
+                break
+        if t < steps:
+            params = {k: v - lr * grad[k] for k, v in params.items()}
+    return params, diverged_at, log
+
+
+def effective_W(params: dict[str, torch.Tensor], d: int) -> torch.Tensor:
+    return params["W"] if "W" in params else lsa.effective_W(params["W_PV"], params["W_KQ"], d)
+
+
+def _dist(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.sqrt(sum(((a[k] - b[k]) ** 2).flatten(1).sum(1) for k in a))
+
+
+def _theory_gap(W: torch.Tensor, prob: Problem) -> torch.Tensor:
+    return (W / prob.scale - prob.lam_inv).abs().flatten(1).amax(1)
+
+
+def train(prob: Problem, param: str, steps: int, log_every: int, init: dict[str, torch.Tensor] | None = None) -> TrainResult:
+    """Train every member of the stack and measure its curve against the empirical optimum."""
+    params = init if init is not None else init_params(prob, param)
+    params, diverged_at, log = gd(params, prob, steps, log_every)
+    final_loss = log[-1][1]
+
+    S = prob.S
+    nan = torch.full((S,), float("nan"), dtype=torch.float64)
+    rho, opt_conv = nan.clone(), torch.zeros(S, dtype=torch.bool)
+    if param == "reduced":
+        opts = []
+        for s in range(S):
+            o = empirical_optimum(prob.V[s], prob.xq[s], prob.yq[s], params["W"][s])
+            opts.append(o)
+            rho[s] = local_rate(o.hess_eigs, float(prob.lr[s]))
+            opt_conv[s] = o.converged
+        opt_params = {"W": torch.stack([o.W for o in opts]).to(prob.V.dtype)}
+        opt_loss = torch.tensor([o.loss for o in opts], dtype=torch.float64)
+    else:
+        opt_params, _, ref_log = gd(params, prob, (REFERENCE_FACTOR - 1) * steps, log_every=(REFERENCE_FACTOR - 1) * steps)
+        opt_loss = ref_log[-1][1].double().cpu()
+        opt_conv = torch.isfinite(opt_loss)
+    opt_loss = torch.where(opt_conv, opt_loss, nan)
+    ref_ok = opt_conv.to(prob.V.device)
+
+    losses = torch.stack([l for _, l, _ in log]).double()
+    subopt = losses - opt_loss.to(losses.device)
+    dist_opt = torch.stack([_dist(p, opt_params) for _, _, p in log]).double()
+    dist_opt = torch.where(ref_ok, dist_opt, torch.nan)
+    dist_theory = torch.stack([_theory_gap(effective_W(p, prob.d), prob) for _, _, p in log]).double()
+    curves = Curves([t for t, _, _ in log], losses.cpu(), subopt.cpu(), dist_opt.cpu(), dist_theory.cpu())
+    return TrainResult(
+        curves=curves,
+        params={k: v.double().cpu() for k, v in params.items()},
+        diverged_at=diverged_at.cpu(),
+        final_loss=final_loss.double().cpu(),
+        opt_loss=opt_loss,
+        opt_converged=opt_conv,
+        opt_dist_theory=_theory_gap(effective_W(opt_params, prob.d), prob).double().cpu(),
+        rho_theory=rho,
+        opt_params={k: v.double().cpu() for k, v in opt_params.items()},
+    )

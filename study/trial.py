@@ -1,0 +1,141 @@
+"""One bundle of runs, end to end: sample, train as one stack, evaluate, return table rows.
+
+A run is a (configuration, seed). Runs whose configurations share `shape_key` train together as
+one vectorised stack; runs that share their evaluation prompts (same data distribution, seed and
+evaluation settings, e.g. an N sweep) are evaluated in one pass, so the baselines are computed
+once and every model is compared on identical prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from study import classifiers
+from study.config import TrialConfig, canonical_json
+from study.covariance import covariance
+from study.evaluation import evaluate
+from study.gmm import sample_train
+from study.rng import generator
+from study.training import Problem, init_params, train
+
+
+@dataclass(frozen=True)
+class Run:
+    config: TrialConfig
+    seed: int
+
+    @property
+    def run_id(self) -> str:
+        return self.config.run_id(self.seed)
+
+
+def shape_key(cfg: TrialConfig) -> tuple:
+    """Runs with equal keys can train in one stack."""
+    t, m, tr = cfg.task, cfg.model, cfg.train
+    return (t.family, m.model, m.param, t.d, t.c, tr.B, tr.steps, tr.log_every, tr.dtype)
+
+
+@dataclass
+class BundleOutput:
+    """Rows of each table, keyed by run_id (the pipeline adds sweep and provenance columns)."""
+
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    curves: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    params: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _cov(cfg: TrialConfig):
+    t = cfg.task
+    return covariance(t.cov, t.d, t.kappa, t.cov_seed)
+
+
+def run_bundle(runs: list[Run], device: torch.device | str = "cpu") -> BundleOutput:
+    """Train and evaluate every run of a bundle; a diverged run is a result, not an error."""
+    keys = {shape_key(r.config) for r in runs}
+    if len(keys) != 1:
+        raise ValueError(f"a bundle's runs must share their shapes, got {sorted(keys)}")
+    t0 = time.perf_counter()
+    cfg0 = runs[0].config
+    dtype = getattr(torch, cfg0.train.dtype)
+    param = cfg0.model.param
+    covs = [_cov(r.config) for r in runs]
+
+    stats = [sample_train(r.config.task, c, r.config.train.N, r.config.train.B, r.seed, gram=param == "full") for r, c in zip(runs, covs)]
+    stack = lambda f: torch.stack([f(s) for s in stats]).to(device)  # noqa: E731
+    prob = Problem(
+        V=stack(lambda s: s.V).to(dtype),
+        xq=stack(lambda s: s.xq).to(dtype),
+        yq=stack(lambda s: s.yq),
+        gram=stack(lambda s: s.gram).to(dtype) if param == "full" else None,
+        lr=torch.tensor([r.config.train.lr for r in runs], dtype=dtype, device=device),
+        lam_inv=torch.stack([c.inv for c in covs]).to(device, dtype),
+        scale=2.0 if cfg0.task.c == 2 else float(cfg0.task.c),
+    )
+    init = None
+    if param == "full":
+        gens = [generator({"data": r.config.task.data_key(), "seed": r.seed}, "init") for r in runs]
+        init = init_params(prob, "full", cfg0.model.init_scale, gens)
+    res = train(prob, param, cfg0.train.steps, cfg0.train.log_every, init)
+    del prob, stats
+
+    out = BundleOutput()
+    for i, r in enumerate(runs):
+        diverged = int(res.diverged_at[i]) >= 0
+        out.trials.append(
+            dict(
+                run_id=r.run_id,
+                status="diverged" if diverged else "ok",
+                steps_done=int(res.diverged_at[i]) if diverged else r.config.train.steps,
+                final_train_loss=float(res.final_loss[i]),
+                opt_loss=float(res.opt_loss[i]),
+                opt_converged=bool(res.opt_converged[i]),
+                opt_dist_theory=float(res.opt_dist_theory[i]),
+                rho_theory=float(res.rho_theory[i]),
+            )
+        )
+        c = res.curves
+        for j, step in enumerate(c.steps):
+            out.curves.append(
+                dict(
+                    run_id=r.run_id,
+                    step=step,
+                    train_loss=float(c.train_loss[j, i]),
+                    subopt=float(c.subopt[j, i]),
+                    dist_opt=float(c.dist_opt[j, i]),
+                    dist_theory=float(c.dist_theory[j, i]),
+                )
+            )
+        named = {**res.params, **{f"{k}_opt": v for k, v in res.opt_params.items()}}
+        for name, v in named.items():
+            out.params.append(dict(run_id=r.run_id, name=name, shape=list(v.shape[1:]), values=v[i].reshape(-1).tolist()))
+
+    # one evaluation pass per distinct set of evaluation prompts
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(runs):
+        key = canonical_json([r.config.task.data_key(), r.seed, r.config.eval.model_dump(), list(r.config.estimators)])
+        groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        r0 = runs[members[0]]
+        estimators = {name: classifiers.get(name) for name in r0.config.estimators}
+        models = {}
+        for i in members:
+            if int(res.diverged_at[i]) < 0:
+                models[f"model:{i}"] = classifiers.lsa_estimator({k: v[i] for k, v in res.params.items()})
+        rows = evaluate(r0.config.task, covs[members[0]], r0.seed, r0.config.eval, {**estimators, **models}, device)
+        for i in members:
+            r = runs[i]
+            for row in rows:
+                if row["estimator"] in estimators:
+                    out.evals.append(dict(run_id=r.run_id, **row))
+                elif row["estimator"] == f"model:{i}":
+                    out.evals.append(dict(run_id=r.run_id, **{**row, "estimator": r.config.model.model}))
+
+    wall = time.perf_counter() - t0
+    for row in out.trials:
+        row["wall_s"] = wall / len(runs)  # the bundle's wall time, shared equally
+    return out
