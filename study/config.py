@@ -202,6 +202,8 @@ class TrialConfig(BaseModel):
     def from_flat(cls, flat: dict[str, Any]) -> TrialConfig:
         """Build from a flat dict; raises `ConfigError` naming the first bad field."""
         flat = dict(flat)
+        if flat.get("estimators") is None:
+            flat["estimators"] = cls.ESTIMATORS.get(flat.get("family", "gmm"))
         task_cls = _lookup(FAMILIES, "family", flat.get("family", "gmm"))
         model_cls = _lookup(MODELS, "model", flat.get("model", "lsa"))
         owners = {"task": task_cls, "model": model_cls, "train": Train, "eval": Eval}
@@ -234,14 +236,14 @@ class TrialConfig(BaseModel):
 
     @property
     def estimators(self) -> tuple[str, ...]:
-        return self.eval.estimators or self.ESTIMATORS[self.task.family]
+        return self.eval.estimators
 
     def to_flat(self) -> dict[str, Any]:
         """All fields of all components in one dict (the Parquet columns)."""
         out: dict[str, Any] = {}
         for part in COMPONENTS:
             out.update(getattr(self, part).model_dump())
-        out["estimators"] = list(self.estimators)
+        out["estimators"] = list(out["estimators"])
         return out
 
     @property

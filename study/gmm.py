@@ -29,7 +29,7 @@ from study.rng import generator
 
 TRAIN_BLOCK = 1024  # training prompts per random block
 EVAL_BLOCK = 64  # evaluation prompts per random block
-EXAMPLE_BLOCK = 256  # context examples per random block
+EXAMPLE_BLOCK = 64  # context examples per random block (always drawn whole, then cut)
 
 
 def label_embedding(c: int) -> torch.Tensor:
@@ -67,10 +67,11 @@ def _draw_tasks(task: GMMTask, cov: Covariance, n: int, g: torch.Generator) -> T
 
 
 def _draw_examples(task: GMMTask, cov: Covariance, means: torch.Tensor, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """n context examples for each prompt.  Shapes: x [P, n, d], y [P, n]."""
+    """The first n of a block of EXAMPLE_BLOCK context examples per prompt.  Shapes: x [P, n, d], y [P, n]."""
     p = means.shape[0]
-    y = torch.randint(task.c, (p, n), generator=g)
-    xi = torch.randn(p, n, task.d, generator=g, dtype=torch.float64)
+    # draw the whole block so that example i is the same whatever the prompt length
+    y = torch.randint(task.c, (p, EXAMPLE_BLOCK), generator=g)[:, :n]
+    xi = torch.randn(p, EXAMPLE_BLOCK, task.d, generator=g, dtype=torch.float64)[:, :n]
     x = torch.gather(means, 1, y[..., None].expand(p, n, task.d)) + xi @ cov.half
     return x, y
 

@@ -62,7 +62,8 @@ def empirical_optimum(
 ) -> Optimum:
     """Minimise the mean CE of V W x_q over W by damped Newton, from W0 (default 0).
 
-    Shapes: V [B, c', d], xq [B, d], y [B], W0 [d, d].  Computes in float64.
+    Iterates to float64 precision (until no step decreases the loss); `converged` means the
+    squared Newton decrement fell below 2 tol. Shapes: V [B, c', d], xq [B, d], y [B], W0 [d, d].
     """
     V, xq = V.double(), xq.double()
     d = xq.shape[1]
@@ -75,15 +76,17 @@ def empirical_optimum(
         jitter = 1e-12 * H.diagonal().mean().clamp(min=1e-300)
         step = torch.linalg.solve(H + jitter * torch.eye(len(w), dtype=w.dtype, device=w.device), grad)
         decrement = float(grad @ step)  # squared Newton decrement
-        if decrement / 2 <= tol:
-            converged = True
+        converged = decrement / 2 <= tol
+        if decrement / 2 <= 1e-30:
             break
         t = 1.0
-        while t > 1e-12:  # Armijo backtracking keeps every iterate a descent
+        while t > 1e-6:  # Armijo backtracking keeps every iterate a descent
             trial, _, _ = _loss_grad_hess(w - t * step, V, xq, y, hess=False)
             if trial <= loss - 1e-4 * t * decrement:
                 break
             t /= 2
+        else:
+            break  # no step decreases the loss any more: float64 precision is reached
         w = w - t * step
     loss, _, H = _loss_grad_hess(w, V, xq, y, hess=True)
     return Optimum(w.reshape(d, d), float(loss), torch.linalg.eigvalsh(H), converged, it)

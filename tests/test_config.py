@@ -1,0 +1,63 @@
+import math
+
+import pytest
+
+from study.config import ConfigError, TrialConfig
+
+BASE = dict(family="gmm", d=4, c=2, snr=1.0, N=10, B=64, lr=1.0, steps=5, M=[16])
+
+
+def make(**kw):
+    return TrialConfig.from_flat({**BASE, **kw})
+
+
+def test_flat_round_trip_and_stable_ids():
+    cfg = make(cov="diag", kappa=4.0, M=[16, "inf", 64])
+    again = TrialConfig.from_flat(cfg.to_flat())
+    assert again == cfg
+    assert again.config_id == cfg.config_id
+    assert cfg.run_id(0) != cfg.run_id(1)
+    assert make().config_id != make(N=11).config_id
+
+
+def test_test_lengths_accept_inf_spellings_and_sort():
+    for spelling in ["inf", ".inf", math.inf, "Infinity"]:
+        assert make(M=[64, spelling, 16]).eval.M == [16.0, 64.0, math.inf]
+    assert make(M=[16, 16.0]).eval.M == [16.0]
+
+
+def test_cov_spec_string_form():
+    cfg = make(cov="rotated(9)")
+    assert (cfg.task.cov, cfg.task.kappa) == ("rotated", 9.0)
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        (dict(d=0), "d"),
+        (dict(c=1), "c"),
+        (dict(snr=0.0), "snr"),
+        (dict(snr=-1.0), "snr"),
+        (dict(N=0), "N"),
+        (dict(M=[]), "M"),
+        (dict(M=[0]), "M"),
+        (dict(M=[2.5]), "M"),
+        (dict(lr=0.0), "lr"),
+        (dict(cov="diag", kappa=0.5), "kappa"),
+        (dict(kappa=4.0), "kappa"),  # identity has no kappa
+        (dict(steps=0), "steps"),
+        (dict(family="nope"), "family"),
+        (dict(model="nope"), "model"),
+        (dict(estimators=["bayes", "nope"]), "estimators"),
+        (dict(symmetric=True, c=3), "symmetric"),
+        (dict(init_scale=0.1), "init_scale"),
+        (dict(param="half"), "param"),
+        (dict(typo=1), "typo"),
+        (dict(B=None), "B"),
+    ],
+)
+def test_bad_fields_are_named(bad, field):
+    with pytest.raises(ConfigError) as err:
+        make(**bad)
+    assert err.value.field == field
+    assert f"'{field}'" in str(err.value)

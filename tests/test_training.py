@@ -1,0 +1,129 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from study.config import GMMTask, TrialConfig
+from study.covariance import covariance
+from study.gmm import sample_train
+from study.optimum import empirical_optimum
+from study.training import Problem, gd, init_params, train
+from study.trial import Run, run_bundle
+
+
+def problem(task, N, B, lr, seeds=(0,), gram=False, cov=None):
+    cov = cov or covariance(task.cov, task.d, task.kappa, task.cov_seed)
+    st = [sample_train(task, cov, N, B, s, gram=gram) for s in seeds]
+    return Problem(
+        V=torch.stack([s.V for s in st]),
+        xq=torch.stack([s.xq for s in st]),
+        yq=torch.stack([s.yq for s in st]),
+        gram=torch.stack([s.gram for s in st]) if gram else None,
+        lr=torch.full((len(st),), lr, dtype=torch.float64),
+        lam_inv=cov.inv.expand(len(st), task.d, task.d).clone(),
+        scale=2.0 if task.c == 2 else float(task.c),
+    )
+
+
+@pytest.mark.parametrize("c", [2, 3])
+def test_newton_reaches_a_stationary_point(c):
+    task = GMMTask(d=3, c=c, snr=1.0, cov="diag", kappa=2.0)
+    prob = problem(task, N=10, B=4000, lr=1.0)
+    opt = empirical_optimum(prob.V[0], prob.xq[0], prob.yq[0])
+    assert opt.converged
+    from study.training import step
+
+    _, grad = step({"W": opt.W[None]}, prob)
+    assert float(grad["W"].abs().max()) < 1e-9
+    assert float(opt.hess_eigs.min()) > 0  # strictly convex here
+
+
+def test_gd_converges_linearly_at_the_predicted_rate():
+    """Claim 1: log dist_opt falls linearly, with slope log(max |1 - lr lambda(H)|)."""
+    task = GMMTask(d=2, c=2, snr=1.5, cov="diag", kappa=2.0)
+    prob = problem(task, N=20, B=3000, lr=4.0)
+    res = train(prob, "reduced", steps=400, log_every=10)
+    steps = np.array(res.curves.steps)
+    dist = res.curves.dist_opt[:, 0].numpy()
+    window = (steps >= 100) & (dist > 1e-10)
+    slope = np.polyfit(steps[window], np.log(dist[window]), 1)[0]
+    rho_fit, rho_theory = math.exp(slope), float(res.rho_theory[0])
+    assert 0.5 < rho_theory < 0.999
+    assert rho_fit == pytest.approx(rho_theory, abs=2e-3)
+    subopt = res.curves.subopt[:, 0].numpy()
+    assert subopt[0] > 1e4 * max(subopt[-1], 1e-300)  # several decades, monotone in the window
+    assert np.all(np.diff(subopt[window]) <= 1e-15)
+
+
+@pytest.mark.parametrize("c, scale", [(2, 2.0), (3, 3.0)])
+def test_optimum_approaches_the_theory_limit_as_N_grows(c, scale):
+    """Claim 2: W* / c'' -> Lam^-1, the gap shrinking roughly like 1/N."""
+    task = GMMTask(d=2, c=c, snr=1.0, cov="diag", kappa=2.0)
+    cov = covariance("diag", 2, 2.0)
+    gaps = []
+    for N in (10, 40, 160):
+        st = sample_train(task, cov, N, 100_000, seed=0)
+        W = empirical_optimum(st.V, st.xq, st.yq).W
+        gaps.append(float((W / scale - cov.inv).abs().max()))
+    assert gaps[0] > gaps[1] > gaps[2]
+    assert gaps[2] < 0.15
+    assert gaps[0] / gaps[2] > 4  # 16x more context: at least a quarter of the 1/N improvement
+
+
+def test_divergent_lr_marks_the_run_diverged_and_others_go_on():
+    task = GMMTask(d=2, c=2, snr=1.0)
+    prob = problem(task, N=10, B=200, lr=0.5, seeds=(0, 1), gram=True)
+    prob.lr[1] = 1e4  # the bilinear full form blows up within a few steps
+    _, diverged_at, log = gd(init_params(prob, "full"), prob, steps=50, log_every=5)
+    assert int(diverged_at[0]) == -1 and 0 < int(diverged_at[1]) < 50
+    assert math.isfinite(float(log[-1][1][0])) and not math.isfinite(float(log[-1][1][1]))
+
+
+def test_bundle_with_divergent_member_reports_it():
+    cfg = dict(family="gmm", d=2, c=2, snr=1.0, N=10, B=256, steps=30, log_every=10, M=[8, "inf"], n_eval=64)
+    runs = [Run(TrialConfig.from_flat({**cfg, "param": "full", "lr": lr}), 0) for lr in (0.5, 1e6)]
+    out = run_bundle(runs)
+    status = {r["run_id"]: r["status"] for r in out.trials}
+    assert status[runs[0].run_id] == "ok" and status[runs[1].run_id] == "diverged"
+    steps_done = {r["run_id"]: r["steps_done"] for r in out.trials}
+    assert 0 < steps_done[runs[1].run_id] < 30
+    estimators = {(e["run_id"], e["estimator"]) for e in out.evals}
+    assert (runs[0].run_id, "lsa") in estimators and (runs[1].run_id, "lsa") not in estimators
+    assert (runs[1].run_id, "bayes") in estimators  # the baselines are still measured
+
+
+def test_full_param_trains_and_matches_reduced_at_init():
+    task = GMMTask(d=2, c=3, snr=1.0)
+    prob = problem(task, N=10, B=500, lr=1.0, gram=True)
+    res_full = train(prob, "full", steps=40, log_every=20)
+    res_red = train(prob, "reduced", steps=40, log_every=20)
+    # identical at step 0 (W = 0 either way), both decrease
+    assert float(res_full.curves.train_loss[0, 0]) == pytest.approx(float(res_red.curves.train_loss[0, 0]), abs=1e-14)
+    assert float(res_full.curves.train_loss[-1, 0]) < float(res_full.curves.train_loss[0, 0])
+    assert float(res_full.curves.subopt[-1, 0]) < float(res_full.curves.subopt[0, 0])
+
+
+def test_same_seed_same_trained_parameters_and_metrics():
+    cfg = TrialConfig.from_flat(dict(family="gmm", d=2, c=3, snr=1.0, N=10, B=256, lr=2.0, steps=20, log_every=10, M=[8, "inf"], n_eval=64))
+    a, b = run_bundle([Run(cfg, 0), Run(cfg, 1)]), run_bundle([Run(cfg, 0), Run(cfg, 1)])
+    assert [p["values"] for p in a.params] == [p["values"] for p in b.params]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
+    assert strip(a.evals) == strip(b.evals) and strip(a.curves) == strip(b.curves)
+    assert a.params[0]["values"] != a.params[2]["values"]  # seeds 0 and 1 differ
+
+
+def test_golden_training_step():
+    """Golden values of the trained W after 5 GD steps on a fixed tiny problem.
+
+    Update these numbers only when the sampler or the training step is changed on purpose (and say
+    so in the commit): any other change in them means the science changed.
+    """
+    task = GMMTask(d=2, c=2, snr=1.0)
+    prob = problem(task, N=4, B=64, lr=1.0)
+    W, _, _ = gd({"W": torch.zeros(1, 2, 2, dtype=torch.float64)}, prob, steps=5)
+    golden = torch.tensor(GOLDEN_W, dtype=torch.float64)
+    torch.testing.assert_close(W["W"][0], golden, rtol=1e-10, atol=1e-12)
+
+
+GOLDEN_W = [[0.5222302894026597, 0.07626489224062913], [-0.23009779266973884, 0.6250834575228492]]
