@@ -9,6 +9,7 @@ a path every node sees (NFS or similar).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import subprocess
 import sys
@@ -143,6 +144,9 @@ def run_sweep(
     import ray
     from ray import tune
 
+    # with the default loggers off, the result grid cannot re-read metrics from disk and says so
+    # once per trial; the metrics it needs are in memory
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     t0 = time.perf_counter()
     summary = Summary(bundles=len(bundles))
     if not bundles:

@@ -179,7 +179,7 @@ class Store:
 
     def _files(self, table: str) -> list[Path]:
         base = self.root / table
-        return sorted(base.glob("family=*/*.parquet")) if base.is_dir() else []
+        return sorted(p for p in base.glob("family=*/*.parquet") if not p.name.startswith((".", "_"))) if base.is_dir() else []
 
     def recover(self) -> list[Path]:
         """Delete what an interrupted write left: temporaries, and files whose bundle never committed."""

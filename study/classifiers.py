@@ -137,10 +137,11 @@ def logreg(pr: Prompts) -> torch.Tensor:
         p = torch.softmax(torch.einsum("pmi,pki->pmk", xt, w), dim=-1)
         grad = torch.einsum("pmk,pmi->pki", p - Y, xt) + LOGREG_L2 * w
         # Hessian of the summed CE: sum_m (diag p - p p^T) kron x x^T, laid out as [(k,i), (l,j)]
-        pp = torch.diag_embed(p) - p[..., :, None] * p[..., None, :]  # [P, M, c, c]
-        wx = (pp[..., None] * xt[:, :, None, None, :]).reshape(P, M, c * c * (d + 1))
-        H = (wx.transpose(1, 2) @ xt).reshape(P, c, c, d + 1, d + 1).permute(0, 1, 3, 2, 4)
-        H = H.reshape(P, D, D) + LOGREG_L2 * eye
+        # Hessian of the summed CE: sum_m (diag p - p p^T) kron x x^T, as two batched GEMMs
+        q = (p[..., None] * xt[:, :, None, :]).reshape(P, M, D)  # p kron x
+        H = LOGREG_L2 * eye - q.transpose(1, 2) @ q
+        blocks = (q.transpose(1, 2) @ xt).reshape(P, c, d + 1, d + 1)  # sum_m p_k x x^T
+        H.view(P, c, d + 1, c, d + 1).diagonal(dim1=1, dim2=3).add_(blocks.permute(0, 2, 3, 1))
         step = torch.linalg.solve(H, grad.reshape(P, D, 1)).reshape(P, c, d + 1)
         w = w - step
         if float(step.abs().max()) < 1e-10:

@@ -1,0 +1,86 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from study import classifiers
+from study.classifiers import Prompts
+from study.config import Eval, GMMTask
+from study.covariance import covariance
+from study.evaluation import evaluate
+from study.gmm import Context, Tasks, eval_chunks
+
+
+def test_bayes_posterior_by_hand():
+    """Two classes in d = 1 with Lam = 4: p*(1|x) = sigmoid((mu1 - mu0) x / 4) when |mu0| = |mu1|."""
+    cov = covariance("diag", 1, 1.0)
+    lam = torch.tensor([[4.0]], dtype=torch.float64)
+    cov = type(cov)(lam, lam.sqrt(), 1 / lam)
+    means = torch.tensor([[[-2.0], [2.0]]], dtype=torch.float64)
+    xq = torch.tensor([[1.0]], dtype=torch.float64)
+    ctx = Context(math.inf, torch.full((1, 2), 0.5, dtype=torch.float64), means, None)
+    p = classifiers.bayes(Prompts(Tasks(means, xq, torch.tensor([1])), ctx, cov, 2))
+    expected = 1 / (1 + math.exp(-(2.0 - -2.0) * 1.0 / 4.0))
+    assert float(p[0, 1]) == pytest.approx(expected, rel=1e-14)
+    # three classes with unequal norms: the -mu^T Lam^-1 mu / 2 terms matter
+    means3 = torch.tensor([[[0.0], [1.0], [3.0]]], dtype=torch.float64)
+    ctx3 = Context(math.inf, torch.full((1, 3), 1 / 3, dtype=torch.float64), means3, None)
+    p3 = classifiers.bayes(Prompts(Tasks(means3, xq, torch.tensor([0])), ctx3, cov, 3))
+    scores = np.array([m * 1.0 / 4 - m * m / 8 for m in (0.0, 1.0, 3.0)])
+    np.testing.assert_allclose(p3[0].numpy(), np.exp(scores) / np.exp(scores).sum(), rtol=1e-14)
+
+
+def _prompts(task, M, n=64, seed=0):
+    cov = covariance(task.cov, task.d, task.kappa, task.cov_seed)
+    chunk = next(eval_chunks(task, cov, seed, n, [M], within=True))
+    return Prompts(chunk.tasks, chunk.contexts[0], cov, task.c)
+
+
+@pytest.mark.parametrize("c", [2, 4])
+def test_limits_equal_bayes_at_infinite_context(c):
+    """At M = inf: lsa_limit (W = c'' Lam^-1, equal norms), plug-in and pooled LDA and logreg are Bayes."""
+    pr = _prompts(GMMTask(d=3, c=c, snr=1.3, cov="rotated", kappa=3.0), math.inf)
+    p_star = classifiers.bayes(pr)
+    for name in ("lsa_limit", "lda_plugin", "lda_pooled", "logreg"):
+        torch.testing.assert_close(classifiers.get(name)(pr), p_star, rtol=1e-10, atol=1e-12)
+
+
+def test_estimators_approach_bayes_with_context_length():
+    task = GMMTask(d=2, c=3, snr=2.0)
+    for name in ("lda_plugin", "lda_pooled", "logreg", "lsa_limit"):
+        tv = [float((classifiers.get(name)(pr := _prompts(task, M)) - classifiers.bayes(pr)).abs().sum(-1).mean() / 2) for M in (8, 512)]
+        assert tv[1] < tv[0] / 3, name
+
+
+def test_logreg_matches_scipy_on_one_prompt():
+    pr = _prompts(GMMTask(d=2, c=3, snr=1.0), 30, n=64)
+    p = classifiers.logreg(pr)
+    x, y = pr.ctx.x[0].numpy(), pr.ctx.y[0].numpy()
+    xt = np.hstack([x, np.ones((len(x), 1))])
+
+    def objective(w):
+        w = w.reshape(3, 3)
+        s = xt @ w.T
+        s = s - s.max(1, keepdims=True)
+        logp = s - np.log(np.exp(s).sum(1, keepdims=True))
+        return -logp[np.arange(len(y)), y].sum() + 0.5 * classifiers.LOGREG_L2 * (w * w).sum()
+
+    w = minimize(objective, np.zeros(9), method="BFGS", options={"gtol": 1e-10}).x.reshape(3, 3)
+    s = w @ np.append(pr.xq[0].numpy(), 1.0)
+    np.testing.assert_allclose(p[0].numpy(), np.exp(s) / np.exp(s).sum(), atol=1e-6)
+
+
+def test_paired_metrics_and_bayes_reference():
+    task = GMMTask(d=2, c=2, snr=1.0)
+    cov = covariance("identity", 2)
+    rows = evaluate(task, cov, 0, Eval(M=[4, math.inf], n_eval=200, estimators=("bayes", "lda_plugin")), {"bayes": classifiers.bayes, "lda_plugin": classifiers.lda_plugin})
+    get = {(r["estimator"], r["M"], r["metric"]): r for r in rows}
+    assert get["bayes", 4.0, "tv_error"]["value"] == 0.0
+    assert get["bayes", 4.0, "excess_ce"]["value"] == 0.0
+    assert get["lda_plugin", math.inf, "tv_error"]["value"] < 1e-12
+    assert get["lda_plugin", 4.0, "excess_ce"]["value"] > 0
+    assert get["lda_plugin", 4.0, "bayes_accuracy"]["value"] == get["bayes", 4.0, "accuracy"]["value"]
+    assert all(r["n_prompts"] == 200 for r in rows)
+    assert get["lda_plugin", 4.0, "tv_error"]["stderr"] > 0

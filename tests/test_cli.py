@@ -1,0 +1,96 @@
+"""Bad input exits with status 2 and one message naming the file and the field; nothing runs."""
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from pipelines.sweep import load, shipped
+
+GOOD = {
+    "name": "good",
+    "family": "gmm",
+    "fixed": {"d": 2, "snr": 1.0, "lr": 1.0, "steps": 5, "B": 64, "M": [4, ".inf"], "n_eval": 16},
+    "grid": {"N": [5, 10]},
+    "seeds": 2,
+}
+
+
+def write(tmp_path, doc, name="sweep.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(doc) if isinstance(doc, dict) else doc)
+    return p
+
+
+def edit(**changes):
+    doc = {k: (dict(v) if isinstance(v, dict) else v) for k, v in GOOD.items()}
+    for path, value in changes.items():
+        *head, last = path.split("__")
+        target = doc
+        for h in head:
+            target = target[h]
+        if value is None:
+            target.pop(last)
+        else:
+            target[last] = value
+    return doc
+
+
+BAD = [
+    (edit(fixed__typo=3), "typo"),
+    (edit(bogus=1), "bogus"),
+    (edit(family="nope"), "family"),
+    (edit(fixed__estimators=["bayes", "oracle"]), "estimators"),
+    (edit(fixed__d=0), "d"),
+    (edit(grid__c=[2, 1]), "c"),
+    (edit(fixed__snr=0), "snr"),
+    (edit(grid__N=[0, 5]), "N"),
+    (edit(fixed__M=[]), "M"),
+    (edit(fixed__lr=-1.0), "lr"),
+    (edit(fixed__cov="diag", fixed__kappa=0.5), "kappa"),
+    (edit(fixed__steps=0), "steps"),
+    (edit(seeds=0), "seeds"),
+    (edit(seeds=[]), "seeds"),
+    (edit(grid__N=[]), "grid.N"),
+    (edit(name=None), "name"),
+    (edit(fixed__N=5), "N"),  # in fixed and grid
+]
+
+
+@pytest.mark.parametrize("doc, field", BAD)
+@pytest.mark.parametrize("verb", ["plan", "run"])
+def test_bad_sweeps_exit_2_naming_file_and_field(tmp_path, doc, field, verb):
+    path = write(tmp_path, doc)
+    store = tmp_path / "store"
+    result = CliRunner().invoke(app, [verb, str(path), "--store", str(store)])
+    assert result.exit_code == 2, result.output
+    assert str(path) in result.output and f"'{field}'" in result.output
+    assert result.output.count("error:") == 1
+    assert not store.exists()  # untouched: not even created
+
+
+def test_unreadable_yaml_and_missing_file(tmp_path):
+    result = CliRunner().invoke(app, ["plan", str(write(tmp_path, "name: [unclosed"))])
+    assert result.exit_code == 2 and "not valid YAML" in result.output
+    result = CliRunner().invoke(app, ["plan", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 2 and "quickstart" in result.output  # lists the shipped sweeps
+
+
+def test_unwritable_store_exits_2_before_running(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = CliRunner().invoke(app, ["run", str(write(tmp_path, GOOD)), "--store", str(blocker / "store")])
+    assert result.exit_code == 2 and "not writable" in result.output
+
+
+def test_plan_counts(tmp_path):
+    result = CliRunner().invoke(app, ["plan", str(write(tmp_path, GOOD)), "--store", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    lines = {l.split()[0]: l.split()[1] for l in result.output.splitlines()[1:] if l.strip()}
+    assert lines["configurations"] == "2" and lines["runs"] == "4" and lines["to"] in {"run"}
+
+
+@pytest.mark.parametrize("name", sorted(shipped()))
+def test_shipped_sweeps_are_valid(name):
+    sw = load(name)
+    assert sw.runs and sw.bundles()

@@ -1,0 +1,97 @@
+import os
+
+import pandas as pd
+import pytest
+
+from pipelines import store as store_mod
+from pipelines.runner import execute_bundle, record_failure
+from pipelines.store import Store
+from pipelines.sweep import parse
+
+SWEEP = {
+    "name": "unit",
+    "family": "gmm",
+    "fixed": {"d": 2, "snr": 1.0, "lr": 2.0, "steps": 10, "log_every": 5, "B": 128, "M": [4, "inf"], "n_eval": 32},
+    "grid": {"N": [5, 10], "c": [2, 3]},
+    "seeds": 2,
+    "bundle_size": 4,
+}
+
+
+@pytest.fixture
+def sweep():
+    return parse(SWEEP, "unit.yaml")
+
+
+def test_bundle_rows_round_trip_through_pandas(tmp_path, sweep):
+    st = Store(tmp_path)
+    bundles = sweep.bundles()
+    assert sum(len(b.runs) for b in bundles) == 8
+    for b in bundles:
+        execute_bundle(b.to_payload(), str(tmp_path), sweep.name, "test", "cpu")
+    trials = pd.read_parquet(tmp_path / "trials")  # plain pandas, no project code
+    assert len(trials) == 8 and trials.run_id.is_unique
+    assert set(trials.status) == {"ok"} and set(trials.family) == {"gmm"}
+    assert trials.M.iloc[0].tolist() == [4.0, float("inf")]
+    evals = pd.read_parquet(tmp_path / "evals")
+    assert evals.M.dtype == "float64" and evals.M.max() == float("inf")
+    assert set(evals["shift"]) == {"none"}
+    assert {"lsa", "bayes", "lsa_limit", "lda_plugin", "lda_pooled", "logreg"} <= set(evals.estimator)
+    params = pd.read_parquet(tmp_path / "params")
+    w = params[params.name == "W"].iloc[0]
+    assert list(w["shape"]) == [2, 2] and len(w["values"]) == 4
+    assert st.done_runs() == set(trials.run_id)
+    assert sweep.bundles(skip=st.done_runs()) == []
+
+
+def test_interrupted_write_leaves_no_visible_file(tmp_path, sweep, monkeypatch):
+    """A crash between the renames of a bundle leaves nothing that counts, and recover() cleans up."""
+    b = sweep.bundles()[0]
+    real_replace, calls = os.replace, []
+
+    def crash_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if killed between two renames
+        real_replace(src, dst)
+
+    monkeypatch.setattr(store_mod.os, "replace", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        execute_bundle(b.to_payload(), str(tmp_path), sweep.name, "test", "cpu")
+    monkeypatch.setattr(store_mod.os, "replace", real_replace)
+
+    st = Store(tmp_path)
+    assert st.done_runs() == set()  # trials is written last: the bundle did not happen
+    visible = [p for p in tmp_path.rglob("*.parquet") if not p.name.startswith(".")]
+    assert len(visible) == 1 and visible[0].parts[-3] == "curves"  # one complete, orphaned file
+    assert len(pd.read_parquet(tmp_path / "curves")) > 0  # readers skip the temporaries
+    removed = st.recover()
+    assert removed, "the committed-but-orphaned file and the temporaries are removed"
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    # a rerun completes exactly the missing runs
+    execute_bundle(b.to_payload(), str(tmp_path), sweep.name, "test", "cpu")
+    assert st.done_runs() == {r.run_id for r in b.runs}
+
+
+def test_failed_runs_are_recorded_then_retried(tmp_path, sweep):
+    st = Store(tmp_path)
+    b = sweep.bundles()[0]
+    record_failure(b, st, sweep.name, "test", "RuntimeError('boom')")
+    trials = st.read("trials").to_pandas()
+    assert set(trials.status) == {"failed"} and trials.error.str.contains("boom").all()
+    assert st.done_runs() == set()  # failed runs are not done
+    assert st.forget_failed() == 1
+    assert st.read("trials").num_rows == 0
+
+
+def test_unwritable_store_is_reported(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(store_mod.StoreError, match="not writable"):
+        Store(blocker / "store").check_writable()
+
+
+def test_schema_has_every_config_field():
+    names = set(store_mod.SCHEMAS["trials"].names)
+    cfg = parse(SWEEP).configs[0]
+    assert set(cfg.to_flat()) - {"family"} <= names
