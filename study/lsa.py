@@ -26,9 +26,9 @@ def reduced_logits(W: torch.Tensor, V: torch.Tensor, xq: torch.Tensor) -> torch.
 
 
 def reduced_grad(g: torch.Tensor, V: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
-    """d(mean loss)/dW from dloss/dlogits g [S, B, c'].  Shapes: -> [S, d, d]."""
+    """d(summed loss)/dW from dloss/dlogits g [S, B, c'].  Shapes: -> [S, d, d]."""
     gv = torch.einsum("sbj,sbjd->sbd", g, V)
-    return torch.bmm(gv.transpose(1, 2), xq) / g.shape[1]
+    return torch.bmm(gv.transpose(1, 2), xq)
 
 
 def full_logits(P: torch.Tensor, K: torch.Tensor, G: torch.Tensor, xq: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -39,12 +39,11 @@ def full_logits(P: torch.Tensor, K: torch.Tensor, G: torch.Tensor, xq: torch.Ten
 
 
 def full_grad(g: torch.Tensor, P: torch.Tensor, G: torch.Tensor, xq: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of the mean loss w.r.t. P and K.  Shapes: g [S, B, c'] -> [S, c', D], [S, D, d]."""
-    B = g.shape[1]
-    dP = torch.bmm(g.transpose(1, 2), h) / B
+    """Gradients of the summed loss w.r.t. P and K.  Shapes: g [S, B, c'] -> [S, c', D], [S, D, d]."""
+    dP = torch.bmm(g.transpose(1, 2), h)
     dh = torch.bmm(g, P)  # [S, B, D]
     da = torch.einsum("sbij,sbi->sbj", G, dh)  # G is symmetric
-    dK = torch.bmm(da.transpose(1, 2), xq) / B
+    dK = torch.bmm(da.transpose(1, 2), xq)
     return dP, dK
 
 

@@ -18,6 +18,7 @@ from study import lsa
 from study.optimum import empirical_optimum, local_rate
 
 REFERENCE_FACTOR = 10  # full param: the reference optimum is GD run on to 10x the steps
+CHUNK_BYTES = 1 << 20  # per temporary of a step's chunk on the CPU (benchmarks/bundled_seeds.py)
 
 
 @dataclass
@@ -84,20 +85,42 @@ def init_params(prob: Problem, param: str, init_scale: float = 0.0, gen: list[to
     return {"W_PV": W_PV.to(dev), "W_KQ": W_KQ.to(dev)}
 
 
+def _chunk(prob: Problem, width: int) -> int:
+    """Prompts per chunk: cache-sized temporaries on the CPU (2x faster at 16 members), all on a GPU."""
+    B = prob.V.shape[1]
+    if prob.V.device.type != "cpu":
+        return B
+    return max(64, CHUNK_BYTES // (prob.S * width * prob.V.element_size()))
+
+
 def step(params: dict[str, torch.Tensor], prob: Problem) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean loss at `params` [S] and the gradient; pure."""
+    """Mean loss at `params` [S] and its gradient; pure."""
+    B, d = prob.V.shape[1], prob.d
+    loss = prob.V.new_zeros(prob.S)
     if "W" in params:
-        logits = lsa.reduced_logits(params["W"], prob.V, prob.xq)
-        loss, g = lsa.cross_entropy(logits, prob.yq)
-        return loss.mean(1), {"W": lsa.reduced_grad(g, prob.V, prob.xq)}
-    d = prob.d
+        W = params["W"]
+        grad = torch.zeros_like(W)
+        b = _chunk(prob, prob.V.shape[2] * d)
+        for s in range(0, B, b):
+            V, xq = prob.V[:, s : s + b], prob.xq[:, s : s + b]
+            ls, g = lsa.cross_entropy(lsa.reduced_logits(W, V, xq), prob.yq[:, s : s + b])
+            loss += ls.sum(1)
+            grad += lsa.reduced_grad(g, V, xq)
+        return loss / B, {"W": grad / B}
     P, K = params["W_PV"][:, d:, :], params["W_KQ"][:, :, :d]
-    logits, _, h = lsa.full_logits(P, K, prob.gram, prob.xq)
-    loss, g = lsa.cross_entropy(logits, prob.yq)
-    dP, dK = lsa.full_grad(g, P, prob.gram, prob.xq, h)
+    dP, dK = torch.zeros_like(P), torch.zeros_like(K)
+    b = _chunk(prob, prob.gram.shape[-1] ** 2)
+    for s in range(0, B, b):
+        G, xq = prob.gram[:, s : s + b], prob.xq[:, s : s + b]
+        logits, _, h = lsa.full_logits(P, K, G, xq)
+        ls, g = lsa.cross_entropy(logits, prob.yq[:, s : s + b])
+        loss += ls.sum(1)
+        gP, gK = lsa.full_grad(g, P, G, xq, h)
+        dP += gP
+        dK += gK
     gPV, gKQ = torch.zeros_like(params["W_PV"]), torch.zeros_like(params["W_KQ"])
-    gPV[:, d:, :], gKQ[:, :, :d] = dP, dK
-    return loss.mean(1), {"W_PV": gPV, "W_KQ": gKQ}
+    gPV[:, d:, :], gKQ[:, :, :d] = dP / B, dK / B
+    return loss / B, {"W_PV": gPV, "W_KQ": gKQ}
 
 
 def gd(params: dict[str, torch.Tensor], prob: Problem, steps: int, log_every: int | None = None):
