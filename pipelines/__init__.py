@@ -1,0 +1,1 @@
+"""Sweeps, the Parquet store, the Ray adapter and the command line."""

@@ -109,8 +109,9 @@ def trainable(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    summary = execute_bundle(config["bundle"], config["store"], config["sweep"], config["code"], config["device"])
+    torch.set_num_threads(max(1, int(config["job"]["threads"])))
+    job = config["job"]
+    summary = execute_bundle(job["bundle"], job["store"], job["sweep"], job["code"], job["device"])
     tune.report(summary)
 
 
@@ -165,7 +166,7 @@ def run_sweep(
     class Progress(tune.Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):
             done_count[0] += 1
-            b = by_id[trial.config["bundle_id"]]
+            b = by_id[trial.config["job"]["bundle_id"]]
             progress(
                 f"[{done_count[0]}/{len(bundles)}] bundle {b.bundle_id[:8]}: {result['runs']} runs "
                 f"({result['ok']} ok, {result['diverged']} diverged) in {result['wall_s']:.1f}s"
@@ -178,7 +179,7 @@ def run_sweep(
     resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
     tuner = tune.Tuner(
         tune.with_resources(trainable, resources),
-        param_space=tune.grid_search(space),
+        param_space={"job": tune.grid_search(space)},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=max_concurrent, reuse_actors=False, trial_dirname_creator=lambda t: t.trial_id, trial_name_creator=lambda t: t.trial_id
         ),
@@ -193,7 +194,7 @@ def run_sweep(
     try:
         results = tuner.fit()
         for res in results:
-            b = by_id[res.config["bundle_id"]]
+            b = by_id[res.config["job"]["bundle_id"]]
             if res.error is not None:
                 record_failure(b, store, sweep.name, code, repr(res.error))
                 summary.failed += len(b.runs)
