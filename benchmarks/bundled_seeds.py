@@ -7,30 +7,35 @@ O(B d). This script times `gd` on random problems (V [S,B,1,d], x_q [S,B,d], y_q
 lr [S], lam_inv [S,d,d], scale 2, gram None) for several bundle sizes S and dimensions d, and
 divides the achieved GFLOP/s by the machine's own float64 GEMM rate, measured with
 torch.matmul on square n x n matrices (2 n^3 flops) at the same torch thread count, just before
-each configuration is timed, so the two numbers see the same machine load.
+and just after each configuration is timed, so the two numbers see the same machine load.
+
+In-run baseline: `study.training.step` runs over the B prompts in chunks of about
+`study.training.CHUNK_BYTES` (1 MiB) of [S, b, d] float64 per temporary on the CPU. Each
+configuration is timed twice, with the study's default chunking ("chunked") and with chunking
+disabled ("unchunked": `study.training.CHUNK_BYTES` set to 2^62 for the duration, then restored,
+so each step is one pass over all B prompts); the repeats of the two alternate, so that both see
+the same bursts of machine noise. The speed-up column is unchunked / chunked seconds per step
+(medians; > 1: chunking is faster). The two variants' losses and gradients at a random W are
+also compared (they differ only by the order of the sums: ~1e-15).
 
 Timing: gd(steps=n) runs n + 1 loop iterations (each a loss + gradient evaluation; all but the
 last also update), so a "step" here is one iteration: seconds / (n + 1). n is chosen so that a
 repeat lasts about `--min-time` seconds; the median over `--repeats` repeats (after a warm-up)
 is reported, with the GEMM rate's median beside it. The machine may be shared and noisy: the
-fractions are ratios measured side by side, not absolute speeds.
-
-`--experiment` also times a PRIVATE EXPERIMENT, not part of the study code: a copy of the
-reduced step that processes the B prompts in cache-sized chunks and replaces the two einsums by
-elementwise products (same losses and gradients to ~1e-15, checked here). It exists only to
-measure what such a change to study/lsa.py + study/training.py would buy.
+fractions and speed-ups are ratios measured side by side, not absolute speeds.
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/bundled_seeds.py                 # d in {8,16,32}, S in {1,4,16,64}, B=16384
-    .venv/bin/python benchmarks/bundled_seeds.py --quick         # tiny sizes, a few seconds
-    .venv/bin/python benchmarks/bundled_seeds.py --experiment --out results/bench_bundled_seeds.json
+    .venv/bin/python benchmarks/bundled_seeds.py                 # d in {8,16,32}, S in {1,4,16,64}, B=16384, threads default and 1
+    .venv/bin/python benchmarks/bundled_seeds.py --quick         # small sizes, a few seconds
+    .venv/bin/python benchmarks/bundled_seeds.py --out results/bench_bundled_seeds.json
     .venv/bin/python benchmarks/bundled_seeds.py --d 16 --S 1 16 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -41,11 +46,25 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from study import training
 from study.training import Problem, gd, step
 
 DTYPE = torch.float64
+NO_CHUNKING = 1 << 62  # CHUNK_BYTES so large that every step is one chunk of all B prompts
+VARIANTS = {"chunked": None, "unchunked": NO_CHUNKING}  # name -> CHUNK_BYTES override (None: the study's default)
+
+
+@contextlib.contextmanager
+def chunk_bytes(value: int | None):
+    """Temporarily set study.training.CHUNK_BYTES (None: leave the study's default)."""
+    saved = training.CHUNK_BYTES
+    if value is not None:
+        training.CHUNK_BYTES = value
+    try:
+        yield
+    finally:
+        training.CHUNK_BYTES = saved
 
 
 def gemm_gflops(n: int, reps: int) -> list[float]:
@@ -75,72 +94,35 @@ def random_problem(S: int, B: int, d: int, seed: int) -> Problem:
     )
 
 
-# ----------------------------------------------------------------------------------------------
-# PRIVATE EXPERIMENT: a chunked copy of the reduced step (not used by the study)
-
-
-def experimental_step(params: dict[str, torch.Tensor], prob: Problem, chunk_bytes: int = 1 << 19):
-    """Reduced step over B in chunks whose [S, b, d] intermediates stay in cache (~chunk_bytes).
-
-    Same maths as study.training.step for `W` with c' = 1: logits = rowdot(V, x_q W^T); gradient
-    (1/B) sum_b g_b v_b x_b^T accumulated chunk by chunk with baddbmm_. No einsum; no [S, B, d]
-    temporaries, so no page faults on fresh allocations and no trips to DRAM for them.
-    """
-    W = params["W"]
-    S, B, _, d = prob.V.shape
-    b = max(64, chunk_bytes // (S * d * W.element_size()))
-    Wt = W.transpose(1, 2)
-    grad = torch.zeros_like(W)
-    loss = torch.zeros(S, dtype=W.dtype, device=W.device)
-    for s in range(0, B, b):
-        v, x, y = prob.V[:, s : s + b, 0], prob.xq[:, s : s + b], prob.yq[:, s : s + b]
-        logit = torch.linalg.vecdot(v, torch.bmm(x, Wt))  # [S, b]
-        ytil = 2.0 * y.to(W.dtype) - 1.0
-        loss += F.softplus(-ytil * logit).sum(1)
-        g = torch.sigmoid(logit) - (ytil + 1.0) / 2.0
-        grad.baddbmm_((v * g[..., None]).transpose(1, 2), x)
-    return loss / B, {"W": grad / B}
-
-
-def experimental_gd(params: dict[str, torch.Tensor], prob: Problem, steps: int):
-    """study.training.gd's loop (divergence bookkeeping included, no log) around experimental_step."""
-    lr = prob.lr[:, None, None]
-    diverged_at = torch.full((prob.S,), -1, dtype=torch.long)
-    for t in range(steps + 1):
-        loss, grad = experimental_step(params, prob)
-        newly = (~torch.isfinite(loss)) & (diverged_at < 0)
-        diverged_at = torch.where(newly, torch.full_like(diverged_at, t), diverged_at)
-        if t < steps:
-            params = {k: v - lr * grad[k] for k, v in params.items()}
-    return params, diverged_at, []
-
-
-def check_experiment(prob: Problem) -> float:
-    """Max abs difference of loss and gradient between study's step and the experimental copy."""
+def chunking_diff(prob: Problem) -> float:
+    """Max abs difference of loss and gradient between the chunked and unchunked step, at a random W."""
     W = 0.1 * torch.randn(prob.S, prob.d, prob.d, generator=torch.Generator().manual_seed(2), dtype=DTYPE)
-    l0, g0 = step({"W": W}, prob)
-    l1, g1 = experimental_step({"W": W}, prob)
+    out = {}
+    for name, value in VARIANTS.items():
+        with chunk_bytes(value):
+            out[name] = step({"W": W}, prob)
+    (l0, g0), (l1, g1) = out["chunked"], out["unchunked"]
     return max(float((l0 - l1).abs().max()), float((g0["W"] - g1["W"]).abs().max()))
 
 
-# ----------------------------------------------------------------------------------------------
-# timing
-
-
-def time_gd(run, prob: Problem, min_time: float, repeats: int) -> tuple[list[float], int]:
-    """Seconds per gd iteration, one per repeat, with n chosen so a repeat lasts ~min_time."""
+def time_variants(prob: Problem, min_time: float, repeats: int) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Seconds per gd iteration for each variant, one per repeat, the variants' repeats alternating."""
     p0 = {"W": torch.zeros(prob.S, prob.d, prob.d, dtype=DTYPE)}
-    t0 = time.perf_counter()
-    run(p0, prob, 2)  # warm-up, and a first estimate
-    per = (time.perf_counter() - t0) / 3
-    n = max(3, math.ceil(min_time / per) - 1)
-    out = []
+    n = {}
+    for name, value in VARIANTS.items():
+        with chunk_bytes(value):
+            t0 = time.perf_counter()
+            gd(p0, prob, 2)  # warm-up, and a first estimate
+            n[name] = max(3, math.ceil(min_time / ((time.perf_counter() - t0) / 3)) - 1)
+    out: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        _, diverged_at, _ = run(p0, prob, n)
-        out.append((time.perf_counter() - t0) / (n + 1))
-        if bool((diverged_at >= 0).any()):
-            raise RuntimeError("a member diverged: the timing would not be representative")
+        for name, value in VARIANTS.items():
+            with chunk_bytes(value):
+                t0 = time.perf_counter()
+                _, diverged_at, _ = gd(p0, prob, n[name])
+                out[name].append((time.perf_counter() - t0) / (n[name] + 1))
+            if bool((diverged_at >= 0).any()):
+                raise RuntimeError("a member diverged: the timing would not be representative")
     return out, n
 
 
@@ -151,27 +133,35 @@ def bench(args, threads: int) -> list[dict]:
         for S in args.S:
             prob = random_problem(S, args.B, d, seed=S * 1000 + d)
             flops = 4 * args.B * d * d * S
-            variants = [("study gd", gd)] + ([("EXPERIMENT chunked", experimental_gd)] if args.experiment else [])
-            for name, run in variants:
-                gemm = gemm_gflops(args.gemm_n, args.gemm_reps)  # side by side with the step timing
-                secs, n = time_gd(run, prob, args.min_time, args.repeats)
-                gemm += gemm_gflops(args.gemm_n, args.gemm_reps)
-                med, best = statistics.median(secs), min(secs)
+            with chunk_bytes(None):
+                chunk = min(args.B, training._chunk(prob, prob.V.shape[2] * d))
+            gemm = gemm_gflops(args.gemm_n, args.gemm_reps)  # side by side with the step timing
+            secs, n = time_variants(prob, args.min_time, args.repeats)
+            gemm += gemm_gflops(args.gemm_n, args.gemm_reps)
+            diff = chunking_diff(prob)
+            gemm_med, gemm_best = statistics.median(gemm), max(gemm)
+            meds = {name: statistics.median(s) for name, s in secs.items()}
+            for name in VARIANTS:
+                med, best = meds[name], min(secs[name])
                 row = {
-                    "threads": threads, "d": d, "S": S, "B": args.B, "variant": name, "steps_per_repeat": n,
-                    "s_per_step": secs, "median_s_per_step": med, "steps_per_s": 1.0 / med,
+                    "threads": threads, "d": d, "S": S, "B": args.B, "variant": name,
+                    "prompts_per_chunk": chunk if name == "chunked" else args.B, "steps_per_repeat": n[name],
+                    "s_per_step": secs[name], "median_s_per_step": med, "steps_per_s": 1.0 / med,
                     "member_steps_per_s": S / med, "useful_flops_per_step": flops,
                     "gflops": flops / med / 1e9, "gflops_best": flops / best / 1e9,
-                    "gemm_gflops": gemm, "gemm_gflops_median": statistics.median(gemm), "gemm_gflops_best": max(gemm),
+                    "gemm_gflops": gemm, "gemm_gflops_median": gemm_med, "gemm_gflops_best": gemm_best,
+                    "max_abs_diff_chunked_vs_unchunked": diff,
                 }
-                row["frac_peak"] = row["gflops"] / row["gemm_gflops_median"]
-                row["frac_peak_best"] = row["gflops_best"] / row["gemm_gflops_best"]
-                if name != "study gd":
-                    row["max_abs_diff_vs_study_step"] = check_experiment(prob)
+                row["frac_peak"] = row["gflops"] / gemm_med
+                row["frac_peak_best"] = row["gflops_best"] / gemm_best
+                if name == "chunked":
+                    row["speedup_vs_unchunked"] = meds["unchunked"] / med
+                    row["speedup_vs_unchunked_best"] = min(secs["unchunked"]) / best
                 rows.append(row)
                 print(
-                    f"  threads={threads} d={d:3d} S={S:3d} {name:18s} {1e3 * med:9.2f} ms/step  "
-                    f"{row['gflops']:6.2f} GF/s  peak {row['gemm_gflops_median']:6.1f}  frac {row['frac_peak']:.1%}",
+                    f"  threads={threads} d={d:3d} S={S:3d} {name:9s} {1e3 * med:9.2f} ms/step  "
+                    f"{row['gflops']:6.2f} GF/s  peak {gemm_med:6.1f}  frac {row['frac_peak']:.1%}"
+                    + (f"  speed-up {row['speedup_vs_unchunked']:.2f}x" if name == "chunked" else ""),
                     file=sys.stderr,
                     flush=True,
                 )
@@ -183,20 +173,21 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"Reduced-LSA GD step (binary, float64, B={meta['B']}; useful work 4·B·d² flops per member) "
         f"vs float64 GEMM ({meta['gemm_n']}x{meta['gemm_n']} torch.matmul, same threads, measured beside each row); "
+        f"chunked: study.training.CHUNK_BYTES={meta['chunk_bytes']} (the default), unchunked: one pass over all B prompts; "
         f"OMP_WAIT_POLICY={meta['env']['OMP_WAIT_POLICY'] or 'unset'}",
         "",
-        "| threads | d | S | variant | ms / step | steps / s | member-steps / s | GFLOP/s | GEMM GFLOP/s | fraction of GEMM (median; best-of) |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| threads | d | S | variant | prompts / chunk | ms / step | member-steps / s | GFLOP/s | GEMM GFLOP/s | fraction of GEMM (median; best-of) | speed-up vs unchunked (median; best-of) |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        speedup = f"**{r['speedup_vs_unchunked']:.2f}x**; {r['speedup_vs_unchunked_best']:.2f}x" if "speedup_vs_unchunked" in r else "1"
         lines.append(
-            f"| {r['threads']} | {r['d']} | {r['S']} | {r['variant']} | {1e3 * r['median_s_per_step']:.2f} | {r['steps_per_s']:.1f} | "
+            f"| {r['threads']} | {r['d']} | {r['S']} | {r['variant']} | {r['prompts_per_chunk']} | {1e3 * r['median_s_per_step']:.2f} | "
             f"{r['member_steps_per_s']:.0f} | {r['gflops']:.2f} | {r['gemm_gflops_median']:.1f} | "
-            f"**{r['frac_peak']:.1%}**; {r['frac_peak_best']:.1%} |"
+            f"**{r['frac_peak']:.1%}**; {r['frac_peak_best']:.1%} | {speedup} |"
         )
-    diffs = [r["max_abs_diff_vs_study_step"] for r in rows if "max_abs_diff_vs_study_step" in r]
-    if diffs:
-        lines += ["", f"EXPERIMENT rows: a private chunked copy of the step (see --help); max abs diff of loss/gradient vs study's step: {max(diffs):.1e}."]
+    diff = max(r["max_abs_diff_chunked_vs_unchunked"] for r in rows)
+    lines += ["", f"Max abs difference of loss/gradient, chunked vs unchunked step: {diff:.1e}."]
     return "\n".join(lines)
 
 
@@ -209,23 +200,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--min-time", type=float, default=0.25, help="seconds per timed repeat")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gemm-n", type=int, default=1024)
-    ap.add_argument("--gemm-reps", type=int, default=3, help="GEMM repeats before and after each row")
-    ap.add_argument("--experiment", action="store_true", help="also time the PRIVATE chunked copy of the step")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes: d in {4, 8}, S in {1, 4}, B=512, GEMM 256")
+    ap.add_argument("--gemm-reps", type=int, default=3, help="GEMM repeats before and after each configuration")
+    ap.add_argument("--quick", action="store_true", help="small sizes: d in {4, 8}, S in {1, 16}, B=4096 (S=16 is chunked), GEMM 256")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON results here (default: print only)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.d, args.S, args.B, args.gemm_n, args.min_time, args.repeats = [4, 8], [1, 4], 512, 256, 0.02, 2
+        args.d, args.S, args.B, args.gemm_n, args.min_time, args.repeats = [4, 8], [1, 16], 4096, 256, 0.02, 2
     default_threads = torch.get_num_threads()
     thread_counts = list(dict.fromkeys(t or default_threads for t in args.threads))
 
+    t0 = time.perf_counter()
     rows = []
-    for th in thread_counts:
-        rows += bench(args, th)
-    torch.set_num_threads(default_threads)
+    try:
+        for th in thread_counts:
+            rows += bench(args, th)
+    finally:
+        torch.set_num_threads(default_threads)
     meta = {
-        "B": args.B, "gemm_n": args.gemm_n, "default_threads": default_threads, "torch": torch.__version__,
-        "python": sys.version.split()[0], "machine": platform.processor() or platform.machine(), "argv": sys.argv,
+        "B": args.B, "gemm_n": args.gemm_n, "chunk_bytes": training.CHUNK_BYTES, "default_threads": default_threads,
+        "torch": torch.__version__, "python": sys.version.split()[0], "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(), "argv": sys.argv, "total_s": time.perf_counter() - t0,
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GOMP_SPINCOUNT")},
     }
     print(markdown(rows, meta))
