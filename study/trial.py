@@ -36,7 +36,7 @@ class Run:
 def shape_key(cfg: TrialConfig) -> tuple:
     """Runs with equal keys can train in one stack."""
     t, m, tr = cfg.task, cfg.model, cfg.train
-    return (t.family, m.model, m.param, t.d, t.c, tr.B, tr.steps, tr.log_every, tr.dtype)
+    return (t.family, m.model, m.param, m.init_scale, t.d, t.c, tr.B, tr.steps, tr.log_every, tr.dtype)
 
 
 @dataclass
@@ -66,12 +66,11 @@ def run_bundle(runs: list[Run], device: torch.device | str = "cpu") -> BundleOut
     covs = [_cov(r.config) for r in runs]
 
     stats = [sample_train(r.config.task, c, r.config.train.N, r.config.train.B, r.seed, gram=param == "full") for r, c in zip(runs, covs)]
-    stack = lambda f: torch.stack([f(s) for s in stats]).to(device)  # noqa: E731
     prob = Problem(
-        V=stack(lambda s: s.V).to(dtype),
-        xq=stack(lambda s: s.xq).to(dtype),
-        yq=stack(lambda s: s.yq),
-        gram=stack(lambda s: s.gram).to(dtype) if param == "full" else None,
+        V=torch.stack([s.V for s in stats]).to(device, dtype),
+        xq=torch.stack([s.xq for s in stats]).to(device, dtype),
+        yq=torch.stack([s.yq for s in stats]).to(device),
+        gram=torch.stack([s.gram for s in stats]).to(device, dtype) if param == "full" else None,
         lr=torch.tensor([r.config.train.lr for r in runs], dtype=dtype, device=device),
         lam_inv=torch.stack([c.inv for c in covs]).to(device, dtype),
         scale=2.0 if cfg0.task.c == 2 else float(cfg0.task.c),

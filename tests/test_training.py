@@ -127,3 +127,14 @@ def test_golden_training_step():
 
 
 GOLDEN_W = [[0.5222302894026597, 0.07626489224062913], [-0.23009779266973884, 0.6250834575228492]]
+
+
+@pytest.mark.parametrize("c", [2, 3])
+def test_trained_W_approaches_the_theory_limit_as_N_grows(c):
+    """The GD-trained W (not only the minimiser) gets closer to c'' Lam^-1 as N grows."""
+    base = dict(family="gmm", d=2, c=c, snr=1.0, cov="diag", kappa=2.0, B=20000, lr=4.0, steps=400, log_every=400, M=["inf"], n_eval=16, estimators=[])
+    runs = [Run(TrialConfig.from_flat({**base, "N": N}), 0) for N in (5, 40, 320)]
+    out = run_bundle(runs)
+    final = {r["run_id"]: r["dist_theory"] for r in out.curves if r["step"] == 400}
+    gaps = [final[r.run_id] for r in runs]
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.15, gaps
