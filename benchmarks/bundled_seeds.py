@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import platform
@@ -46,6 +45,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import emit
 
 from study import training
 from study.training import Problem, gd, step
@@ -222,13 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cpus": os.cpu_count(), "argv": sys.argv, "total_s": time.perf_counter() - t0,
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GOMP_SPINCOUNT")},
     }
-    print(markdown(rows, meta))
-    out = {"benchmark": "bundled_seeds", "meta": meta, "results": rows}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2))
-        print(f"\nwrote {args.out}")
-    return out
+    return emit("bundled_seeds", meta, rows, markdown(rows, meta), args.out)
 
 
 if __name__ == "__main__":

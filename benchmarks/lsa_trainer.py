@@ -33,7 +33,6 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import statistics
@@ -42,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import emit
 import torch.nn.functional as F
 
 from study import lsa
@@ -275,13 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "argv": sys.argv,
     }
-    print(markdown(results, meta))
-    out = {"benchmark": "lsa_trainer", "meta": meta, "results": results}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2))
-        print(f"\nwrote {args.out}")
-    return out
+    return emit("lsa_trainer", meta, results, markdown(results, meta), args.out)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ Run from the repository root (about 2-3 minutes on 2 cores):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -131,13 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         meta.update(torch=torch.__version__, cuda=torch.cuda.is_available())
     except ImportError:
         pass
-    print(markdown(res))
-    result = {"benchmark": "quickstart", "meta": meta, "results": res}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-        print(f"\nwrote {args.out}")
-    return result
+    return emit("quickstart", meta, res, markdown(res), args.out)
 
 
 if __name__ == "__main__":
