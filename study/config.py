@@ -44,17 +44,8 @@ def _parse_cov(value: Any) -> Any:
 CovSpec = Literal["identity", "diag", "rotated"]
 
 
-class GMMTask(_Component):
-    """Family `gmm`: c-class Gaussian mixtures with a shared covariance Lam (theory.md section 2)."""
-
-    family: Literal["gmm"] = "gmm"
-    d: int = Field(ge=1, description="input dimension")
-    c: int = Field(default=2, ge=2, description="number of classes")
-    snr: float = Field(gt=0, description="Mahalanobis norm of every class mean")
-    cov: CovSpec = Field(default="identity", description="covariance spec of Lam")
-    kappa: float = Field(default=1.0, ge=1, description="condition number of Lam (diag, rotated)")
-    cov_seed: int = Field(default=0, ge=0, description="seed of the rotation of Lam (rotated)")
-    symmetric: bool = Field(default=False, description="binary only: mu_1 = -mu_0")
+class _Task(_Component):
+    """A task family: accepts the covariance spec form "diag(4)" for {cov: diag, kappa: 4}."""
 
     @model_validator(mode="before")
     @classmethod
@@ -66,6 +57,23 @@ class GMMTask(_Component):
                     raise ValueError("cov: the spec's kappa and the field kappa disagree")
                 data = {**data, **parsed}
         return data
+
+    def data_key(self) -> dict[str, Any]:
+        """The fields that fix the data distribution (not the model, not the training)."""
+        return self.model_dump()
+
+
+class GMMTask(_Task):
+    """Family `gmm`: c-class Gaussian mixtures with a shared covariance Lam (theory.md section 2)."""
+
+    family: Literal["gmm"] = "gmm"
+    d: int = Field(ge=1, description="input dimension")
+    c: int = Field(default=2, ge=2, description="number of classes")
+    snr: float = Field(gt=0, description="Mahalanobis norm of every class mean")
+    cov: CovSpec = Field(default="identity", description="covariance spec of Lam")
+    kappa: float = Field(default=1.0, ge=1, description="condition number of Lam (diag, rotated)")
+    cov_seed: int = Field(default=0, ge=0, description="seed of the rotation of Lam (rotated)")
+    symmetric: bool = Field(default=False, description="binary only: mu_1 = -mu_0")
 
     @model_validator(mode="after")
     def _consistent(self) -> GMMTask:
@@ -80,9 +88,55 @@ class GMMTask(_Component):
         """c': the number of label rows in the prompt (1 for binary, c otherwise)."""
         return 1 if self.c == 2 else self.c
 
-    def data_key(self) -> dict[str, Any]:
-        """The fields that fix the data distribution (not the model, not the training)."""
-        return self.model_dump()
+
+class MORTask(_Task):
+    """Family `mor`: mixtures of linear regressions (theory.md section 3).
+
+    Not yet registered in FAMILIES: its sampler and closed-form optimum exist (study/mor.py,
+    study/theory.py), its training and evaluation pipeline does not yet.
+    """
+
+    family: Literal["mor"] = "mor"
+    d: int = Field(ge=1, description="input dimension")
+    K: int = Field(default=2, ge=1, description="number of components")
+    pi: tuple[float, ...] | None = Field(default=None, description="mixing weights (default uniform)")
+    sigma: float = Field(default=0.0, ge=0, description="label noise std")
+    snr: float = Field(gt=0, description="||beta_k|| / sigma (||beta_k|| when sigma = 0)")
+    cov: CovSpec = Field(default="identity", description="covariance spec of x")
+    kappa: float = Field(default=1.0, ge=1, description="condition number of Sx (diag, rotated)")
+    cov_seed: int = Field(default=0, ge=0, description="seed of the rotation of Sx (rotated)")
+    components: Literal["fresh", "pool"] = Field(default="fresh", description="beta_k per prompt or one pool")
+    pool_seed: int = Field(default=0, ge=0, description="seed of the pool (components: pool)")
+    assignment: Literal["sample", "prompt"] = Field(default="sample", description="component per example or per prompt")
+    symmetric: bool = Field(default=False, description="K = 2 only: beta_2 = -beta_1")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MORTask:
+        if self.pi is not None:
+            if len(self.pi) != self.K:
+                raise ConfigError("pi", f"needs K = {self.K} weights, got {len(self.pi)}")
+            if any(p < 0 for p in self.pi) or abs(sum(self.pi) - 1.0) > 1e-9:
+                raise ConfigError("pi", f"non-negative weights summing to 1, got {list(self.pi)}")
+        if self.symmetric and self.K != 2:
+            raise ConfigError("symmetric", f"applies to K = 2 only, got K = {self.K}")
+        if self.assignment == "prompt" and self.components == "fresh":
+            raise ConfigError(
+                "assignment",
+                "assignment: prompt with components: fresh gives every prompt one fresh regressor, i.e. plain "
+                "linear regression (use K = 1); use components: pool",
+            )
+        if self.cov == "identity" and self.kappa != 1.0:
+            raise ConfigError("kappa", "applies to cov diag or rotated; identity has kappa = 1")
+        return self
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return self.pi if self.pi is not None else (1.0 / self.K,) * self.K
+
+    @property
+    def radius(self) -> float:
+        """||beta_k||: snr * sigma, or snr when sigma = 0."""
+        return self.snr * self.sigma if self.sigma > 0 else self.snr
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,11 +25,8 @@ import torch
 
 from study.config import GMMTask
 from study.covariance import Covariance
-from study.rng import generator
+from study.rng import EVAL_BLOCK, EXAMPLE_BLOCK, TRAIN_BLOCK, blocks, generator
 
-TRAIN_BLOCK = 1024  # training prompts per random block
-EVAL_BLOCK = 64  # evaluation prompts per random block
-EXAMPLE_BLOCK = 64  # context examples per random block (always drawn whole, then cut)
 
 
 def label_embedding(c: int) -> torch.Tensor:
@@ -76,11 +73,6 @@ def _draw_examples(task: GMMTask, cov: Covariance, means: torch.Tensor, n: int, 
     return x, y
 
 
-def _blocks(total: int, size: int) -> Iterator[tuple[int, int]]:
-    for b, start in enumerate(range(0, total, size)):
-        yield b, min(size, total - start)
-
-
 @dataclass
 class TrainStats:
     """Per-prompt sufficient statistics of the training prompts.
@@ -100,7 +92,7 @@ def sample_train(task: GMMTask, cov: Covariance, N: int, B: int, seed: int, gram
     E = label_embedding(task.c)
     key = _key(task, seed)
     parts = []
-    for b, n in _blocks(B, TRAIN_BLOCK):
+    for b, n in blocks(B, TRAIN_BLOCK):
         g = generator(key, "train", b)
         t = _draw_tasks(task, cov, n, g)
         if gram:
@@ -132,7 +124,7 @@ def _raw_gram(task: GMMTask, cov: Covariance, t: Tasks, N: int, key: Any, b: int
     p, d = t.xq.shape
     D = d + E.shape[1]
     G = torch.zeros(p, D, D, dtype=torch.float64)
-    for e, n in _blocks(N, EXAMPLE_BLOCK):
+    for e, n in blocks(N, EXAMPLE_BLOCK):
         x, y = _draw_examples(task, cov, t.means, n, generator(key, "train", b, e))
         z = torch.cat([x, E[y]], dim=-1)
         G += z.transpose(1, 2) @ z
@@ -202,14 +194,14 @@ def eval_chunks(
     key = _key(task, seed)
     per_block = EVAL_BLOCK * max(m_max, 1) * task.d
     blocks_per_chunk = max(1, budget // per_block)
-    block_list = list(_blocks(n_eval, EVAL_BLOCK))
+    block_list = list(blocks(n_eval, EVAL_BLOCK))
     for start in range(0, len(block_list), blocks_per_chunk):
         tasks, xs, ys = [], [], []
         for b, n in block_list[start : start + blocks_per_chunk]:
             t = _draw_tasks(task, cov, n, generator(key, "eval", b))
             tasks.append(t)
             if m_max:
-                ex = [_draw_examples(task, cov, t.means, k, generator(key, "eval", b, e)) for e, k in _blocks(m_max, EXAMPLE_BLOCK)]
+                ex = [_draw_examples(task, cov, t.means, k, generator(key, "eval", b, e)) for e, k in blocks(m_max, EXAMPLE_BLOCK)]
                 xs.append(torch.cat([x for x, _ in ex], dim=1))
                 ys.append(torch.cat([y for _, y in ex], dim=1))
         t = Tasks(*(torch.cat(z) for z in zip(*((t.means, t.xq, t.yq) for t in tasks)))).to(device)

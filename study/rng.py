@@ -8,6 +8,7 @@ test length M are the same whatever the M grid or the chunking.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -15,6 +16,9 @@ import torch
 from study.config import stable_hash
 
 STREAMS = ("task", "train", "eval", "init")
+TRAIN_BLOCK = 1024  # training prompts per random block
+EVAL_BLOCK = 64  # evaluation prompts per random block
+EXAMPLE_BLOCK = 64  # context examples per random block (always drawn whole, then cut)
 
 
 def generator(key: Any, stream: str, *indices: int) -> torch.Generator:
@@ -25,3 +29,9 @@ def generator(key: Any, stream: str, *indices: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
+
+
+def blocks(total: int, size: int) -> Iterator[tuple[int, int]]:
+    """(block index, block length) of `total` items in blocks of `size`."""
+    for b, start in enumerate(range(0, total, size)):
+        yield b, min(size, total - start)

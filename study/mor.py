@@ -1,0 +1,93 @@
+"""Family `mor`: prompts of in-context mixtures of linear regressions (theory.md section 3).
+
+Each beta_k is uniform on the sphere of radius snr * sigma (snr when sigma = 0), drawn per prompt
+(`components: fresh`) or once per configuration from `pool_seed` (`components: pool`). Each example
+(`assignment: sample`) or the whole prompt (`assignment: prompt`) draws its component z ~ pi;
+x ~ N(0, Sx) and y = <beta_z, x> + sigma * eps. Blocks of prompts and of examples have their own
+generators (study/rng.py), so a prompt's draws do not depend on how many are drawn beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from study.config import MORTask
+from study.covariance import Covariance
+from study.rng import EXAMPLE_BLOCK, TRAIN_BLOCK, blocks, generator
+
+
+def _sphere(n: int, K: int, d: int, radius: float, symmetric: bool, g: torch.Generator) -> torch.Tensor:
+    u = torch.randn(n, K, d, generator=g, dtype=torch.float64)
+    u = radius * u / u.norm(dim=-1, keepdim=True)
+    if symmetric:
+        u[:, 1] = -u[:, 0]
+    return u
+
+
+def pool(task: MORTask) -> torch.Tensor:
+    """The configuration's K regressors (components: pool), shared by every prompt and run.  Shapes: [K, d]."""
+    g = generator({"pool": task.pool_seed, "d": task.d, "K": task.K, "symmetric": task.symmetric}, "task")
+    return _sphere(1, task.K, task.d, task.radius, task.symmetric, g)[0]
+
+
+@dataclass
+class Prompts:
+    """Raw regression prompts.
+
+    Shapes: x [P, N, d], y [P, N], z [P, N] (components), xq [P, d], yq [P], zq [P],
+    betas [P, K, d] (the prompt's regressors).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    z: torch.Tensor
+    xq: torch.Tensor
+    yq: torch.Tensor
+    zq: torch.Tensor
+    betas: torch.Tensor
+
+    @property
+    def beta_q(self) -> torch.Tensor:
+        """The query's regression vector.  Shapes: [P, d]."""
+        return self.betas[torch.arange(len(self.zq)), self.zq]
+
+
+def _key(task: MORTask, seed: int) -> dict[str, Any]:
+    return {"data": task.data_key(), "seed": int(seed)}
+
+
+def sample_prompts(task: MORTask, cov: Covariance, N: int, P: int, seed: int, stream: str = "train") -> Prompts:
+    """P prompts of N context examples each, plus a query."""
+    pi = torch.tensor(task.weights, dtype=torch.float64)
+    key = _key(task, seed)
+    fixed = pool(task) if task.components == "pool" else None
+    parts = []
+    for b, n in blocks(P, TRAIN_BLOCK):
+        g = generator(key, stream, b)
+        betas = fixed.expand(n, task.K, task.d) if fixed is not None else _sphere(n, task.K, task.d, task.radius, task.symmetric, g)
+        zq = torch.multinomial(pi, n, replacement=True, generator=g)
+        xq = torch.randn(n, task.d, generator=g, dtype=torch.float64) @ cov.half
+        yq = (betas[torch.arange(n), zq] * xq).sum(-1) + task.sigma * torch.randn(n, generator=g, dtype=torch.float64)
+        xs, ys, zs = [], [], []
+        for e, m in blocks(N, EXAMPLE_BLOCK):
+            ge = generator(key, stream, b, e)
+            # draw whole blocks so that example i is the same whatever N is
+            z = torch.multinomial(pi, n * EXAMPLE_BLOCK, replacement=True, generator=ge).reshape(n, EXAMPLE_BLOCK)[:, :m]
+            if task.assignment == "prompt":
+                z = zq[:, None].expand(n, m)
+            x = (torch.randn(n, EXAMPLE_BLOCK, task.d, generator=ge, dtype=torch.float64) @ cov.half)[:, :m]
+            eps = torch.randn(n, EXAMPLE_BLOCK, generator=ge, dtype=torch.float64)[:, :m]
+            beta = torch.gather(betas, 1, z[..., None].expand(n, m, task.d))
+            xs.append(x)
+            ys.append((beta * x).sum(-1) + task.sigma * eps)
+            zs.append(z)
+        parts.append((torch.cat(xs, 1), torch.cat(ys, 1), torch.cat(zs, 1), xq, yq, zq, betas.clone()))
+    return Prompts(*(torch.cat(t) for t in zip(*parts)))
+
+
+def context_h(p: Prompts) -> torch.Tensor:
+    """The LSA's statistic h = (1/N) sum_i y_i x_i.  Shapes: [P, d]."""
+    return torch.einsum("pn,pnd->pd", p.y, p.x) / p.x.shape[1]
