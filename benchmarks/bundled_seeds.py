@@ -4,7 +4,7 @@ A bundle trains S members (configurations x seeds) as one stack with `study.trai
 binary reduced LSA a step's useful floating-point work is 4 B d^2 flops per member: 2 B d^2 for
 the logits' GEMM u = x_q W^T and 2 B d^2 for the gradient's GEMM (g v)^T x_q; everything else is
 O(B d). This script times `gd` on random problems (V [S,B,1,d], x_q [S,B,d], y_q [S,B] in {0,1},
-lr [S], lam_inv [S,d,d], scale 2, gram None) for several bundle sizes S and dimensions d, and
+lr [S], target [S,d,d], scale 2, gram None) for several bundle sizes S and dimensions d, and
 divides the achieved GFLOP/s by the machine's own float64 GEMM rate, measured with
 torch.matmul on square n x n matrices (2 n^3 flops) at the same torch thread count, just before
 and just after each configuration is timed, so the two numbers see the same machine load.
@@ -89,7 +89,7 @@ def random_problem(S: int, B: int, d: int, seed: int) -> Problem:
         yq=torch.randint(2, (S, B), generator=g),
         gram=None,
         lr=torch.full((S,), 0.5, dtype=DTYPE),
-        lam_inv=torch.eye(d, dtype=DTYPE).expand(S, d, d).contiguous(),
+        target=torch.eye(d, dtype=DTYPE).expand(S, d, d).contiguous(),
         scale=2.0,
     )
 

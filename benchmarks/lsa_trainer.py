@@ -90,7 +90,7 @@ def statistics_problem(data: dict[str, torch.Tensor], Zs: list[tuple[torch.Tenso
         yq=yq[None],
         gram=gram[None] if gram is not None else None,
         lr=torch.tensor([lr], dtype=DTYPE),
-        lam_inv=torch.eye(d, dtype=DTYPE)[None],
+        target=torch.eye(d, dtype=DTYPE)[None],
         scale=2.0,
     )
 

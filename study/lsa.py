@@ -81,6 +81,15 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, 
     return loss, grad
 
 
+def squared_error(pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-prompt (pred - y)^2 / 2 and its gradient.  Shapes: pred [..., 1], y [...] -> [...], [..., 1]."""
+    r = pred[..., 0] - y
+    return 0.5 * r * r, r[..., None]
+
+
+LOSSES = {"ce": cross_entropy, "squared": squared_error}
+
+
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
     """Class probabilities from c' logits (binary: sigmoid).  Shapes: [..., c'] -> [..., c]."""
     if logits.shape[-1] == 1:

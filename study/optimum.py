@@ -1,6 +1,7 @@
-"""The minimiser of the reduced LSA's empirical cross-entropy, by damped Newton's method.
+"""The minimiser of the reduced LSA's empirical loss, by damped Newton's method.
 
-The reduced logit V W x_q is linear in W, so the empirical loss is convex in vec(W) with features
+The reduced prediction V W x_q is linear in W, so the empirical loss (cross-entropy, or squared
+error, where one Newton step solves the normal equations) is convex in vec(W) with features
 f = vec(V_j x_q^T), and Newton's method reaches its minimiser to float64 precision in a few
 iterations. The Hessian at the minimiser also gives the theory's local GD rate
 max_i |1 - lr lambda_i(H)| (theory.md section 5).
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from study.lsa import cross_entropy
+from study.lsa import LOSSES
 
 CHUNK = 8192  # prompts per chunk when forming the d^2 x d^2 Hessian
 
@@ -34,7 +35,7 @@ def _features(V: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
     return (V[..., :, None] * xq[:, None, None, :]).reshape(b, c, d * d)
 
 
-def _loss_grad_hess(w: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch.Tensor, hess: bool):
+def _loss_grad_hess(w: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch.Tensor, hess: bool, loss_name: str):
     B = V.shape[0]
     loss = torch.zeros((), dtype=w.dtype, device=w.device)
     grad = torch.zeros_like(w)
@@ -42,11 +43,13 @@ def _loss_grad_hess(w: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch
     for s in range(0, B, CHUNK):
         f = _features(V[s : s + CHUNK], xq[s : s + CHUNK])
         logits = f @ w
-        ls, g = cross_entropy(logits, y[s : s + CHUNK])
+        ls, g = LOSSES[loss_name](logits, y[s : s + CHUNK])
         loss += ls.sum()
         grad += torch.einsum("bj,bjk->k", g, f)
         if hess:
-            if f.shape[1] == 1:
+            if loss_name == "squared":
+                H += f[:, 0].T @ f[:, 0]
+            elif f.shape[1] == 1:
                 p = torch.sigmoid(logits[:, 0])
                 fw = f[:, 0] * (p * (1 - p))[:, None]
                 H += fw.T @ f[:, 0]
@@ -60,9 +63,15 @@ def _loss_grad_hess(w: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch
 
 
 def empirical_optimum(
-    V: torch.Tensor, xq: torch.Tensor, y: torch.Tensor, W0: torch.Tensor | None = None, tol: float = 1e-14, max_iter: int = 100
+    V: torch.Tensor,
+    xq: torch.Tensor,
+    y: torch.Tensor,
+    W0: torch.Tensor | None = None,
+    loss: str = "ce",
+    tol: float = 1e-14,
+    max_iter: int = 100,
 ) -> Optimum:
-    """Minimise the mean CE of V W x_q over W by damped Newton, from W0 (default 0).
+    """Minimise the mean loss of V W x_q over W by damped Newton, from W0 (default 0).
 
     Stops one full Newton step after the squared Newton decrement falls below 2 tol (quadratic
     convergence then leaves the iterate at float64 precision), or when no step decreases the loss. Shapes: V [B, c', d], xq [B, d], y [B], W0 [d, d].
@@ -74,7 +83,7 @@ def empirical_optimum(
         w.zero_()
     converged, it = False, 0
     for it in range(1, max_iter + 1):
-        loss, grad, H = _loss_grad_hess(w, V, xq, y, hess=True)
+        value, grad, H = _loss_grad_hess(w, V, xq, y, True, loss)
         jitter = 1e-12 * H.diagonal().mean().clamp(min=1e-300)
         step = torch.linalg.solve(H + jitter * torch.eye(len(w), dtype=w.dtype, device=w.device), grad)
         decrement = float(grad @ step)  # squared Newton decrement
@@ -84,15 +93,15 @@ def empirical_optimum(
             break
         t = 1.0
         while t > 1e-6:  # Armijo backtracking keeps every iterate a descent
-            trial, _, _ = _loss_grad_hess(w - t * step, V, xq, y, hess=False)
-            if trial <= loss - 1e-4 * t * decrement:
+            trial, _, _ = _loss_grad_hess(w - t * step, V, xq, y, False, loss)
+            if trial <= value - 1e-4 * t * decrement:
                 break
             t /= 2
         else:
             break  # no step decreases the loss any more: float64 precision is reached
         w = w - t * step
-    loss, _, H = _loss_grad_hess(w, V, xq, y, hess=True)
-    return Optimum(w.reshape(d, d), float(loss), torch.linalg.eigvalsh(H), converged, it)
+    value, _, H = _loss_grad_hess(w, V, xq, y, True, loss)
+    return Optimum(w.reshape(d, d), float(value), torch.linalg.eigvalsh(H), converged, it)
 
 
 def local_rate(hess_eigs: torch.Tensor, lr: float) -> float:

@@ -25,8 +25,9 @@ CHUNK_BYTES = 1 << 20  # per temporary of a step's chunk on the CPU (benchmarks/
 class Problem:
     """A stack of S training problems.
 
-    Shapes: V [S, B, c', d], xq [S, B, d], yq [S, B], gram [S, B, D, D] or None,
-    lr [S], lam_inv [S, d, d]; `scale` is c'' (2 for binary, c otherwise).
+    Shapes: V [S, B, c', d], xq [S, B, d], yq [S, B], gram [S, B, D, D] or None, lr [S],
+    target [S, d, d]: the theory's W / scale (gmm: Lam^-1 with scale c'' = 2 binary, c otherwise;
+    mor: Gamma*^T with scale 1); `loss` names one of `lsa.LOSSES`.
     """
 
     V: torch.Tensor
@@ -34,8 +35,9 @@ class Problem:
     yq: torch.Tensor
     gram: torch.Tensor | None
     lr: torch.Tensor
-    lam_inv: torch.Tensor
+    target: torch.Tensor
     scale: float
+    loss: str = "ce"
 
     @property
     def S(self) -> int:
@@ -103,7 +105,7 @@ def step(params: dict[str, torch.Tensor], prob: Problem) -> tuple[torch.Tensor, 
         b = _chunk(prob, prob.V.shape[2] * d)
         for s in range(0, B, b):
             V, xq = prob.V[:, s : s + b], prob.xq[:, s : s + b]
-            ls, g = lsa.cross_entropy(lsa.reduced_logits(W, V, xq), prob.yq[:, s : s + b])
+            ls, g = lsa.LOSSES[prob.loss](lsa.reduced_logits(W, V, xq), prob.yq[:, s : s + b])
             loss += ls.sum(1)
             grad += lsa.reduced_grad(g, V, xq)
         return loss / B, {"W": grad / B}
@@ -113,7 +115,7 @@ def step(params: dict[str, torch.Tensor], prob: Problem) -> tuple[torch.Tensor, 
     for s in range(0, B, b):
         G, xq = prob.gram[:, s : s + b], prob.xq[:, s : s + b]
         logits, _, h = lsa.full_logits(P, K, G, xq)
-        ls, g = lsa.cross_entropy(logits, prob.yq[:, s : s + b])
+        ls, g = lsa.LOSSES[prob.loss](logits, prob.yq[:, s : s + b])
         loss += ls.sum(1)
         gP, gK = lsa.full_grad(g, P, G, xq, h)
         dP += gP
@@ -153,7 +155,7 @@ def _dist(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tenso
 
 
 def _theory_gap(W: torch.Tensor, prob: Problem) -> torch.Tensor:
-    return (W / prob.scale - prob.lam_inv).abs().flatten(1).amax(1)
+    return (W / prob.scale - prob.target).abs().flatten(1).amax(1)
 
 
 def train(prob: Problem, param: str, steps: int, log_every: int, init: dict[str, torch.Tensor] | None = None) -> TrainResult:
@@ -168,7 +170,7 @@ def train(prob: Problem, param: str, steps: int, log_every: int, init: dict[str,
     if param == "reduced":
         opts = []
         for s in range(S):
-            o = empirical_optimum(prob.V[s], prob.xq[s], prob.yq[s], params["W"][s])
+            o = empirical_optimum(prob.V[s], prob.xq[s], prob.yq[s], params["W"][s], prob.loss)
             opts.append(o)
             rho[s] = local_rate(o.hess_eigs, float(prob.lr[s]))
             opt_conv[s] = o.converged

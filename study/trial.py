@@ -72,7 +72,7 @@ def run_bundle(runs: list[Run], device: torch.device | str = "cpu") -> BundleOut
         yq=torch.stack([s.yq for s in stats]).to(device),
         gram=torch.stack([s.gram for s in stats]).to(device, dtype) if param == "full" else None,
         lr=torch.tensor([r.config.train.lr for r in runs], dtype=dtype, device=device),
-        lam_inv=torch.stack([c.inv for c in covs]).to(device, dtype),
+        target=torch.stack([c.inv for c in covs]).to(device, dtype),
         scale=2.0 if cfg0.task.c == 2 else float(cfg0.task.c),
     )
     init = None

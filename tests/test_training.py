@@ -21,7 +21,7 @@ def problem(task, N, B, lr, seeds=(0,), gram=False, cov=None):
         yq=torch.stack([s.yq for s in st]),
         gram=torch.stack([s.gram for s in st]) if gram else None,
         lr=torch.full((len(st),), lr, dtype=torch.float64),
-        lam_inv=cov.inv.expand(len(st), task.d, task.d).clone(),
+        target=cov.inv.expand(len(st), task.d, task.d).clone(),
         scale=2.0 if task.c == 2 else float(task.c),
     )
 
