@@ -188,7 +188,7 @@ def estimate_flops(run: Run) -> float:
     else:
         train = 4 * B * (D * D + 2 * D * d) * tr.steps * 10 + 2 * B * tr.N * D * D
     m_max = max(ev.finite_M, default=0)
-    per_prompt = m_max * d * (t.c + d)
+    per_prompt = m_max * d * (c1 + d)
     if "logreg" in cfg.estimators:
         k = t.c * (d + 1)
         per_prompt += sum(10 * m * k * k for m in ev.finite_M)

@@ -150,6 +150,19 @@ def logreg(pr: Prompts) -> torch.Tensor:
     return torch.softmax(torch.einsum("pki,pi->pk", w, xq), dim=-1)
 
 
+def per_prompt(p: torch.Tensor, p_star: torch.Tensor, pr: Prompts) -> dict[str, torch.Tensor]:
+    """Per-prompt metrics against the Bayes posterior p*: tv_error, accuracy, bayes_accuracy, excess_ce."""
+    idx = pr.tasks.yq[:, None]
+    ce = -p.gather(1, idx)[:, 0].clamp(min=1e-300).log()
+    ce_star = -p_star.gather(1, idx)[:, 0].clamp(min=1e-300).log()
+    return {
+        "tv_error": 0.5 * (p - p_star).abs().sum(-1),
+        "accuracy": (p.argmax(-1) == pr.tasks.yq).double(),
+        "bayes_accuracy": (p_star.argmax(-1) == pr.tasks.yq).double(),
+        "excess_ce": ce - ce_star,
+    }
+
+
 ESTIMATORS: dict[str, Estimator] = {
     "bayes": bayes,
     "lsa_limit": lsa_limit,

@@ -92,8 +92,6 @@ class GMMTask(_Task):
 class MORTask(_Task):
     """Family `mor`: mixtures of linear regressions (theory.md section 3).
 
-    Not yet registered in FAMILIES: its sampler and closed-form optimum exist (study/mor.py,
-    study/theory.py), its training and evaluation pipeline does not yet.
     """
 
     family: Literal["mor"] = "mor"
@@ -128,6 +126,11 @@ class MORTask(_Task):
         if self.cov == "identity" and self.kappa != 1.0:
             raise ConfigError("kappa", "applies to cov diag or rotated; identity has kappa = 1")
         return self
+
+    @property
+    def n_label(self) -> int:
+        """One label row: the regression target."""
+        return 1
 
     @property
     def weights(self) -> tuple[float, ...]:
@@ -214,7 +217,7 @@ class Eval(_Component):
 # ----------------------------------------------------------------------------------------------
 # the trial config
 
-FAMILIES: dict[str, type[_Component]] = {"gmm": GMMTask}
+FAMILIES: dict[str, type[_Component]] = {"gmm": GMMTask, "mor": MORTask}
 MODELS: dict[str, type[_Component]] = {"lsa": LSAModel}
 COMPONENTS = ("task", "model", "train", "eval")
 
@@ -243,13 +246,14 @@ class TrialConfig(BaseModel):
     """One configuration of the study: task x model x training x evaluation (seeds excluded)."""
 
     model_config = ConfigDict(frozen=True)
-    task: GMMTask
+    task: GMMTask | MORTask
     model: LSAModel
     train: Train
     eval: Eval
 
     ESTIMATORS: ClassVar[dict[str, tuple[str, ...]]] = {
         "gmm": ("bayes", "lsa_limit", "lda_plugin", "lda_pooled", "logreg"),
+        "mor": ("oracle", "ols", "ridge", "lsa_opt"),
     }
 
     @classmethod

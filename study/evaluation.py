@@ -1,60 +1,82 @@
-"""Evaluation of a trained model and the estimators on the same prompts at every test length.
+"""Evaluation of trained models and estimators on the same prompts at every test length.
 
-Metrics (theory.md section 2): `tv_error` = mean of 0.5 sum_k |p_hat - p*|, `accuracy` on the
-query label, `bayes_accuracy` (the Bayes rule's accuracy on the same queries, repeated on every
-estimator's rows for reference), `excess_ce` = CE(estimator) - CE(bayes), paired per prompt.
-Each comes with the standard error over prompts.
+`evaluate` is family-agnostic: it takes batches of prompts (one test length each), the
+estimators, the reference estimator (gmm: `bayes`, mor: `oracle`) and the family's per-prompt
+metrics, and returns the mean and standard error over prompts of every (estimator, M, metric).
+
+Metrics: gmm (theory.md section 2) `tv_error` = mean of 0.5 sum_k |p_hat - p*|, `accuracy`,
+`bayes_accuracy` (the Bayes rule's accuracy on the same queries, repeated on every estimator's
+rows), `excess_ce` = CE(estimator) - CE(bayes); mor (section 3) `mse` on the query and
+`excess_mse` = mse - oracle mse. Excess metrics are paired per prompt.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 
-from study import classifiers
-from study.classifiers import Estimator, Prompts
-from study.config import Eval, GMMTask
+from study import classifiers, gmm, mor, regressors
+from study.config import Eval, GMMTask, MORTask
 from study.covariance import Covariance
-from study.gmm import eval_chunks
-
-METRICS = ("tv_error", "accuracy", "bayes_accuracy", "excess_ce")
-
-
-def _per_prompt(p: torch.Tensor, p_star: torch.Tensor, yq: torch.Tensor) -> dict[str, torch.Tensor]:
-    idx = yq[:, None]
-    ce = -p.gather(1, idx)[:, 0].clamp(min=1e-300).log()
-    ce_star = -p_star.gather(1, idx)[:, 0].clamp(min=1e-300).log()
-    return {
-        "tv_error": 0.5 * (p - p_star).abs().sum(-1),
-        "accuracy": (p.argmax(-1) == yq).double(),
-        "bayes_accuracy": (p_star.argmax(-1) == yq).double(),
-        "excess_ce": ce - ce_star,
-    }
+from study.rng import EVAL_BLOCK
 
 
 def evaluate(
-    task: GMMTask, cov: Covariance, seed: int, ev: Eval, estimators: dict[str, Estimator], device: torch.device | str = "cpu"
+    batches: Iterable[tuple[float, Any]],
+    estimators: dict[str, Callable],
+    reference: Callable,
+    per_prompt: Callable[[torch.Tensor, torch.Tensor, Any], dict[str, torch.Tensor]],
 ) -> list[dict[str, Any]]:
     """Rows of the `evals` table (without run_id) for every estimator, M and metric."""
-    cov_d = cov.to(device)
-    within = any(getattr(e, "needs_within", False) for e in estimators.values())
-    sums: dict[tuple[str, float, str], torch.Tensor] = {}
-    n_prompts = 0
-    for chunk in eval_chunks(task, cov, seed, ev.n_eval, ev.M, within, device=device):
-        n_prompts += chunk.tasks.yq.shape[0]
-        for ctx in chunk.contexts:
-            pr = Prompts(chunk.tasks, ctx, cov_d, task.c)
-            p_star = classifiers.bayes(pr)
-            for name, est in estimators.items():
-                for metric, v in _per_prompt(est(pr), p_star, chunk.tasks.yq).items():
-                    acc = sums.setdefault((name, ctx.M, metric), torch.zeros(2, dtype=torch.float64, device=device))
-                    acc += torch.stack([v.sum(), (v * v).sum()])
+    sums: dict[tuple[str, float, str], list] = {}
+    for M, pr in batches:
+        ref = reference(pr)
+        for name, est in estimators.items():
+            out = est(pr)
+            if out is None:  # the estimator does not apply at this context length
+                continue
+            for metric, v in per_prompt(out, ref, pr).items():
+                acc = sums.setdefault((name, M, metric), [0.0, 0.0, 0])
+                acc[0] += float(v.sum())
+                acc[1] += float((v * v).sum())
+                acc[2] += v.numel()
     rows = []
-    for (name, M, metric), (s1, s2) in sums.items():
-        mean = float(s1) / n_prompts
-        var = max(float(s2) / n_prompts - mean * mean, 0.0) * n_prompts / max(n_prompts - 1, 1)
-        rows.append(
-            dict(estimator=name, M=float(M), shift="none", metric=metric, value=mean, n_prompts=n_prompts, stderr=(var / n_prompts) ** 0.5)
-        )
+    for (name, M, metric), (s1, s2, n) in sums.items():
+        mean = s1 / n
+        var = max(s2 / n - mean * mean, 0.0) * n / max(n - 1, 1)
+        rows.append(dict(estimator=name, M=float(M), shift="none", metric=metric, value=mean, n_prompts=n, stderr=math.sqrt(var / n)))
     return rows
+
+
+def gmm_batches(task: GMMTask, cov: Covariance, seed: int, ev: Eval, within: bool, device: torch.device | str) -> Iterator[tuple[float, classifiers.Prompts]]:
+    cov_d = cov.to(device)
+    for chunk in gmm.eval_chunks(task, cov, seed, ev.n_eval, ev.M, within, device=device):
+        for ctx in chunk.contexts:
+            yield ctx.M, classifiers.Prompts(chunk.tasks, ctx, cov_d, task.c)
+
+
+def mor_batches(task: MORTask, cov: Covariance, seed: int, ev: Eval, device: torch.device | str, budget: int = 1 << 22) -> Iterator[tuple[float, regressors.Prompts]]:
+    """Evaluation prompts in chunks of whole random blocks; the context at M is a prefix of the longest."""
+    finite = ev.finite_M
+    m_max = max(finite, default=0)
+    cov_d = cov.to(device)
+    blocks_per_chunk = max(1, budget // (EVAL_BLOCK * max(m_max, 1) * task.d))
+
+    def contexts(parts: list[mor.Prompts]) -> Iterator[tuple[float, regressors.Prompts]]:
+        p = mor.Prompts(*(torch.cat([getattr(q, f) for q in parts]).to(device) for f in mor.Prompts.__dataclass_fields__))
+        for M in ev.M:
+            m = int(M) if math.isfinite(M) else m_max
+            x, y = (p.x[:, :m], p.y[:, :m]) if math.isfinite(M) else (None, None)
+            yield M, regressors.Prompts(M, x, y, p.xq, p.yq, p.betas, p.zq, task, cov_d)
+
+    buf: list[mor.Prompts] = []
+    for block in mor.prompt_blocks(task, cov, m_max, ev.n_eval, seed, "eval", block=EVAL_BLOCK):
+        buf.append(block)
+        if len(buf) == blocks_per_chunk:
+            yield from contexts(buf)
+            buf = []
+    if buf:
+        yield from contexts(buf)

@@ -25,6 +25,7 @@ import torch
 
 from study.config import GMMTask
 from study.covariance import Covariance
+from study.training import TrainStats
 from study.rng import EVAL_BLOCK, EXAMPLE_BLOCK, TRAIN_BLOCK, blocks, generator
 
 
@@ -71,20 +72,6 @@ def _draw_examples(task: GMMTask, cov: Covariance, means: torch.Tensor, n: int, 
     xi = torch.randn(p, EXAMPLE_BLOCK, task.d, generator=g, dtype=torch.float64)[:, :n]
     x = torch.gather(means, 1, y[..., None].expand(p, n, task.d)) + xi @ cov.half
     return x, y
-
-
-@dataclass
-class TrainStats:
-    """Per-prompt sufficient statistics of the training prompts.
-
-    Shapes: V [B, c', d] = (1/N) sum_i ytil_i x_i^T; gram [B, d+c', d+c'] = Z Z^T / N (query
-    column included) or None; xq [B, d]; yq [B].
-    """
-
-    V: torch.Tensor
-    xq: torch.Tensor
-    yq: torch.Tensor
-    gram: torch.Tensor | None
 
 
 def sample_train(task: GMMTask, cov: Covariance, N: int, B: int, seed: int, gram: bool = False) -> TrainStats:

@@ -9,6 +9,7 @@ generators (study/rng.py), so a prompt's draws do not depend on how many are dra
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from study.config import MORTask
 from study.covariance import Covariance
 from study.rng import EXAMPLE_BLOCK, TRAIN_BLOCK, blocks, generator
+from study.training import TrainStats
 
 
 def _sphere(n: int, K: int, d: int, radius: float, symmetric: bool, g: torch.Generator) -> torch.Tensor:
@@ -59,13 +61,12 @@ def _key(task: MORTask, seed: int) -> dict[str, Any]:
     return {"data": task.data_key(), "seed": int(seed)}
 
 
-def sample_prompts(task: MORTask, cov: Covariance, N: int, P: int, seed: int, stream: str = "train") -> Prompts:
-    """P prompts of N context examples each, plus a query."""
+def prompt_blocks(task: MORTask, cov: Covariance, N: int, P: int, seed: int, stream: str, block: int = TRAIN_BLOCK) -> Iterator[Prompts]:
+    """P prompts of N context examples each, plus a query, one random block of prompts at a time."""
     pi = torch.tensor(task.weights, dtype=torch.float64)
     key = _key(task, seed)
     fixed = pool(task) if task.components == "pool" else None
-    parts = []
-    for b, n in blocks(P, TRAIN_BLOCK):
+    for b, n in blocks(P, block):
         g = generator(key, stream, b)
         betas = fixed.expand(n, task.K, task.d) if fixed is not None else _sphere(n, task.K, task.d, task.radius, task.symmetric, g)
         zq = torch.multinomial(pi, n, replacement=True, generator=g)
@@ -84,8 +85,31 @@ def sample_prompts(task: MORTask, cov: Covariance, N: int, P: int, seed: int, st
             xs.append(x)
             ys.append((beta * x).sum(-1) + task.sigma * eps)
             zs.append(z)
-        parts.append((torch.cat(xs, 1), torch.cat(ys, 1), torch.cat(zs, 1), xq, yq, zq, betas.clone()))
-    return Prompts(*(torch.cat(t) for t in zip(*parts)))
+        empty = torch.zeros(n, 0, dtype=torch.float64)
+        cat = lambda t, like: torch.cat(t, 1) if t else like  # noqa: E731
+        yield Prompts(cat(xs, empty[..., None].expand(n, 0, task.d)), cat(ys, empty), cat(zs, empty.long()), xq, yq, zq, betas.clone())
+
+
+def sample_prompts(task: MORTask, cov: Covariance, N: int, P: int, seed: int, stream: str = "train") -> Prompts:
+    """P prompts of N context examples each, plus a query."""
+    parts = list(prompt_blocks(task, cov, N, P, seed, stream))
+    return Prompts(*(torch.cat([getattr(p, f) for p in parts]) for f in Prompts.__dataclass_fields__))
+
+
+def sample_train(task: MORTask, cov: Covariance, N: int, B: int, seed: int, gram: bool = False) -> TrainStats:
+    """B training prompts as the LSA's statistics: V = h^T (so that V W x_q = x_q^T W^T h), x_q, y_q,
+    and with `gram` Z Z^T / N (label row y, query column included)."""
+    parts = []
+    for p in prompt_blocks(task, cov, N, B, seed, "train"):
+        z = torch.cat([p.x, p.y[..., None]], dim=-1)
+        G = None
+        if gram:
+            G = z.transpose(1, 2) @ z
+            G[:, : task.d, : task.d] += p.xq[:, :, None] * p.xq[:, None, :]
+            G = G / N
+        parts.append((context_h(p)[:, None, :], p.xq, p.yq, G))
+    V, xq, yq, G = (torch.cat(t) if t[0] is not None else None for t in zip(*parts))
+    return TrainStats(V, xq, yq, G)
 
 
 def context_h(p: Prompts) -> torch.Tensor:

@@ -22,6 +22,20 @@ CHUNK_BYTES = 1 << 20  # per temporary of a step's chunk on the CPU (benchmarks/
 
 
 @dataclass
+class TrainStats:
+    """Per-prompt sufficient statistics of the training prompts.
+
+    Shapes: V [B, c', d] = (1/N) sum_i ytil_i x_i^T; gram [B, d+c', d+c'] = Z Z^T / N (query
+    column included) or None; xq [B, d]; yq [B].
+    """
+
+    V: torch.Tensor
+    xq: torch.Tensor
+    yq: torch.Tensor
+    gram: torch.Tensor | None
+
+
+@dataclass
 class Problem:
     """A stack of S training problems.
 
@@ -75,15 +89,21 @@ class TrainResult:
 
 
 def init_params(prob: Problem, param: str, init_scale: float = 0.0, gen: list[torch.Generator] | None = None) -> dict[str, torch.Tensor]:
-    """W = 0 (reduced), or the block structure at W = 0 plus an optional random perturbation (full)."""
+    """W = 0 (reduced); for full, the Zhang-Frei-Bartlett initialisation with scale s0 = init_scale,
+
+    W_PV = s0 [[0,0],[0,I]], W_KQ = s0 [[Theta Theta^T / ||Theta Theta^T||_F, 0],[0,0]] (Theta Gaussian,
+    one per run from its `init` stream), or, with init_scale = 0, the block structure at the
+    reduced model's W = 0 (W_PV = [[0,0],[0,I]], W_KQ = 0).
+    """
     S, d, dt, dev = prob.S, prob.d, prob.V.dtype, prob.V.device
     if param == "reduced":
         return {"W": torch.zeros(S, d, d, dtype=dt, device=dev)}
     W_PV, W_KQ = lsa.block_init(d, prob.V.shape[2], S, dtype=dt)
     if init_scale > 0:
-        D = W_PV.shape[-1]
-        noise = torch.stack([torch.randn(2, D, D, generator=g, dtype=torch.float64) for g in gen]).to(dt)
-        W_PV, W_KQ = W_PV + init_scale * noise[:, 0] / D**0.5, W_KQ + init_scale * noise[:, 1] / D**0.5
+        theta = torch.stack([torch.randn(d, d, generator=g, dtype=torch.float64) for g in gen])
+        tt = theta @ theta.transpose(1, 2)
+        W_PV = init_scale * W_PV
+        W_KQ[:, :d, :d] = init_scale * (tt / tt.flatten(1).norm(dim=1)[:, None, None]).to(dt)
     return {"W_PV": W_PV.to(dev), "W_KQ": W_KQ.to(dev)}
 
 

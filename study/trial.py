@@ -14,11 +14,9 @@ from typing import Any
 
 import torch
 
-from study import classifiers
 from study.config import TrialConfig, canonical_json
 from study.covariance import covariance
-from study.evaluation import evaluate
-from study.gmm import sample_train
+from study.families import FAMILIES
 from study.rng import generator
 from study.training import Problem, init_params, train
 
@@ -36,7 +34,7 @@ class Run:
 def shape_key(cfg: TrialConfig) -> tuple:
     """Runs with equal keys can train in one stack."""
     t, m, tr = cfg.task, cfg.model, cfg.train
-    return (t.family, m.model, m.param, m.init_scale, t.d, t.c, tr.B, tr.steps, tr.log_every, tr.dtype)
+    return (t.family, m.model, m.param, m.init_scale, t.d, t.n_label, tr.B, tr.steps, tr.log_every, tr.dtype)
 
 
 @dataclass
@@ -63,17 +61,20 @@ def run_bundle(runs: list[Run], device: torch.device | str = "cpu") -> BundleOut
     cfg0 = runs[0].config
     dtype = getattr(torch, cfg0.train.dtype)
     param = cfg0.model.param
+    family = FAMILIES[cfg0.task.family]
     covs = [_cov(r.config) for r in runs]
+    targets = [family.target(r.config, c) for r, c in zip(runs, covs)]
 
-    stats = [sample_train(r.config.task, c, r.config.train.N, r.config.train.B, r.seed, gram=param == "full") for r, c in zip(runs, covs)]
+    stats = [family.sample_train(r.config, c, r.seed) for r, c in zip(runs, covs)]
     prob = Problem(
         V=torch.stack([s.V for s in stats]).to(device, dtype),
         xq=torch.stack([s.xq for s in stats]).to(device, dtype),
         yq=torch.stack([s.yq for s in stats]).to(device),
         gram=torch.stack([s.gram for s in stats]).to(device, dtype) if param == "full" else None,
         lr=torch.tensor([r.config.train.lr for r in runs], dtype=dtype, device=device),
-        target=torch.stack([c.inv for c in covs]).to(device, dtype),
-        scale=2.0 if cfg0.task.c == 2 else float(cfg0.task.c),
+        target=torch.stack([t for t, _ in targets]).to(device, dtype),
+        scale=targets[0][1],
+        loss=family.loss,
     )
     init = None
     if param == "full":
@@ -109,7 +110,7 @@ def run_bundle(runs: list[Run], device: torch.device | str = "cpu") -> BundleOut
                     dist_theory=float(c.dist_theory[j, i]),
                 )
             )
-        named = {**res.params, **{f"{k}_opt": v for k, v in res.opt_params.items()}}
+        named = family.export({**res.params, **{f"{k}_opt": v for k, v in res.opt_params.items()}})
         for name, v in named.items():
             out.params.append(dict(run_id=r.run_id, name=name, shape=list(v.shape[1:]), values=v[i].reshape(-1).tolist()))
 
@@ -119,20 +120,17 @@ def run_bundle(runs: list[Run], device: torch.device | str = "cpu") -> BundleOut
         key = canonical_json([r.config.task.data_key(), r.seed, r.config.eval.model_dump(), list(r.config.estimators)])
         groups.setdefault(key, []).append(i)
     for members in groups.values():
-        r0 = runs[members[0]]
-        estimators = {name: classifiers.get(name) for name in r0.config.estimators}
-        models = {}
+        r0, cov0 = runs[members[0]], covs[members[0]]
+        own = {}  # estimators that belong to one run (its trained model, ...), keyed "i:name"
         for i in members:
-            if int(res.diverged_at[i]) < 0:
-                models[f"model:{i}"] = classifiers.lsa_estimator({k: v[i] for k, v in res.params.items()})
-        rows = evaluate(r0.config.task, covs[members[0]], r0.seed, r0.config.eval, {**estimators, **models}, device)
+            params = None if int(res.diverged_at[i]) >= 0 else {k: v[i] for k, v in res.params.items()}
+            own.update({f"{i}:{name}": e for name, e in family.member_estimators(runs[i].config, covs[i], params).items()})
+        rows = family.evaluate(r0.config, cov0, r0.seed, own, device)
         for i in members:
-            r = runs[i]
             for row in rows:
-                if row["estimator"] in estimators:
-                    out.evals.append(dict(run_id=r.run_id, **row))
-                elif row["estimator"] == f"model:{i}":
-                    out.evals.append(dict(run_id=r.run_id, **{**row, "estimator": r.config.model.model}))
+                owner, _, name = row["estimator"].rpartition(":")
+                if owner in ("", str(i)):
+                    out.evals.append(dict(run_id=runs[i].run_id, **{**row, "estimator": name}))
 
     wall = time.perf_counter() - t0
     for row in out.trials:

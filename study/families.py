@@ -1,0 +1,94 @@
+"""What differs between the task families, behind one interface that `trial.run_bundle` uses.
+
+A family gives: its training loss, its training statistics, the theory's target for the trained
+W (`dist_theory`), its evaluation (estimators, reference and metrics), and the names under which
+parameters are stored. The LSA itself is shared: the regression LSA y_hat = x_q^T Gamma h is the
+reduced LSA with V = h^T and W = Gamma^T, and its full form is the LSA with label row y.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from study import classifiers, evaluation, gmm, mor, regressors
+from study.config import TrialConfig
+from study.covariance import Covariance
+from study.theory import gamma_star
+from study.training import TrainStats
+
+
+class GMM:
+    """In-context classification of Gaussian mixtures [S]."""
+
+    loss = "ce"
+    reference = "bayes"
+
+    @staticmethod
+    def sample_train(cfg: TrialConfig, cov: Covariance, seed: int) -> TrainStats:
+        return gmm.sample_train(cfg.task, cov, cfg.train.N, cfg.train.B, seed, gram=cfg.model.param == "full")
+
+    @staticmethod
+    def target(cfg: TrialConfig, cov: Covariance) -> tuple[torch.Tensor, float]:
+        """dist_theory = ||W / c'' - Lam^-1||_max with c'' = 2 (binary) or c."""
+        return cov.inv, 2.0 if cfg.task.c == 2 else float(cfg.task.c)
+
+    @staticmethod
+    def member_estimators(cfg: TrialConfig, cov: Covariance, params: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+        return {} if params is None else {cfg.model.model: classifiers.lsa_estimator(params)}
+
+    @staticmethod
+    def evaluate(cfg: TrialConfig, cov: Covariance, seed: int, estimators: dict[str, Any], device: Any) -> list[dict[str, Any]]:
+        shared = {name: classifiers.get(name) for name in cfg.estimators}
+        ests = {**shared, **estimators}
+        within = any(getattr(e, "needs_within", False) for e in ests.values())
+        batches = evaluation.gmm_batches(cfg.task, cov, seed, cfg.eval, within, device)
+        return evaluation.evaluate(batches, ests, classifiers.bayes, classifiers.per_prompt)
+
+    @staticmethod
+    def export(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(params)
+
+
+class MOR:
+    """In-context mixtures of linear regressions [J], [P]."""
+
+    loss = "squared"
+    reference = "oracle"
+
+    @staticmethod
+    def sample_train(cfg: TrialConfig, cov: Covariance, seed: int) -> TrainStats:
+        return mor.sample_train(cfg.task, cov, cfg.train.N, cfg.train.B, seed, gram=cfg.model.param == "full")
+
+    @staticmethod
+    def target(cfg: TrialConfig, cov: Covariance) -> tuple[torch.Tensor, float]:
+        """dist_theory = ||W - Gamma*^T||_max (W plays Gamma^T), Gamma* at the training length N."""
+        return gamma_star(cfg.task, cov, cfg.train.N).T, 1.0
+
+    @staticmethod
+    def member_estimators(cfg: TrialConfig, cov: Covariance, params: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+        out = {} if params is None else {cfg.model.model: regressors.lsa_estimator(params)}
+        if "lsa_opt" in cfg.estimators:  # Gamma* depends on the training length N of the run
+            out["lsa_opt"] = regressors.lsa_estimator({"W": gamma_star(cfg.task, cov, cfg.train.N).T})
+        return out
+
+    @staticmethod
+    def evaluate(cfg: TrialConfig, cov: Covariance, seed: int, estimators: dict[str, Any], device: Any) -> list[dict[str, Any]]:
+        shared = {name: regressors.ESTIMATORS[name] for name in cfg.estimators if name in regressors.ESTIMATORS}
+        batches = evaluation.mor_batches(cfg.task, cov, seed, cfg.eval, device)
+        return evaluation.evaluate(batches, {**shared, **estimators}, regressors.oracle, regressors.per_prompt)
+
+    @staticmethod
+    def export(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The reduced W is stored as Gamma = W^T, the papers' parametrisation."""
+        out = {}
+        for name, v in params.items():
+            if name in ("W", "W_opt"):
+                out["Gamma" + name[1:]] = v.transpose(-1, -2)
+            else:
+                out[name] = v
+        return out
+
+
+FAMILIES = {"gmm": GMM, "mor": MOR}

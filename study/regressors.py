@@ -1,0 +1,146 @@
+"""Estimators of family `mor`, all with one call signature: `estimator(prompts) -> y_hat [P]`.
+
+Only `oracle` reads the hidden regressors; `ols`, `ridge` and `em` (study/em.py) see the context
+alone, `lsa_opt` the context and the population optimum Gamma*. An estimator that cannot run at
+this context length (ols with M < d) returns None and its rows are left out of the store.
+At M = inf the context is its exact expectation: h = E[y x | task], and an estimator fitted on an
+infinite context returns the population regression of y on x (the mean regressor for
+`assignment: sample`, the prompt's own regressor for `assignment: prompt`), which is also the
+oracle's prediction there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from study import lsa
+from study.config import MORTask
+from study.covariance import Covariance
+
+
+@dataclass
+class Prompts:
+    """Evaluation prompts of one test length M (x, y None when M = inf).
+
+    Shapes: x [P, M, d], y [P, M], xq [P, d], yq [P], betas [P, K, d], zq [P].
+    """
+
+    M: float
+    x: torch.Tensor | None
+    y: torch.Tensor | None
+    xq: torch.Tensor
+    yq: torch.Tensor
+    betas: torch.Tensor
+    zq: torch.Tensor
+    task: MORTask
+    cov: Covariance
+
+    @property
+    def exact(self) -> bool:
+        return math.isinf(self.M)
+
+    def population_beta(self) -> torch.Tensor:
+        """The population regression of y on x given the task.  Shapes: [P, d]."""
+        if self.task.assignment == "prompt":
+            return self.betas[torch.arange(len(self.zq)), self.zq]
+        pi = torch.tensor(self.task.weights, dtype=self.betas.dtype, device=self.betas.device)
+        return torch.einsum("k,pkd->pd", pi, self.betas)
+
+    def h(self) -> torch.Tensor:
+        """(1/M) sum_i y_i x_i, or its expectation Sx beta_pop at M = inf.  Shapes: [P, d]."""
+        if self.exact:
+            return self.population_beta() @ self.cov.lam
+        return torch.einsum("pm,pmd->pd", self.y, self.x) / self.M
+
+    def gram(self) -> torch.Tensor:
+        """Z Z^T / M with label row y (query column included), or its expectation.  Shapes: [P, d+1, d+1]."""
+        if self.exact:
+            S = self.cov.lam
+            h = self.h()
+            pi = torch.tensor(self.task.weights, dtype=S.dtype, device=S.device)
+            if self.task.assignment == "prompt":
+                b = self.population_beta()
+                yy = torch.einsum("pd,de,pe->p", b, S, b)
+            else:
+                yy = torch.einsum("k,pkd,de,pke->p", pi, self.betas, S, self.betas)
+            yy = yy + self.task.sigma**2
+            top = torch.cat([S.expand(len(h), -1, -1), h[:, :, None]], dim=2)
+            return torch.cat([top, torch.cat([h, yy[:, None]], dim=1)[:, None, :]], dim=1)
+        z = torch.cat([self.x, self.y[..., None]], dim=-1)
+        G = z.transpose(1, 2) @ z
+        d = self.xq.shape[1]
+        G[:, :d, :d] += self.xq[:, :, None] * self.xq[:, None, :]
+        return G / self.M
+
+
+Estimator = Callable[[Prompts], "torch.Tensor | None"]
+
+
+def _predict(beta: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    return (beta * xq).sum(-1)
+
+
+def oracle(pr: Prompts) -> torch.Tensor:
+    """Knows beta_k, pi, sigma: the posterior mean of y_q given the context."""
+    if pr.task.assignment == "sample" or pr.exact:
+        return _predict(pr.population_beta(), pr.xq)  # sample: z_q is independent of the context
+    resid = pr.y[:, None, :] - torch.einsum("pkd,pmd->pkm", pr.betas, pr.x)  # [P, K, M]
+    sse = (resid * resid).sum(-1)
+    logpi = torch.tensor(pr.task.weights, dtype=sse.dtype, device=sse.device).log()
+    if pr.task.sigma > 0:
+        w = torch.softmax(logpi - sse / (2 * pr.task.sigma**2), dim=-1)  # log space: no overflow as sigma -> 0
+    else:  # the sigma -> 0 limit: the component that fits the context exactly
+        w = torch.nn.functional.one_hot((sse - 1e-12 * logpi).argmin(-1), pr.task.K).to(sse.dtype)
+    return (w * torch.einsum("pkd,pd->pk", pr.betas, pr.xq)).sum(-1)
+
+
+def _ridge_fit(x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
+    d = x.shape[-1]
+    A = x.transpose(1, 2) @ x + lam * torch.eye(d, dtype=x.dtype, device=x.device)
+    return torch.linalg.solve(A, (x.transpose(1, 2) @ y[..., None]))[..., 0]
+
+
+def ols(pr: Prompts) -> torch.Tensor | None:
+    """Least squares on the context; needs M >= d."""
+    if pr.exact:
+        return _predict(pr.population_beta(), pr.xq)
+    if pr.M < pr.xq.shape[1]:
+        return None
+    return _predict(_ridge_fit(pr.x, pr.y, 0.0), pr.xq)
+
+
+def ridge(pr: Prompts) -> torch.Tensor:
+    """Ridge on the context with lambda = d / snr^2 on sum_i (y_i - x_i^T b)^2 + lambda ||b||^2."""
+    if pr.exact:
+        return _predict(pr.population_beta(), pr.xq)
+    d = pr.xq.shape[1]
+    return _predict(_ridge_fit(pr.x, pr.y, d / pr.task.snr**2), pr.xq)
+
+
+def lsa_estimator(params: dict[str, torch.Tensor]) -> Estimator:
+    """The regression LSA with given parameters: `W` (= Gamma^T), or `W_PV` and `W_KQ`."""
+
+    def predict(pr: Prompts) -> torch.Tensor:
+        xq = pr.xq
+        if "W" in params:
+            pred = lsa.reduced_logits(params["W"][None].to(xq), pr.h()[None, :, None, :], xq[None])[0]
+        else:
+            d = xq.shape[1]
+            P, K = params["W_PV"][None, d:, :].to(xq), params["W_KQ"][None, :, :d].to(xq)
+            pred = lsa.full_logits(P, K, pr.gram()[None], xq[None])[0][0]
+        return pred[:, 0]
+
+    return predict
+
+
+def per_prompt(y_hat: torch.Tensor, y_ref: torch.Tensor, pr: Prompts) -> dict[str, torch.Tensor]:
+    """`mse` on the query and `excess_mse` over the oracle, paired per prompt."""
+    se = (y_hat - pr.yq) ** 2
+    return {"mse": se, "excess_mse": se - (y_ref - pr.yq) ** 2}
+
+
+ESTIMATORS: dict[str, Estimator] = {"oracle": oracle, "ols": ols, "ridge": ridge}
