@@ -100,22 +100,26 @@ def lda_plugin(pr: Prompts) -> torch.Tensor:
     return _lda(pr.ctx.means, pr.cov.inv, pr.xq)
 
 
-def lda_pooled(pr: Prompts) -> torch.Tensor:
-    """Class means and a pooled covariance from the context, shrunk towards a scaled identity.
+def pooled_covariance(ctx: Context, d: int) -> torch.Tensor:
+    """The pooled within-class covariance of the context, shrunk towards a scaled identity.
 
-    S = M / max(M - c, 1) * within; shrinkage weight a = d / (M + d) towards (tr S / d) I (I when
-    tr S = 0, i.e. no class seen twice); a = 0 at M = inf, where S = Lam.
+    S = M / max(M - k, 1) * within with k the number of classes present; shrinkage weight
+    a = d / (M + d) towards (tr S / d) I; S = I when tr S = 0 (no class seen twice); at M = inf
+    S = Lam.  Shapes: -> [P, d, d].
     """
-    ctx, d = pr.ctx, pr.xq.shape[1]
     if ctx.exact:
-        S = ctx.within
-    else:
-        S = ctx.within * (ctx.M / max(ctx.M - pr.c, 1.0))
-        a = d / (ctx.M + d)
-        scale = torch.diagonal(S, dim1=1, dim2=2).mean(-1)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        S = (1 - a) * S + a * scale[:, None, None] * torch.eye(d, dtype=S.dtype, device=S.device)
-    return _lda(ctx.means, torch.linalg.inv(S), pr.xq)
+        return ctx.within
+    present = (ctx.frac > 0).sum(-1).to(ctx.within.dtype)
+    S = ctx.within * (ctx.M / (ctx.M - present).clamp(min=1.0))[:, None, None]
+    a = d / (ctx.M + d)
+    scale = torch.diagonal(S, dim1=1, dim2=2).mean(-1)[:, None, None]
+    eye = torch.eye(d, dtype=S.dtype, device=S.device)
+    return torch.where(scale > 0, (1 - a) * S + a * scale * eye, eye)
+
+
+def lda_pooled(pr: Prompts) -> torch.Tensor:
+    """Class means and the pooled, shrunk covariance from the context (`pooled_covariance`)."""
+    return _lda(pr.ctx.means, torch.linalg.inv(pooled_covariance(pr.ctx, pr.xq.shape[1])), pr.xq)
 
 
 lda_pooled.needs_within = True

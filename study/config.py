@@ -13,7 +13,7 @@ import math
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -208,6 +208,12 @@ class Eval(_Component):
     estimators: tuple[str, ...] | None = Field(
         default=None, description="estimators compared with the model (default: all of the family)"
     )
+
+    @field_validator("estimators")
+    @classmethod
+    def _canonical(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        # order and repeats do not change the science, so they must not change the run id
+        return None if v is None else tuple(sorted(set(v)))
 
     @property
     def finite_M(self) -> list[int]:

@@ -16,6 +16,7 @@ import torch
 from study.lsa import LOSSES
 
 CHUNK = 8192  # prompts per chunk when forming the d^2 x d^2 Hessian
+SEPARABLE_LOSS = 1e-8  # a CE optimum this small means the training prompts are separable
 
 
 @dataclass
@@ -101,7 +102,10 @@ def empirical_optimum(
             break  # no step decreases the loss any more: float64 precision is reached
         w = w - t * step
     value, _, H = _loss_grad_hess(w, V, xq, y, True, loss)
-    return Optimum(w.reshape(d, d), float(value), torch.linalg.eigvalsh(H), converged, it)
+    eigs = torch.linalg.eigvalsh(H)
+    if loss == "ce" and (float(value) < SEPARABLE_LOSS or float(eigs[0]) <= 1e-12 * float(eigs[-1])):
+        converged = False  # separable data: the infimum is at infinity, the iterate is arbitrary
+    return Optimum(w.reshape(d, d), float(value), eigs, converged, it)
 
 
 def local_rate(hess_eigs: torch.Tensor, lr: float) -> float:

@@ -18,6 +18,7 @@ from study import lsa
 from study.optimum import empirical_optimum, local_rate
 
 REFERENCE_FACTOR = 10  # full param: the reference optimum is GD run on to 10x the steps
+REFERENCE_GTOL = 1e-6  # full param: the reference counts as converged below this gradient norm
 CHUNK_BYTES = 1 << 20  # per temporary of a step's chunk on the CPU (benchmarks/bundled_seeds.py)
 
 
@@ -183,6 +184,11 @@ def train(prob: Problem, param: str, steps: int, log_every: int, init: dict[str,
     params = init if init is not None else init_params(prob, param)
     params, diverged_at, log = gd(params, prob, steps, log_every)
     final_loss = log[-1][1]
+    # GD with a stable step never ends above its starting loss; a run that does is unstable even
+    # when its loss stays finite (the CE gradient is bounded, so W only grows linearly)
+    unstable = (final_loss > log[0][1]) & (diverged_at < 0)
+    first_above = [next((t for t, l, _ in log if bool(l[s] > log[0][1][s])), steps) for s in range(prob.S)]
+    diverged_at = torch.where(unstable, torch.tensor(first_above, device=diverged_at.device), diverged_at)
 
     S = prob.S
     nan = torch.full((S,), float("nan"), dtype=torch.float64)
@@ -199,7 +205,10 @@ def train(prob: Problem, param: str, steps: int, log_every: int, init: dict[str,
     else:
         opt_params, _, ref_log = gd(params, prob, (REFERENCE_FACTOR - 1) * steps, log_every=(REFERENCE_FACTOR - 1) * steps)
         opt_loss = ref_log[-1][1].double().cpu()
-        opt_conv = torch.isfinite(opt_loss)
+        # converged: GD has come to rest, its gradient small against the loss
+        _, grad = step(opt_params, prob)
+        gnorm = torch.sqrt(sum((g**2).flatten(1).sum(1) for g in grad.values())).double().cpu()
+        opt_conv = torch.isfinite(opt_loss) & (gnorm < REFERENCE_GTOL * (1 + opt_loss.abs()))
     opt_loss = torch.where(opt_conv, opt_loss, nan)
     ref_ok = opt_conv.to(prob.V.device)
 
