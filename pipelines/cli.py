@@ -62,7 +62,10 @@ def plan(sweep: str = typer.Argument(..., help="sweep file or shipped sweep name
     """Validate a sweep and count what it would run; runs nothing."""
     sw = _load(sweep)
     st = Store(store)
-    bundles, done = _plan(sw, st)
+    try:
+        bundles, done = _plan(sw, st)
+    except StoreError as err:
+        raise _fail(str(err)) from None
     info = sweeps.describe(sw)
     todo = sum(len(b.runs) for b in bundles)
     flops = sum(sweeps.estimate_flops(r) for b in bundles for r in b.runs)
@@ -89,16 +92,36 @@ def run(
     num_cpus: int = typer.Option(None, "--num-cpus", min=1, help="CPUs of the embedded local Ray (default: all)"),
 ) -> None:
     """Run what the store lacks of a sweep, one Ray Tune trial per bundle."""
-    from pipelines.runner import run_sweep
-
     if device not in ("auto", "cpu", "cuda"):
         raise _fail(f"--device: one of auto, cpu, cuda; got {device!r}")
     sw = _load(sweep)
+    if device == "cuda" and not address:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise _fail("--device cuda: this machine has no CUDA device (use auto or cpu, or --address to run on a cluster)")
     st = Store(store)
     try:
         st.check_writable()
+        with st.lock():
+            s = _run_locked(sw, st, address, cpus_per_trial, gpus_per_trial, max_concurrent, device, num_cpus)
     except StoreError as err:
         raise _fail(str(err)) from None
+    if s is None:
+        return
+    typer.echo(
+        f"done: {s.ok} ok, {s.diverged} diverged, {s.failed} failed of {s.runs} runs; {s.rows} rows written; "
+        f"wall {s.wall_s:.1f}s, trial compute {s.compute_s:.1f}s"
+    )
+    for e in s.errors:
+        typer.echo(f"  failed {e}", err=True)
+    if s.failed:
+        raise typer.Exit(1)
+
+
+def _run_locked(sw: sweeps.Sweep, st: Store, *args):
+    from pipelines.runner import run_sweep
+
     leftovers = st.recover()
     retried = st.forget_failed()
     bundles, done = _plan(sw, st)
@@ -108,16 +131,8 @@ def run(
         typer.echo(f"  cleaned {len(leftovers)} files of interrupted writes; retrying {retried} failed bundles")
     if not bundles:
         typer.echo("nothing to run")
-        return
-    s = run_sweep(sw, st, bundles, address, cpus_per_trial, gpus_per_trial, max_concurrent, device, num_cpus)
-    typer.echo(
-        f"done: {s.ok} ok, {s.diverged} diverged, {s.failed} failed of {s.runs} runs; {s.rows} rows written; "
-        f"wall {s.wall_s:.1f}s, trial compute {s.compute_s:.1f}s"
-    )
-    for e in s.errors:
-        typer.echo(f"  failed {e}", err=True)
-    if s.failed:
-        raise typer.Exit(1)
+        return None
+    return run_sweep(sw, st, bundles, *args)
 
 
 @app.command()

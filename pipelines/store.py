@@ -17,10 +17,14 @@ project code.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import time
 import types
 import typing
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -122,6 +126,16 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def to_table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
     """Rows to an Arrow table of the table's schema; missing columns are null, extra ones an error."""
     schema = SCHEMAS[name]
@@ -159,7 +173,17 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
         pq.write_table(table, tmp)
+        with open(tmp, "rb") as f:  # on disk before it can be renamed into place
+            os.fsync(f.fileno())
         return tmp
+
+    @staticmethod
+    def _sync_dir(directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def write_bundle(self, family: str, bundle_id: str, tables: dict[str, pa.Table]) -> int:
         """Write a bundle's tables atomically, `trials` last; returns the number of rows written."""
@@ -167,6 +191,7 @@ class Store:
         staged = [(self._write(self.table_dir(t, family) / f"part-{bundle_id}.parquet", tables[t]), t) for t in order]
         for tmp, t in staged:
             os.replace(tmp, self.table_dir(t, family) / f"part-{bundle_id}.parquet")
+            self._sync_dir(tmp.parent)
         return sum(tables[t].num_rows for t in order)
 
     def write_failed(self, family: str, bundle_id: str, trials: pa.Table) -> None:
@@ -176,6 +201,28 @@ class Store:
 
     # ------------------------------------------------------------------------------------------
     # housekeeping
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive use of the store for one `run`: recovery and writes must not race another run."""
+        path = self.root / ".lock"
+        me = f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}"
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                host, pid, since = (path.read_text().split() + ["?", "0", "?"])[:3]
+                if host == socket.gethostname() and not _alive(int(pid)):
+                    path.unlink(missing_ok=True)  # left by a run that was killed on this host
+                    continue
+                raise StoreError(f"store {self.root} is in use by a run on {host} (pid {pid}) since {since}; if no run is active there, delete {path}") from None
+        os.write(fd, me.encode())
+        os.close(fd)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
 
     def _files(self, table: str) -> list[Path]:
         base = self.root / table
@@ -219,6 +266,9 @@ class Store:
         files = [p for p in self._files("trials") if p.name.startswith("part-")]
         done: set[str] = set()
         for p in files:
-            t = pq.read_table(p, columns=["run_id", "status"])
+            try:
+                t = pq.read_table(p, columns=["run_id", "status"])
+            except (OSError, pa.ArrowInvalid) as err:
+                raise StoreError(f"store {self.root}: unreadable file {p} ({err}); move it out of the store and rerun: its runs will be recomputed") from None
             done.update(r for r, s in zip(t["run_id"].to_pylist(), t["status"].to_pylist()) if s in DONE)
         return done

@@ -80,8 +80,9 @@ def sample_train(task: GMMTask, cov: Covariance, N: int, B: int, seed: int, gram
     key = _key(task, seed)
     parts = []
     for b, n in blocks(B, TRAIN_BLOCK):
+        # a block is always drawn whole and then cut, so prompt i does not depend on B
         g = generator(key, "train", b)
-        t = _draw_tasks(task, cov, n, g)
+        t = _draw_tasks(task, cov, TRAIN_BLOCK, g)
         if gram:
             G = _raw_gram(task, cov, t, N, key, b, E)
             V = G[:, task.d :, : task.d]
@@ -89,7 +90,7 @@ def sample_train(task: GMMTask, cov: Covariance, N: int, B: int, seed: int, gram
             G = None
             sums = _exact_class_sums(task, cov, t.means, N, g)
             V = torch.einsum("kj,pkd->pjd", E, sums) / N
-        parts.append((V, t.xq, t.yq, G))
+        parts.append((V[:n], t.xq[:n], t.yq[:n], G[:n] if gram else None))
     V, xq, yq, G = (torch.cat(z) if z[0] is not None else None for z in zip(*parts))
     return TrainStats(V, xq, yq, G)
 
@@ -185,12 +186,12 @@ def eval_chunks(
     for start in range(0, len(block_list), blocks_per_chunk):
         tasks, xs, ys = [], [], []
         for b, n in block_list[start : start + blocks_per_chunk]:
-            t = _draw_tasks(task, cov, n, generator(key, "eval", b))
-            tasks.append(t)
+            t = _draw_tasks(task, cov, EVAL_BLOCK, generator(key, "eval", b))  # whole block, then cut
+            tasks.append(Tasks(t.means[:n], t.xq[:n], t.yq[:n]))
             if m_max:
                 ex = [_draw_examples(task, cov, t.means, k, generator(key, "eval", b, e)) for e, k in blocks(m_max, EXAMPLE_BLOCK)]
-                xs.append(torch.cat([x for x, _ in ex], dim=1))
-                ys.append(torch.cat([y for _, y in ex], dim=1))
+                xs.append(torch.cat([x for x, _ in ex], dim=1)[:n])
+                ys.append(torch.cat([y for _, y in ex], dim=1)[:n])
         t = Tasks(*(torch.cat(z) for z in zip(*((t.means, t.xq, t.yq) for t in tasks)))).to(device)
         contexts = []
         if m_max:

@@ -66,7 +66,8 @@ def prompt_blocks(task: MORTask, cov: Covariance, N: int, P: int, seed: int, str
     pi = torch.tensor(task.weights, dtype=torch.float64)
     key = _key(task, seed)
     fixed = pool(task) if task.components == "pool" else None
-    for b, n in blocks(P, block):
+    for b, n_cut in blocks(P, block):
+        n = block  # a block is always drawn whole and then cut, so prompt i does not depend on P
         g = generator(key, stream, b)
         betas = fixed.expand(n, task.K, task.d) if fixed is not None else _sphere(n, task.K, task.d, task.radius, task.symmetric, g)
         zq = torch.multinomial(pi, n, replacement=True, generator=g)
@@ -87,7 +88,8 @@ def prompt_blocks(task: MORTask, cov: Covariance, N: int, P: int, seed: int, str
             zs.append(z)
         empty = torch.zeros(n, 0, dtype=torch.float64)
         cat = lambda t, like: torch.cat(t, 1) if t else like  # noqa: E731
-        yield Prompts(cat(xs, empty[..., None].expand(n, 0, task.d)), cat(ys, empty), cat(zs, empty.long()), xq, yq, zq, betas.clone())
+        p = Prompts(cat(xs, empty[..., None].expand(n, 0, task.d)), cat(ys, empty), cat(zs, empty.long()), xq, yq, zq, betas.clone())
+        yield Prompts(*(getattr(p, f)[:n_cut] for f in Prompts.__dataclass_fields__))
 
 
 def sample_prompts(task: MORTask, cov: Covariance, N: int, P: int, seed: int, stream: str = "train") -> Prompts:

@@ -1,5 +1,9 @@
 """Bad input exits with status 2 and one message naming the file and the field; nothing runs."""
 
+import os
+import re
+import socket
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -86,11 +90,37 @@ def test_unwritable_store_exits_2_before_running(tmp_path):
 def test_plan_counts(tmp_path):
     result = CliRunner().invoke(app, ["plan", str(write(tmp_path, GOOD)), "--store", str(tmp_path / "s")])
     assert result.exit_code == 0, result.output
-    lines = {l.split()[0]: l.split()[1] for l in result.output.splitlines()[1:] if l.strip()}
-    assert lines["configurations"] == "2" and lines["runs"] == "4" and lines["to"] in {"run"}
+    counts = dict(re.findall(r"^  (\w[\w ]*?)\s{2,}(\d+)", result.output, re.M))
+    assert counts == {"configurations": "2", "seeds": "2", "runs": "4", "already done": "0", "to run": "4", "bundles": "1"}
 
 
 @pytest.mark.parametrize("name", sorted(shipped()))
 def test_shipped_sweeps_are_valid(name):
     sw = load(name)
     assert sw.runs and sw.bundles()
+
+
+def test_store_in_use_by_a_live_run_is_refused(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / ".lock").write_text(f"{socket.gethostname()} {os.getppid()} 2026-01-01T00:00:00")  # a live process
+    result = CliRunner().invoke(app, ["run", str(write(tmp_path, GOOD)), "--store", str(store)])
+    assert result.exit_code == 2 and "in use" in result.output
+    assert sorted(p.name for p in store.iterdir()) == [".lock"]  # nothing ran, nothing was cleaned
+
+
+def test_unreadable_store_file_exits_2(tmp_path):
+    bad = tmp_path / "store" / "trials" / "family=gmm" / "part-0000.parquet"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"")  # e.g. truncated by a crash of a file system without fsync
+    result = CliRunner().invoke(app, ["plan", str(write(tmp_path, GOOD)), "--store", str(tmp_path / "store")])
+    assert result.exit_code == 2 and "unreadable file" in result.output and str(bad) in result.output
+
+
+def test_cuda_without_a_gpu_is_bad_input(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device cuda is valid here")
+    result = CliRunner().invoke(app, ["run", str(write(tmp_path, GOOD)), "--store", str(tmp_path / "s"), "--device", "cuda"])
+    assert result.exit_code == 2 and "no CUDA device" in result.output
