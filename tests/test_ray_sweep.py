@@ -19,7 +19,7 @@ pytestmark = pytest.mark.ray
 SMOKE = {
     "name": "smoke",
     "family": "gmm",
-    "fixed": {"d": 2, "snr": 1.5, "lr": 2.0, "steps": 20, "log_every": 10, "B": 256, "M": [8, "inf"], "n_eval": 64},
+    "fixed": {"d": 2, "snr": 1.5, "lr": 0.5, "steps": 20, "log_every": 10, "B": 256, "M": [8, "inf"], "n_eval": 64},
     "grid": {"c": [2, 3], "N": [5, 20], "param": ["reduced", "full"]},
     "seeds": 2,
     "bundle_size": 4,
