@@ -209,6 +209,12 @@ class Eval(_Component):
         default=None, description="estimators compared with the model (default: all of the family)"
     )
 
+    em_iters: int = Field(default=50, ge=1, description="mor: EM iteration budget")
+    em_restarts: int = Field(default=4, ge=1, description="mor: EM random restarts (the best likelihood is kept)")
+    em_tol: float = Field(default=1e-8, ge=0, description="mor: EM stops when no log-likelihood moves more")
+    em_sigma: Literal["known", "estimated"] = Field(default="known", description="mor: EM's noise level")
+    gem_steps: int = Field(default=1, ge=1, description="mor: gradient steps per M-step of gradient_em")
+
     @field_validator("estimators")
     @classmethod
     def _canonical(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
@@ -259,7 +265,7 @@ class TrialConfig(BaseModel):
 
     ESTIMATORS: ClassVar[dict[str, tuple[str, ...]]] = {
         "gmm": ("bayes", "lsa_limit", "lda_plugin", "lda_pooled", "logreg"),
-        "mor": ("oracle", "ols", "ridge", "lsa_opt"),
+        "mor": ("oracle", "ols", "ridge", "lsa_opt", "em", "gradient_em"),
     }
 
     @classmethod

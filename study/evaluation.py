@@ -38,7 +38,10 @@ def evaluate(
             out = est(pr)
             if out is None:  # the estimator does not apply at this context length
                 continue
-            for metric, v in per_prompt(out, ref, pr).items():
+            extra: dict[str, torch.Tensor] = {}
+            if isinstance(out, tuple):  # (prediction, metrics only this estimator has, e.g. param_error)
+                out, extra = out
+            for metric, v in {**per_prompt(out, ref, pr), **extra}.items():
                 acc = sums.setdefault((name, M, metric), [0.0, 0.0, 0])
                 acc[0] += float(v.sum())
                 acc[1] += float((v * v).sum())
@@ -65,18 +68,18 @@ def mor_batches(task: MORTask, cov: Covariance, seed: int, ev: Eval, device: tor
     cov_d = cov.to(device)
     blocks_per_chunk = max(1, budget // (EVAL_BLOCK * max(m_max, 1) * task.d))
 
-    def contexts(parts: list[mor.Prompts]) -> Iterator[tuple[float, regressors.Prompts]]:
+    def contexts(parts: list[mor.Prompts], first_block: int) -> Iterator[tuple[float, regressors.Prompts]]:
         p = mor.Prompts(*(torch.cat([getattr(q, f) for q in parts]).to(device) for f in mor.Prompts.__dataclass_fields__))
         for M in ev.M:
             m = int(M) if math.isfinite(M) else m_max
             x, y = (p.x[:, :m], p.y[:, :m]) if math.isfinite(M) else (None, None)
-            yield M, regressors.Prompts(M, x, y, p.xq, p.yq, p.betas, p.zq, task, cov_d)
+            yield M, regressors.Prompts(M, x, y, p.xq, p.yq, p.betas, p.zq, task, cov_d, seed, first_block)
 
     buf: list[mor.Prompts] = []
-    for block in mor.prompt_blocks(task, cov, m_max, ev.n_eval, seed, "eval", block=EVAL_BLOCK):
+    for i, block in enumerate(mor.prompt_blocks(task, cov, m_max, ev.n_eval, seed, "eval", block=EVAL_BLOCK)):
         buf.append(block)
         if len(buf) == blocks_per_chunk:
-            yield from contexts(buf)
+            yield from contexts(buf, i + 1 - len(buf))
             buf = []
     if buf:
-        yield from contexts(buf)
+        yield from contexts(buf, ev.n_eval // EVAL_BLOCK + (ev.n_eval % EVAL_BLOCK > 0) - len(buf))

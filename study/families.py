@@ -75,7 +75,8 @@ class MOR:
 
     @staticmethod
     def evaluate(cfg: TrialConfig, cov: Covariance, seed: int, estimators: dict[str, Any], device: Any) -> list[dict[str, Any]]:
-        shared = {name: regressors.ESTIMATORS[name] for name in cfg.estimators if name in regressors.ESTIMATORS}
+        built = {"em": lambda: regressors.em_estimator(cfg.eval), "gradient_em": lambda: regressors.em_estimator(cfg.eval, cfg.eval.gem_steps)}
+        shared = {name: regressors.ESTIMATORS[name] if name in regressors.ESTIMATORS else built[name]() for name in cfg.estimators if name != "lsa_opt"}
         batches = evaluation.mor_batches(cfg.task, cov, seed, cfg.eval, device)
         return evaluation.evaluate(batches, {**shared, **estimators}, regressors.oracle, regressors.per_prompt)
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from study import lsa
-from study.config import MORTask
+from study import em, lsa
+from study.config import Eval, MORTask
 from study.covariance import Covariance
+from study.rng import EVAL_BLOCK, generator
 
 
 @dataclass
@@ -38,6 +39,8 @@ class Prompts:
     zq: torch.Tensor
     task: MORTask
     cov: Covariance
+    seed: int = 0
+    first_block: int = 0  # index of the first prompt's random block (EM draws its starts per block)
 
     @property
     def exact(self) -> bool:
@@ -133,6 +136,44 @@ def lsa_estimator(params: dict[str, torch.Tensor]) -> Estimator:
             P, K = params["W_PV"][None, d:, :].to(xq), params["W_KQ"][None, :, :d].to(xq)
             pred = lsa.full_logits(P, K, pr.gram()[None], xq[None])[0][0]
         return pred[:, 0]
+
+    return predict
+
+
+def _posterior_predict(beta: torch.Tensor, pi: torch.Tensor, sigma: torch.Tensor, pr: Prompts) -> torch.Tensor:
+    """The oracle's rule with given parameters.  Shapes: beta [P, K, d], pi [P, K], sigma [P]."""
+    if pr.task.assignment == "sample":
+        return _predict(torch.einsum("pk,pkd->pd", pi, beta), pr.xq)
+    resid = pr.y[:, None, :] - torch.einsum("pkd,pmd->pkm", beta, pr.x)
+    logw = pi.log() - (resid * resid).sum(-1) / (2 * sigma[:, None] ** 2)
+    return (torch.softmax(logw, dim=-1) * torch.einsum("pkd,pd->pk", beta, pr.xq)).sum(-1)
+
+
+def em_estimator(ev: Eval, grad_steps: int = 0) -> Estimator:
+    """EM (or gradient EM with `grad_steps` inner steps) fitted on each context; also reports param_error."""
+    budget = 1 << 23  # elements of the largest EM temporary, [P, R, K, M, d]
+
+    def predict(pr: Prompts):
+        task = pr.task
+        if pr.exact:  # an infinite context identifies the parameters: the oracle's prediction
+            return oracle(pr)
+        if pr.M < task.K:
+            return None
+        P, M, d = pr.x.shape
+        n_blocks = -(-P // EVAL_BLOCK)
+        key = {"data": task.data_key(), "seed": pr.seed, "em": ev.em_restarts}
+        z = torch.cat([torch.randn(EVAL_BLOCK, ev.em_restarts, task.K, d, generator=generator(key, "init", pr.first_block + j), dtype=torch.float64) for j in range(n_blocks)])[:P]
+        sigma = task.sigma if ev.em_sigma == "known" else None
+        step = max(1, budget // (ev.em_restarts * task.K * M * d))
+        y_hat, err = [], []
+        for s in range(0, P, step):  # prompts are independent: chunking changes nothing but memory
+            sl = slice(s, s + step)
+            x, y = pr.x[sl], pr.y[sl]
+            f = em.fit(x, y, em.init_beta(x, y, z[sl]), sigma, ev.em_iters, ev.em_tol, grad_steps)
+            sub = Prompts(pr.M, x, y, pr.xq[sl], pr.yq[sl], pr.betas[sl], pr.zq[sl], task, pr.cov)
+            y_hat.append(_posterior_predict(f.beta, f.pi, f.sigma, sub))
+            err.append(em.param_error(f.beta, pr.betas[sl], task.symmetric))
+        return torch.cat(y_hat), {"param_error": torch.cat(err)}
 
     return predict
 

@@ -133,7 +133,8 @@ def test_estimators_and_metrics_in_a_bundle():
     assert rows[rid, "oracle", 4.0, "excess_mse"]["value"] == 0.0
     for est in ("ols", "ridge"):  # an infinite context identifies the population regression
         assert abs(rows[rid, est, math.inf, "excess_mse"]["value"]) < 1e-12
-    assert {e for (_, e, _, _) in rows} == {"lsa", "lsa_opt", "oracle", "ols", "ridge"}
+    assert {e for (_, e, _, _) in rows} == {"lsa", "lsa_opt", "oracle", "ols", "ridge", "em", "gradient_em"}
+    assert (rid, "em", 4.0, "param_error") in rows and (rid, "ols", 4.0, "param_error") not in rows
 
 
 def test_oracle_posterior_mean_tends_to_the_argmin_rule():
@@ -146,3 +147,59 @@ def test_oracle_posterior_mean_tends_to_the_argmin_rule():
     assert torch.isfinite(soft).all()
     torch.testing.assert_close(soft, hard)
     torch.testing.assert_close(hard, (p.beta_q * p.xq).sum(-1))  # noise 1e-9: the right component
+
+
+# ----------------------------------------------------------------------------------------------
+# EM
+
+
+def _em_fit(task, M, P, seed=0, restarts=4, grad_steps=0, iters=100):
+    from study import em
+
+    cov = _cov(task)
+    p = sample_prompts(task, cov, M, P, seed=seed, stream="eval")
+    z = torch.randn(P, restarts, task.K, task.d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return p, em.fit(p.x, p.y, em.init_beta(p.x, p.y, z), task.sigma, iters, 0.0, grad_steps)
+
+
+@pytest.mark.parametrize("grad_steps", [0, 3])
+def test_em_recovers_well_separated_components(grad_steps):
+    from study.em import param_error
+
+    task = MORTask(d=2, K=3, snr=6.0, sigma=0.3, components="pool", pool_seed=1)
+    p, f = _em_fit(task, M=600, P=64, grad_steps=grad_steps, iters=150)
+    err = param_error(f.beta, p.betas, symmetric=False)
+    assert float(err.median()) < 0.1 * task.radius, err  # sqrt(d / M) scale, not the prior's
+    if grad_steps == 0:
+        torch.testing.assert_close(f.pi.sort(-1).values.median(0).values, torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.05, rtol=0)
+
+
+def test_vectorised_em_equals_a_per_prompt_loop():
+    from study import em
+
+    task = MORTask(d=3, K=2, snr=3.0, sigma=0.5)
+    p, f = _em_fit(task, M=50, P=12, iters=30)
+    z = torch.randn(12, 4, 2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for i in range(12):
+        x, y = p.x[i : i + 1], p.y[i : i + 1]
+        one = em.fit(x, y, em.init_beta(x, y, z[i : i + 1]), task.sigma, 30, 0.0)
+        torch.testing.assert_close(one.beta[0], f.beta[i], rtol=1e-9, atol=1e-12)
+
+
+def test_param_error_handles_permutations_and_sign():
+    from study.em import param_error
+
+    beta = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]], dtype=torch.float64)
+    assert float(param_error(beta.flip(1), beta, symmetric=False)) == 0.0
+    rotated = torch.tensor([[[0.0, 1.0], [0.0, -1.0]]], dtype=torch.float64)
+    assert float(param_error(rotated, beta, symmetric=True)) == pytest.approx(2**0.5)
+    shifted = beta + 0.1
+    assert float(param_error(-shifted, beta, symmetric=True)) == pytest.approx(0.1 * 2**0.5)
+
+
+def test_em_rows_need_M_at_least_K():
+    cfg = TrialConfig.from_flat({**BASE, "K": 3, "B": 256, "steps": 5, "M": [2, 8], "n_eval": 64, "estimators": ["em", "gradient_em"], "em_iters": 5})
+    out = run_bundle([Run(cfg, 0)])
+    got = {(r["estimator"], r["M"], r["metric"]) for r in out.evals}
+    assert ("em", 8.0, "param_error") in got and ("gradient_em", 8.0, "mse") in got
+    assert not any(e in ("em", "gradient_em") and m == 2.0 for e, m, _ in got)
