@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import emit
+
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-c", "from pipelines.cli import app; app()"]
 

@@ -11,7 +11,6 @@ before any trial starts.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import typer
@@ -36,22 +35,6 @@ def _load(spec: str) -> sweeps.Sweep:
         raise _fail(str(err)) from None
 
 
-def _gemm_rate() -> float:
-    """This machine's float64 GEMM rate on one thread, in FLOP/s (for the compute estimate)."""
-    import torch
-
-    n, threads = 256, torch.get_num_threads()
-    torch.set_num_threads(1)
-    a = torch.randn(n, n, dtype=torch.float64)
-    a @ a
-    t0, reps = time.perf_counter(), 0
-    while time.perf_counter() - t0 < 0.2:
-        a @ a
-        reps += 1
-    torch.set_num_threads(threads)
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
-
-
 def _plan(sw: sweeps.Sweep, store: Store) -> tuple[list[sweeps.Bundle], set[str]]:
     done = store.done_runs() & {r.run_id for r in sw.runs}
     return sw.bundles(skip=done), done
@@ -69,15 +52,14 @@ def plan(sweep: str = typer.Argument(..., help="sweep file or shipped sweep name
     info = sweeps.describe(sw)
     todo = sum(len(b.runs) for b in bundles)
     flops = sum(sweeps.estimate_flops(r) for b in bundles for r in b.runs)
-    rate = _gemm_rate()
     typer.echo(f"sweep {sw.name} ({sw.path})")
     typer.echo(f"  configurations  {info['configurations']}")
     typer.echo(f"  seeds           {info['seeds']}")
     typer.echo(f"  runs            {info['runs']}")
     typer.echo(f"  already done    {len(done)}  (in {st.root})")
     typer.echo(f"  to run          {todo}")
-    typer.echo(f"  bundles         {len(bundles)}  (Ray trials, at most {sw.bundle_size} runs each)")
-    typer.echo(f"  compute         ~{flops:.2g} flop to run: ~{flops / rate:.0f} s on one core at this machine's {rate / 1e9:.1f} GFLOP/s (rough)")
+    typer.echo(f"  bundles         {len(bundles)}  (Ray trials)")
+    typer.echo(f"  compute         ~{flops:.2g} flop to run (training, optimum, estimators; rough)")
 
 
 @app.command()

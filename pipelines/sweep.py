@@ -8,6 +8,10 @@
     seeds: 4            # a count (seeds 0..3) or a list of seeds
     bundle_size: 32     # optional: at most this many runs per Ray trial
 
+Instead of family/fixed/grid, `parts:` may list several {family, fixed, grid, bundle_size}
+mappings (e.g. one per family); the configurations are the union of the parts', and a part's
+bundle_size overrides the sweep's for its runs.
+
 Every configuration is validated before anything runs; the first bad one raises `SweepError`
 naming the file, the field and what is allowed. Runs that share shapes are bundled into one Ray
 trial (one vectorised training stack).
@@ -27,7 +31,8 @@ import yaml
 from study.config import ConfigError, TrialConfig, canonical_json, stable_hash
 from study.trial import Run, shape_key
 
-TOP_LEVEL = {"name", "description", "family", "fixed", "grid", "seeds", "bundle_size"}
+PART_KEYS = ("family", "fixed", "grid", "bundle_size")
+TOP_LEVEL = {"name", "description", "seeds", "bundle_size", "parts", *PART_KEYS}
 DEFAULT_BUNDLE_SIZE = 32
 BUNDLE_BYTES = 1 << 30  # training tensors of one bundle stay under about 1 GiB
 
@@ -65,7 +70,8 @@ class Sweep:
     path: str
     configs: tuple[TrialConfig, ...]
     seeds: tuple[int, ...]
-    bundle_size: int
+    bundle_size: int  # the sweep's default
+    part_sizes: tuple[tuple[str, int], ...] = ()  # (config_id, bundle size) where a part sets its own
 
     @property
     def runs(self) -> list[Run]:
@@ -84,7 +90,9 @@ class Sweep:
         out = []
         for runs in groups.values():
             runs.sort(key=lambda r: (canonical_json([r.config.task.data_key(), r.config.eval.model_dump()]), r.seed))
-            size = max(1, min(self.bundle_size, BUNDLE_BYTES // _bytes_per_run(runs[0].config)))
+            sizes = dict(self.part_sizes)
+            wanted = min(sizes.get(r.config.config_id, self.bundle_size) for r in runs)
+            size = max(1, min(wanted, BUNDLE_BYTES // _bytes_per_run(runs[0].config)))
             out += [Bundle(tuple(runs[i : i + size])) for i in range(0, len(runs), size)]
         return out
 
@@ -135,34 +143,62 @@ def parse(doc: Any, where: str = "<sweep>") -> Sweep:
     name = doc.get("name")
     if not isinstance(name, str) or not name.strip():
         raise _fail(where, "name", "required: a non-empty string")
-    fixed, grid = doc.get("fixed") or {}, doc.get("grid") or {}
+    seeds = _seeds(doc.get("seeds", 1), where)
+    bundle_size = _bundle_size(doc.get("bundle_size", DEFAULT_BUNDLE_SIZE), where, "bundle_size")
+    if "parts" in doc:
+        if any(k in doc for k in PART_KEYS if k != "bundle_size"):
+            raise _fail(where, "parts", f"give {', '.join(PART_KEYS)} inside each part, not beside parts")
+        parts = doc["parts"]
+        if not isinstance(parts, list) or not parts or not all(isinstance(p, dict) for p in parts):
+            raise _fail(where, "parts", "a non-empty list of mappings with keys family, fixed, grid")
+    else:
+        parts = [{k: doc[k] for k in PART_KEYS if k in doc and k != "bundle_size"}]
+
+    configs, seen, sizes = [], set(), []
+    for i, part in enumerate(parts):
+        prefix = f"parts[{i}]." if "parts" in doc else ""
+        size = _bundle_size(part["bundle_size"], where, prefix + "bundle_size") if "bundle_size" in part else None
+        for cfg in _expand(part, where, prefix):
+            if cfg.config_id not in seen:
+                seen.add(cfg.config_id)
+                configs.append(cfg)
+                if size is not None:
+                    sizes.append((cfg.config_id, size))
+    return Sweep(name.strip(), where, tuple(configs), seeds, bundle_size, tuple(sizes))
+
+
+def _bundle_size(value: Any, where: str, field: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise _fail(where, field, f"an integer >= 1, got {value!r}")
+    return value
+
+
+def _expand(part: dict[str, Any], where: str, prefix: str) -> list[TrialConfig]:
+    """The configurations of one part: the product of its grid, each merged with its fixed fields."""
+    for key in part:
+        if key not in PART_KEYS:
+            raise _fail(where, prefix + str(key), f"unknown key of a part; allowed: {', '.join(PART_KEYS)}")
+    fixed, grid = part.get("fixed") or {}, part.get("grid") or {}
+    part = {k: v for k, v in part.items() if k != "bundle_size"}
     for field, value in (("fixed", fixed), ("grid", grid)):
         if not isinstance(value, dict):
-            raise _fail(where, field, "must be a mapping of config fields")
+            raise _fail(where, prefix + field, "must be a mapping of config fields")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
-            raise _fail(where, f"grid.{key}", "must be a non-empty list of values")
+            raise _fail(where, f"{prefix}grid.{key}", "must be a non-empty list of values")
         if key in fixed:
             raise _fail(where, key, "given in both fixed and grid; give it in one")
     if "family" in fixed or "family" in grid:
-        raise _fail(where, "family", "give the family at the top level of the sweep")
-    seeds = _seeds(doc.get("seeds", 1), where)
-    bundle_size = doc.get("bundle_size", DEFAULT_BUNDLE_SIZE)
-    if not isinstance(bundle_size, int) or isinstance(bundle_size, bool) or bundle_size < 1:
-        raise _fail(where, "bundle_size", f"an integer >= 1, got {bundle_size!r}")
-
-    configs, seen = [], set()
+        raise _fail(where, "family", "give the family beside fixed and grid, not inside them")
+    out = []
     keys = list(grid)
     for values in itertools.product(*(grid[k] for k in keys)):
-        flat = {"family": doc.get("family", "gmm"), **fixed, **dict(zip(keys, values))}
+        flat = {"family": part.get("family", "gmm"), **fixed, **dict(zip(keys, values))}
         try:
-            cfg = TrialConfig.from_flat(flat)
+            out.append(TrialConfig.from_flat(flat))
         except ConfigError as err:
             raise SweepError(f"{where}: {err}") from None
-        if cfg.config_id not in seen:
-            seen.add(cfg.config_id)
-            configs.append(cfg)
-    return Sweep(name.strip(), where, tuple(configs), seeds, bundle_size)
+    return out
 
 
 def _seeds(value: Any, where: str) -> tuple[int, ...]:
@@ -192,6 +228,9 @@ def estimate_flops(run: Run) -> float:
     if "logreg" in cfg.estimators:
         k = t.c * (d + 1)
         per_prompt += sum(10 * m * k * k for m in ev.finite_M)
+    for name in ("em", "gradient_em"):
+        if name in cfg.estimators:
+            per_prompt += sum(4 * ev.em_iters * ev.em_restarts * t.K * m * d * d for m in ev.finite_M)
     return float(train + ev.n_eval * per_prompt)
 
 

@@ -301,6 +301,11 @@ class TrialConfig(BaseModel):
                 raise ConfigError(
                     "estimators", f"unknown estimator {name!r} for family {self.task.family}; known: {', '.join(sorted(known))}"
                 )
+        if self.task.family != "mor":
+            defaults = Eval.model_fields
+            for name in ("em_iters", "em_restarts", "em_tol", "em_sigma", "gem_steps"):
+                if getattr(self.eval, name) != defaults[name].default:
+                    raise ConfigError(name, "applies to family mor (EM) only")
         if self.model.model == "lsa" and self.train.B is None:
             raise ConfigError("B", "the LSA trains by full-batch GD on B fixed prompts; give an integer B >= 1")
 
