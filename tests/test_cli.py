@@ -124,3 +124,48 @@ def test_cuda_without_a_gpu_is_bad_input(tmp_path):
         pytest.skip("this machine has a GPU: --device cuda is valid here")
     result = CliRunner().invoke(app, ["run", str(write(tmp_path, GOOD)), "--store", str(tmp_path / "s"), "--device", "cuda"])
     assert result.exit_code == 2 and "no CUDA device" in result.output
+
+
+MOR = {
+    "name": "mor",
+    "parts": [
+        {"family": "mor", "fixed": {"d": 2, "snr": 1.0, "sigma": 0.5, "lr": 0.1, "steps": 5, "B": 64, "M": [4], "n_eval": 16}, "grid": {"N": [5]}},
+    ],
+}
+
+
+def mor_with(**fixed):
+    doc = {"name": "mor", "parts": [{**MOR["parts"][0], "fixed": {**MOR["parts"][0]["fixed"], **fixed}}]}
+    return doc
+
+
+@pytest.mark.parametrize(
+    "doc, field",
+    [
+        (mor_with(K=0), "K"),
+        (mor_with(K=2, pi=[0.5, 0.6]), "pi"),
+        (mor_with(K=3, pi=[0.5, 0.5]), "pi"),
+        (mor_with(sigma=-0.1), "sigma"),
+        (mor_with(K=3, symmetric=True), "symmetric"),
+        (mor_with(K=2, assignment="prompt", components="fresh"), "assignment"),
+        (mor_with(estimators=["bayes"]), "estimators"),
+        (mor_with(c=3), "c"),  # a gmm field in a mor part
+        ({"name": "x", "parts": [{"family": "mor", "fixd": {}}]}, "parts[0].fixd"),
+        ({"name": "x", "family": "gmm", "parts": []}, "parts"),
+        ({**GOOD, "fixed": {**GOOD["fixed"], "em_iters": 3}}, "em_iters"),  # EM settings are mor's
+    ],
+)
+def test_bad_mor_and_part_sweeps(tmp_path, doc, field):
+    result = CliRunner().invoke(app, ["plan", str(write(tmp_path, doc))])
+    assert result.exit_code == 2, result.output
+    assert f"'{field}'" in result.output, result.output
+
+
+def test_parts_union_and_own_bundle_size(tmp_path):
+    from pipelines.sweep import load
+
+    doc = {"name": "two", "seeds": 2, "bundle_size": 32, "parts": [{**MOR["parts"][0], "bundle_size": 1}, {k: GOOD[k] for k in ("family", "fixed", "grid")}]}
+    sw = load(write(tmp_path, doc))
+    assert {c.task.family for c in sw.configs} == {"gmm", "mor"}
+    sizes = sorted((b.family, len(b.runs)) for b in sw.bundles())
+    assert sizes == [("gmm", 4), ("mor", 1), ("mor", 1)]
