@@ -203,3 +203,18 @@ def test_em_rows_need_M_at_least_K():
     got = {(r["estimator"], r["M"], r["metric"]) for r in out.evals}
     assert ("em", 8.0, "param_error") in got and ("gradient_em", 8.0, "mse") in got
     assert not any(e in ("em", "gradient_em") and m == 2.0 for e, m, _ in got)
+
+
+def test_symmetric_sample_predictions_are_zero_and_runs_are_deterministic():
+    """Claim 5: symmetric K = 2, sample assignment, equal weights: the oracle and lsa_opt predict 0."""
+    cfg = TrialConfig.from_flat({**BASE, "components": "fresh", "symmetric": True, "B": 256, "steps": 10, "M": [4, "inf"], "n_eval": 64, "estimators": ["oracle", "lsa_opt", "em"], "em_iters": 5})
+    task = cfg.task
+    p = sample_prompts(task, _cov(task), 4, 64, seed=0, stream="eval")
+    pr = regressors.Prompts(4.0, p.x, p.y, p.xq, p.yq, p.betas, p.zq, task, _cov(task))
+    assert float(regressors.oracle(pr).abs().max()) < 1e-12
+    a, b = run_bundle([Run(cfg, 0)]), run_bundle([Run(cfg, 0)])
+    assert [r["value"] for r in a.evals] == [r["value"] for r in b.evals]
+    assert [p["values"] for p in a.params] == [p["values"] for p in b.params]
+    rows = {(r["estimator"], r["M"], r["metric"]): r["value"] for r in a.evals}
+    assert rows["lsa_opt", 4.0, "mse"] == pytest.approx(rows["oracle", 4.0, "mse"])  # both predict 0
+    assert ("em", 4.0, "param_error") in rows

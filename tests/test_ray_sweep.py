@@ -32,17 +32,27 @@ def _sweep(tmp_path, doc):
     return path
 
 
+MOR_PART = {
+    "family": "mor",
+    "fixed": {"d": 2, "K": 2, "snr": 2.0, "sigma": 0.5, "lr": 0.2, "steps": 20, "log_every": 10, "B": 256, "M": [4, "inf"], "n_eval": 64, "em_iters": 5},
+    "grid": {"N": [5, 20]},
+}
+
+
 def test_smoke_sweep_then_rerun_adds_nothing(tmp_path):
-    path, store = _sweep(tmp_path, SMOKE), tmp_path / "store"
+    doc = {"name": "smoke", "seeds": 2, "bundle_size": 4, "parts": [{k: SMOKE[k] for k in ("family", "fixed", "grid")}, MOR_PART]}
+    path, store = _sweep(tmp_path, doc), tmp_path / "store"
     result = CliRunner().invoke(app, ["run", str(path), "--store", str(store), "--num-cpus", "2"])
     assert result.exit_code == 0, result.output
-    assert "16 ok, 0 diverged, 0 failed of 16 runs" in result.output
+    assert "20 ok, 0 diverged, 0 failed of 20 runs" in result.output
     trials = pd.read_parquet(store / "trials")
-    assert len(trials) == 16 and trials.run_id.is_unique and set(trials.status) == {"ok"}
+    assert len(trials) == 20 and trials.run_id.is_unique and set(trials.status) == {"ok"}
     assert set(trials.device) == {"cpu"} and (trials.schema_version == 1).all()
+    assert trials.groupby("family", observed=True).size().to_dict() == {"gmm": 16, "mor": 4}
     evals = pd.read_parquet(store / "evals")
     assert set(evals.run_id) == set(trials.run_id)
-    assert set(pd.read_parquet(store / "params").name) == {"W", "W_opt", "W_PV", "W_KQ", "W_PV_opt", "W_KQ_opt"}
+    assert {"mse", "excess_mse", "param_error", "tv_error"} <= set(evals.metric)
+    assert set(pd.read_parquet(store / "params").name) == {"W", "W_opt", "W_PV", "W_KQ", "W_PV_opt", "W_KQ_opt", "Gamma", "Gamma_opt"}
     files = sorted(p.name for p in store.rglob("*.parquet") if "_tune" not in p.parts)
 
     again = CliRunner().invoke(app, ["run", str(path), "--store", str(store)])
@@ -50,7 +60,7 @@ def test_smoke_sweep_then_rerun_adds_nothing(tmp_path):
     assert sorted(p.name for p in store.rglob("*.parquet") if "_tune" not in p.parts) == files
 
     status = CliRunner().invoke(app, ["status", "--store", str(store)])
-    assert status.exit_code == 0 and "smoke" in status.output and "trials 16" in status.output
+    assert status.exit_code == 0 and "smoke" in status.output and "trials 20" in status.output
 
 
 def test_killed_run_resumes_exactly_the_missing_runs(tmp_path):
