@@ -218,3 +218,13 @@ def test_symmetric_sample_predictions_are_zero_and_runs_are_deterministic():
     rows = {(r["estimator"], r["M"], r["metric"]): r["value"] for r in a.evals}
     assert rows["lsa_opt", 4.0, "mse"] == pytest.approx(rows["oracle", 4.0, "mse"])  # both predict 0
     assert ("em", 4.0, "param_error") in rows
+
+
+def test_em_estimates_sigma_when_asked():
+    from study import em
+
+    task = MORTask(d=2, K=2, snr=6.0, sigma=0.4, components="pool", pool_seed=2)
+    p = sample_prompts(task, _cov(task), 800, 32, seed=0, stream="eval")
+    z = torch.randn(32, 4, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    f = em.fit(p.x, p.y, em.init_beta(p.x, p.y, z), None, 200, 0.0)
+    assert abs(float(f.sigma.median()) - 0.4) < 0.03
