@@ -18,6 +18,7 @@ import torch
 
 SIGMA_FLOOR = 1e-6  # estimated sigma never collapses onto one example's exact fit
 RIDGE = 1e-8  # keeps an M-step solvable when a component holds fewer than d examples
+CHUNK_ELEMS = 1 << 20  # prompts per chunk: the largest temporary stays near 8 MiB (benchmarks/em.py)
 
 
 @dataclass
@@ -38,10 +39,16 @@ def init_beta(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor
 
 
 def _log_weights(x, y, beta, pi, sigma):
-    """log pi_k + log N(y_i; beta_k^T x_i, sigma^2).  Shapes: -> [P, R, M, K]."""
-    resid = y[:, None, :, None] - torch.einsum("pmd,prkd->prmk", x, beta)
-    s2 = (sigma * sigma)[..., None, None]
-    return pi.log()[:, :, None, :] - resid * resid / (2 * s2) - 0.5 * torch.log(2 * math.pi * s2), resid
+    """log pi_k + log N(y_i; beta_k^T x_i, sigma^2).  Shapes: -> [P, R, K, M].
+
+    Examples last: the reductions over components then add contiguous rows (fast), where a
+    reduction over a trailing dimension of size K would not be.
+    """
+    P, M, _ = x.shape
+    R, K, d = beta.shape[1:]
+    resid = y[:, None, None, :] - (beta.reshape(P, R * K, d) @ x.transpose(1, 2)).reshape(P, R, K, M)  # one GEMM
+    s2 = (sigma * sigma)[:, :, None, None]
+    return pi.log()[..., None] - resid * resid / (2 * s2) - 0.5 * torch.log(2 * math.pi * s2)
 
 
 def fit(
@@ -56,9 +63,20 @@ def fit(
     """EM (grad_steps = 0) or gradient EM (grad_steps = T) from the starts beta0 [P, R, K, d].
 
     sigma: the known noise std, or None to estimate it. Returns the best restart of every prompt.
+    A prompt stops when none of its restarts' log-likelihoods moves by `tol`, and prompts are
+    processed in cache-sized chunks, so every prompt's fit is the one it would get alone.
     """
     P, M, d = x.shape
     R, K = beta0.shape[1], beta0.shape[2]
+    step = max(1, CHUNK_ELEMS // (M * max(d * d, R * K)))
+    parts = [_fit_chunk(x[s : s + step], y[s : s + step], beta0[s : s + step], sigma, iters, tol, grad_steps) for s in range(0, P, step)]
+    return Fit(*(torch.cat([getattr(f, n) for f in parts]) for n in ("beta", "pi", "sigma", "loglik")), max(f.iterations for f in parts))
+
+
+def _fit_chunk(x, y, beta0, sigma, iters, tol, grad_steps) -> Fit:
+    P, M, d = x.shape
+    R, K = beta0.shape[1], beta0.shape[2]
+    RK = R * K
     beta = beta0.clone()
     pi = torch.full((P, R, K), 1.0 / K, dtype=x.dtype, device=x.device)
     known = sigma is not None
@@ -66,33 +84,41 @@ def fit(
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
     if grad_steps:
         lam_max = torch.linalg.eigvalsh(x.transpose(1, 2) @ x / M)[:, -1]  # [P]
-        eta = (1.0 / lam_max.clamp(min=1e-12))[:, None, None, None]
+        eta = (1.0 / lam_max.clamp(min=1e-12))[:, None, None]
+    else:
+        xx = (x[..., :, None] * x[..., None, :]).reshape(P, M, d * d)  # x x^T once: each M-step is one GEMM
     prev = torch.full((P, R), -math.inf, dtype=x.dtype, device=x.device)
+    active = torch.ones(P, dtype=torch.bool, device=x.device)
     it = 0
     for it in range(1, iters + 1):
-        logw, resid = _log_weights(x, y, beta, pi, sig.clamp(min=SIGMA_FLOOR))
-        lse = torch.logsumexp(logw, dim=-1)  # [P, R, M]
-        loglik = lse.mean(-1)
-        r = (logw - lse[..., None]).exp()  # responsibilities [P, R, M, K]
-        nk = r.sum(2)  # [P, R, K]
-        pi = (nk / M).clamp(min=1e-12)
+        logw = _log_weights(x, y, beta, pi, sig.clamp(min=SIGMA_FLOOR))
+        lse = torch.logsumexp(logw, dim=2)  # [P, R, M]
+        loglik = lse.mean(-1)  # [P, R]
+        r = (logw - lse[:, :, None, :]).exp()  # responsibilities [P, R, K, M]
+        new_pi = (r.sum(-1) / M).clamp(min=1e-12)
+        rt = r.reshape(P, RK, M)
         if grad_steps:
+            new_beta = beta.reshape(P, RK, d)
             for _ in range(grad_steps):
-                res = y[:, None, :, None] - torch.einsum("pmd,prkd->prmk", x, beta)
-                beta = beta + eta * torch.einsum("prmk,pmd->prkd", r * res, x) / M
+                res = y[:, None, :] - new_beta @ x.transpose(1, 2)  # [P, RK, M]
+                new_beta = new_beta + eta * ((rt * res) @ x) / M
+            new_beta = new_beta.reshape(P, R, K, d)
         else:
-            xr = torch.einsum("prmk,pmd->prkmd", r, x)
-            A = xr.transpose(-1, -2) @ x[:, None, None] + RIDGE * eye
-            b = torch.einsum("prmk,pm,pmd->prkd", r, y, x)
-            beta = torch.linalg.solve(A, b[..., None])[..., 0]
+            A = (rt @ xx).reshape(P, R, K, d, d) + RIDGE * eye
+            b = ((rt * y[:, None, :]) @ x).reshape(P, R, K, d)
+            new_beta = torch.linalg.solve(A, b[..., None])[..., 0]
         if not known:
-            res = y[:, None, :, None] - torch.einsum("pmd,prkd->prmk", x, beta)
-            sig = ((r * res * res).sum((2, 3)) / M).sqrt().clamp(min=SIGMA_FLOOR)
-        if float((loglik - prev).abs().max()) < tol:
-            break
+            res = y[:, None, :] - new_beta.reshape(P, RK, d) @ x.transpose(1, 2)  # [P, RK, M]
+            new_sig = ((rt * res * res).reshape(P, R, K, M).sum((2, 3)) / M).sqrt().clamp(min=SIGMA_FLOOR)
+            sig = torch.where(active[:, None], new_sig, sig)
+        beta = torch.where(active[:, None, None, None], new_beta, beta)
+        pi = torch.where(active[:, None, None], new_pi, pi)
+        active = active & ((loglik - prev).abs().amax(1) >= tol)  # a prompt stops once it has converged
         prev = loglik
-    logw, _ = _log_weights(x, y, beta, pi, sig.clamp(min=SIGMA_FLOOR))
-    loglik = torch.logsumexp(logw, dim=-1).mean(-1)
+        if not bool(active.any()):
+            break
+    logw = _log_weights(x, y, beta, pi, sig.clamp(min=SIGMA_FLOOR))
+    loglik = torch.logsumexp(logw, dim=2).mean(-1)
     best = loglik.argmax(1)  # the restart with the best final log-likelihood
     pick = lambda t: t[torch.arange(P), best]  # noqa: E731
     return Fit(pick(beta), pick(pi), pick(sig), pick(loglik), it)

@@ -151,8 +151,6 @@ def _posterior_predict(beta: torch.Tensor, pi: torch.Tensor, sigma: torch.Tensor
 
 def em_estimator(ev: Eval, grad_steps: int = 0) -> Estimator:
     """EM (or gradient EM with `grad_steps` inner steps) fitted on each context; also reports param_error."""
-    budget = 1 << 23  # elements of the largest EM temporary, [P, R, K, M, d]
-
     def predict(pr: Prompts):
         task = pr.task
         if pr.exact:  # an infinite context identifies the parameters: the oracle's prediction
@@ -164,16 +162,8 @@ def em_estimator(ev: Eval, grad_steps: int = 0) -> Estimator:
         key = {"data": task.data_key(), "seed": pr.seed, "em": ev.em_restarts}
         z = torch.cat([torch.randn(EVAL_BLOCK, ev.em_restarts, task.K, d, generator=generator(key, "init", pr.first_block + j), dtype=torch.float64) for j in range(n_blocks)])[:P]
         sigma = task.sigma if ev.em_sigma == "known" else None
-        step = max(1, budget // (ev.em_restarts * task.K * M * d))
-        y_hat, err = [], []
-        for s in range(0, P, step):  # prompts are independent: chunking changes nothing but memory
-            sl = slice(s, s + step)
-            x, y = pr.x[sl], pr.y[sl]
-            f = em.fit(x, y, em.init_beta(x, y, z[sl]), sigma, ev.em_iters, ev.em_tol, grad_steps)
-            sub = Prompts(pr.M, x, y, pr.xq[sl], pr.yq[sl], pr.betas[sl], pr.zq[sl], task, pr.cov)
-            y_hat.append(_posterior_predict(f.beta, f.pi, f.sigma, sub))
-            err.append(em.param_error(f.beta, pr.betas[sl], task.symmetric))
-        return torch.cat(y_hat), {"param_error": torch.cat(err)}
+        f = em.fit(pr.x, pr.y, em.init_beta(pr.x, pr.y, z.to(pr.x)), sigma, ev.em_iters, ev.em_tol, grad_steps)
+        return _posterior_predict(f.beta, f.pi, f.sigma, pr), {"param_error": em.param_error(f.beta, pr.betas, task.symmetric)}
 
     return predict
 
