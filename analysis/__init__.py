@@ -1,4 +1,4 @@
-"""Analysis of the Parquet store: loading, fits, plots, report (reads Parquet only; no torch, no Ray).
+"""Analysis of the Parquet store: laws, fits, (later) loading, claims, plots, report.
 
-Not built yet: until then, read the tables with pandas as the README shows.
+Reads Parquet only: no torch, no Ray. Built so far: `laws` and `fits`.
 """

@@ -1,0 +1,133 @@
+"""Fits of the laws with uncertainty (theory.md section 5); numpy and scipy only.
+
+- `power_law_slope`: least squares of log y on log x; the confidence interval comes from a
+  bootstrap that resamples seeds (the independent unit) and refits the slope of the seed-averaged
+  curve.
+- `power_law_floor_slope`: y = a x^b + f by nonlinear least squares, the same bootstrap.
+- `rate`: log y_t = a + t log rho on the window where the curve is above its noise floor; the
+  interval is the t-interval of the slope; the window and R^2 are part of the result.
+- `verdict`: the theory exponent against the interval.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import optimize, stats
+
+BOOTSTRAP = 1000
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A fitted exponent or rate with its interval; `window` is the x (or step) range used."""
+
+    estimate: float
+    ci_low: float
+    ci_high: float
+    n_points: int
+    window: tuple[float, float]
+    method: str
+    r2: float = float("nan")
+
+
+class FitError(ValueError):
+    """Too little data for a fit; the message says why (no estimate is made up)."""
+
+
+def _slope(logx: np.ndarray, logy: np.ndarray) -> float:
+    return float(np.polyfit(logx, logy, 1)[0])
+
+
+def _by_seed(x: np.ndarray, y: np.ndarray, seed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A seeds x levels table of y (NaN where a seed lacks a level)."""
+    levels, seeds = np.unique(x), np.unique(seed)
+    table = np.full((len(seeds), len(levels)), np.nan)
+    table[np.searchsorted(seeds, seed), np.searchsorted(levels, x)] = y
+    return levels, seeds, table
+
+
+def _bootstrap(table: np.ndarray, stat, rng: np.random.Generator) -> np.ndarray:
+    out = np.empty(BOOTSTRAP)
+    n = table.shape[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for i in range(BOOTSTRAP):
+            out[i] = stat(np.nanmean(table[rng.integers(0, n, n)], axis=0))
+    return out[np.isfinite(out)]
+
+
+def _check(x: np.ndarray, y: np.ndarray, seed: np.ndarray, need: int) -> None:
+    if len(np.unique(x)) < need:
+        raise FitError(f"needs at least {need} distinct x values, got {len(np.unique(x))}")
+    if len(np.unique(seed)) < 2:
+        raise FitError("needs at least 2 seeds for a bootstrap interval")
+    if np.any(x <= 0) or np.any(y <= 0):
+        raise FitError("a log-log fit needs x > 0 and y > 0")
+
+
+def power_law_slope(x, y, seed, rng: np.random.Generator | None = None) -> Estimate:
+    """Slope b of log y = a + b log x on the seed-averaged curve, with a seed-bootstrap CI."""
+    x, y, seed = (np.asarray(v, dtype=float) for v in (x, y, seed))
+    _check(x, y, seed, 3)
+    levels, _, table = _by_seed(x, y, seed)
+    stat = lambda row: _slope(np.log(levels), np.log(row))  # noqa: E731
+    boot = _bootstrap(table, stat, rng or np.random.default_rng(0))
+    lo, hi = np.quantile(boot, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    return Estimate(stat(np.nanmean(table, axis=0)), float(lo), float(hi), len(levels), (float(levels[0]), float(levels[-1])), "loglog-ols+seed-bootstrap")
+
+
+def _floor_fit(levels: np.ndarray, row: np.ndarray) -> float:
+    b0 = _slope(np.log(levels), np.log(row))
+    p0 = (row[0] / levels[0] ** b0, b0, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (a, b, f), _ = optimize.curve_fit(lambda t, a, b, f: a * t**b + f, levels, row, p0=p0, bounds=([0, -5, 0], [np.inf, 5, np.inf]), maxfev=20000)
+    return float(b)
+
+
+def power_law_floor_slope(x, y, seed, rng: np.random.Generator | None = None) -> Estimate:
+    """Exponent b of y = a x^b + f (f >= 0) on the seed-averaged curve, with a seed-bootstrap CI."""
+    x, y, seed = (np.asarray(v, dtype=float) for v in (x, y, seed))
+    _check(x, y, seed, 4)
+    levels, _, table = _by_seed(x, y, seed)
+    stat = lambda row: _floor_fit(levels, row)  # noqa: E731
+    boot = _bootstrap(table, stat, rng or np.random.default_rng(0))
+    lo, hi = np.quantile(boot, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    return Estimate(stat(np.nanmean(table, axis=0)), float(lo), float(hi), len(levels), (float(levels[0]), float(levels[-1])), "power-law+floor+seed-bootstrap")
+
+
+def rate(steps, values, floor: float = 1e-13, start: float | None = None, squared: bool = False) -> Estimate:
+    """Per-step contraction rho of a geometric curve, fitted on the window above `floor`.
+
+    The window starts at `start` (default: the middle of the curve's span above the floor, the
+    tail where the local rate dominates) and ends before the curve first falls below `floor`.
+    `squared`: the values contract by rho^2 per step (a loss gap), so rho = sqrt of the fit.
+    """
+    t, v = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+    ok = np.isfinite(v) & (v > floor)
+    end = np.argmin(ok) if not ok.all() else len(v)  # first point at or below the floor
+    t, v = t[:end], v[:end]
+    if start is None and len(t):
+        start = t[0] + (t[-1] - t[0]) / 2
+    keep = t >= (start if start is not None else -np.inf)
+    t, v = t[keep], v[keep]
+    if len(t) < 3:
+        raise FitError(f"needs at least 3 points above the floor {floor:g} in the window, got {len(t)}")
+    res = stats.linregress(t, np.log(v))
+    q = stats.t.ppf((1 + LEVEL) / 2, len(t) - 2)
+    slope, half = res.slope, q * res.stderr
+    power = 0.5 if squared else 1.0
+    rho = lambda s: float(np.exp(power * s))  # noqa: E731
+    return Estimate(rho(slope), rho(slope - half), rho(slope + half), len(t), (float(t[0]), float(t[-1])), "log-linear-ols", float(res.rvalue**2))
+
+
+def verdict(theory: float, ci_low: float, ci_high: float) -> str:
+    """`consistent` (theory inside the CI), `steeper` (the CI lies beyond it, away from 0), or `shallower`."""
+    if ci_low <= theory <= ci_high:
+        return "consistent"
+    beyond = ci_high < theory if theory < 0 else ci_low > theory
+    return "steeper" if beyond else "shallower"

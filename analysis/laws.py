@@ -1,0 +1,20 @@
+"""The laws the analysis fits (theory.md section 5): pure numpy functions, no fitting here."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def power_law(x: np.ndarray, log_a: float, b: float) -> np.ndarray:
+    """y = exp(log_a) x^b, i.e. log y = log_a + b log x."""
+    return np.exp(log_a) * np.asarray(x, dtype=float) ** b
+
+
+def power_law_floor(x: np.ndarray, a: float, b: float, floor: float) -> np.ndarray:
+    """y = a x^b + floor: a power law that levels off (e.g. tv_error against M at fixed N)."""
+    return a * np.asarray(x, dtype=float) ** b + floor
+
+
+def linear_rate(t: np.ndarray, log_a: float, rho: float) -> np.ndarray:
+    """y = exp(log_a) rho^t: linear (geometric) convergence at contraction rho per step."""
+    return np.exp(log_a + np.asarray(t, dtype=float) * np.log(rho))
