@@ -18,6 +18,7 @@ import numpy as np
 from scipy import optimize, stats
 
 BOOTSTRAP = 1000
+BOOTSTRAP_FLOOR = 200  # each floor-aware resample is a nonlinear fit
 LEVEL = 0.95
 
 
@@ -50,12 +51,12 @@ def _by_seed(x: np.ndarray, y: np.ndarray, seed: np.ndarray) -> tuple[np.ndarray
     return levels, seeds, table
 
 
-def _bootstrap(table: np.ndarray, stat, rng: np.random.Generator) -> np.ndarray:
-    out = np.empty(BOOTSTRAP)
+def _bootstrap(table: np.ndarray, stat, rng: np.random.Generator, reps: int = BOOTSTRAP) -> np.ndarray:
+    out = np.empty(reps)
     n = table.shape[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        for i in range(BOOTSTRAP):
+        for i in range(reps):
             out[i] = stat(np.nanmean(table[rng.integers(0, n, n)], axis=0))
     return out[np.isfinite(out)]
 
@@ -95,7 +96,7 @@ def power_law_floor_slope(x, y, seed, rng: np.random.Generator | None = None) ->
     _check(x, y, seed, 4)
     levels, _, table = _by_seed(x, y, seed)
     stat = lambda row: _floor_fit(levels, row)  # noqa: E731
-    boot = _bootstrap(table, stat, rng or np.random.default_rng(0))
+    boot = _bootstrap(table, stat, rng or np.random.default_rng(0), BOOTSTRAP_FLOOR)
     lo, hi = np.quantile(boot, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
     return Estimate(stat(np.nanmean(table, axis=0)), float(lo), float(hi), len(levels), (float(levels[0]), float(levels[-1])), "power-law+floor+seed-bootstrap")
 

@@ -1,0 +1,91 @@
+"""Loading the Parquet store into pandas: filters pushed down to Parquet, unreadable files skipped.
+
+    from analysis.load import load
+    tables = load("results", filters={"family": "gmm"})
+    tables["evals"]  # each row joined to its run's configuration (d, c, snr, N, seed, ...)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.dataset as ds
+
+SCHEMA_VERSION = 1  # the store schema this analysis reads (pipelines.store.SCHEMA_VERSION)
+TABLES = ("trials", "curves", "evals", "params")
+
+
+class StoreReadError(ValueError):
+    """The store cannot be analysed (missing, empty, or of another schema version)."""
+
+
+@dataclass
+class Loaded:
+    """Tables as DataFrames, and the files that could not be read (skipped, by name)."""
+
+    tables: dict[str, pd.DataFrame]
+    skipped: list[str] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        return self.tables[name]
+
+
+def _filter(filters: dict[str, Any] | None, names: list[str]):
+    expr = None
+    for key, value in (filters or {}).items():
+        if key not in names:
+            continue
+        values = value if isinstance(value, (list, tuple, set)) else [value]
+        term = ds.field(key).isin(list(values))
+        expr = term if expr is None else expr & term
+    return expr
+
+
+def _read(root: Path, table: str, filters: dict[str, Any] | None, skipped: list[str]) -> pd.DataFrame:
+    frames = []
+    for path in sorted((root / table).glob("family=*/*.parquet")):
+        if path.name.startswith((".", "_")):
+            continue
+        family = path.parent.name.split("=", 1)[1]
+        if filters and "family" in filters and family not in (filters["family"] if isinstance(filters["family"], (list, tuple, set)) else [filters["family"]]):
+            continue
+        try:
+            data = ds.dataset(path, format="parquet")
+            frame = data.to_table(filter=_filter(filters, data.schema.names)).to_pandas()
+        except (OSError, ValueError) as err:
+            skipped.append(f"{path}: {err}")
+            continue
+        frames.append(frame.assign(family=family))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def load(store: str | os.PathLike, tables: tuple[str, ...] = TABLES, filters: dict[str, Any] | None = None) -> Loaded:
+    """The tables of a store; curves, evals and params joined to their run's `trials` row.
+
+    `filters` maps a column to a value or a list of allowed values; it is applied to every table
+    that has the column (`family` prunes whole partitions) and, through the join, to the runs.
+    """
+    root = Path(store)
+    if not (root / "trials").is_dir():
+        raise StoreReadError(f"{root}: not a store (no trials table); run a sweep first")
+    skipped: list[str] = []
+    trials = _read(root, "trials", filters, skipped)
+    if trials.empty:
+        raise StoreReadError(f"{root}: the store has no readable runs" + (f" ({len(skipped)} files skipped)" if skipped else ""))
+    versions = set(trials["schema_version"].dropna().astype(int))
+    if versions != {SCHEMA_VERSION}:
+        raise StoreReadError(f"{root}: schema version {sorted(versions)}, this analysis reads version {SCHEMA_VERSION}")
+    out = {"trials": trials}
+    for name in tables:
+        if name == "trials":
+            continue
+        frame = _read(root, name, filters, skipped)
+        if not frame.empty:  # the table's own columns win (evals.M is one test length, trials.M the list)
+            keys = trials.drop(columns=[c for c in trials.columns if c in frame.columns and c != "run_id"])
+            frame = frame.merge(keys, on="run_id", how="inner")  # rows of uncommitted bundles drop out
+        out[name] = frame
+    return Loaded(out, skipped)
