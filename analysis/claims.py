@@ -8,7 +8,9 @@ store has data for and says why it skips a claim it has no data for.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -115,3 +117,17 @@ def evaluate(tables: dict[str, pd.DataFrame], claims: tuple[Claim, ...] = CLAIMS
         if not fitted and not any(name == claim.name for name, _ in skipped):
             skipped.append((claim.name, "no group had enough data"))
     return pd.DataFrame(rows), skipped
+
+
+def write_fits(store: str | os.PathLike, rows: pd.DataFrame) -> list[Path]:
+    """Replace the store's `fits` table (one file per family), each file written atomically."""
+    written = []
+    for family, part in rows.groupby("family"):
+        directory = Path(store) / "fits" / f"family={family}"
+        directory.mkdir(parents=True, exist_ok=True)
+        final = directory / "fits.parquet"
+        tmp = directory / f".tmp-{os.getpid()}-fits.parquet"
+        part.drop(columns=["family"]).to_parquet(tmp, index=False)
+        os.replace(tmp, final)
+        written.append(final)
+    return written

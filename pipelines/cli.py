@@ -137,5 +137,32 @@ def status(store: Path = STORE) -> None:
     typer.echo("  rows: " + ", ".join(f"{k} {v}" for k, v in {"trials": len(trials), **counts}.items()))
 
 
+@app.command()
+def fit(store: Path = STORE) -> None:
+    """Fit every claim the store has data for; write the `fits` table and print the verdicts."""
+    import pandas as pd
+
+    from analysis.claims import evaluate, write_fits
+    from analysis.load import StoreReadError, load
+
+    try:
+        loaded = load(store)
+    except StoreReadError as err:
+        raise _fail(str(err)) from None
+    for message in loaded.skipped:
+        typer.echo(f"skipped unreadable file {message}", err=True)
+    rows, skipped = evaluate(loaded.tables)
+    if rows.empty:
+        typer.echo("no claim had enough data for a fit")
+    else:
+        write_fits(store, rows)
+        with pd.option_context("display.width", 200, "display.max_colwidth", 40):
+            summary = rows.groupby(["claim", "theory", "verdict"]).size().unstack("verdict", fill_value=0)
+            typer.echo(summary.to_string())
+        typer.echo(f"{len(rows)} fits written to {Path(store) / 'fits'}")
+    for name, reason in skipped:
+        typer.echo(f"  skipped {name}: {reason}")
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())

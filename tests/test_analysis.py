@@ -101,3 +101,26 @@ def test_claims_run_on_a_real_store(store):
     rows, skipped = claims.evaluate(load(store).tables)
     assert isinstance(rows, pd.DataFrame) and skipped  # a tiny store: mostly too few points, each said why
     assert all(reason for _, reason in skipped)
+
+
+def test_fit_verb_writes_the_fits_table(store, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    copy = tmp_path / "s"
+    shutil.copytree(store, copy)
+    trials = pd.read_parquet(copy / "trials")
+    extra = _synthetic(-1.0).assign(family=None)  # enough points for one real fit, in its own file
+    extra = extra.reindex(columns=[c for c in trials.columns if c != "family"]).assign(
+        run_id=lambda d: "syn-" + d.index.astype(str), status="ok", schema_version=SCHEMA_VERSION, opt_converged=True, opt_dist_theory=_synthetic(-1.0).opt_dist_theory
+    )
+    extra.to_parquet(copy / "trials" / "family=gmm" / "part-synthetic.parquet", index=False, schema=None)
+    result = CliRunner().invoke(app, ["fit", "--store", str(copy)])
+    assert result.exit_code == 0, result.output
+    fits_table = pd.read_parquet(copy / "fits")
+    assert {"claim", "estimate", "ci_low", "ci_high", "theory", "verdict", "window", "n_points", "method", "group", "family"} <= set(fits_table.columns)
+    assert "skipped" in result.output
+    assert CliRunner().invoke(app, ["fit", "--store", str(tmp_path / "none")]).exit_code == 2
