@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -218,8 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(default_threads)
     meta = {
         "B": args.B, "gemm_n": args.gemm_n, "chunk_bytes": training.CHUNK_BYTES, "default_threads": default_threads,
-        "torch": torch.__version__, "python": sys.version.split()[0], "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(), "argv": sys.argv, "total_s": time.perf_counter() - t0,
+        "total_s": time.perf_counter() - t0,
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GOMP_SPINCOUNT")},
     }
     return emit("bundled_seeds", meta, rows, markdown(rows, meta), args.out)

@@ -37,14 +37,12 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
-from report import emit
+from report import emit, environment
 
 from study import em
 from study.config import MORTask
@@ -197,12 +195,10 @@ def main(argv: list[str] | None = None) -> dict:
     results["max_abs_loglik_diff_loop"] = float((ll - vl[idx]).abs().max())
 
     meta = {
+        **environment(),
         "d": args.d, "K": args.K, "N": args.N, "P": args.P, "iters": args.iters, "restarts": args.restarts, "tol": 0.0,
         "task": task.model_dump(), "cov": "identity", "seed": args.seed, "sigma": "known",
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "python": sys.version.split()[0],
-        "machine": platform.processor() or platform.machine(), "data_s": data_s,
-        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "argv": sys.argv,
+        "data_s": data_s,
     }
     return emit("em", meta, results, markdown(results, meta), args.out)
 

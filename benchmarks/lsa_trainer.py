@@ -33,15 +33,12 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import platform
-import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-from report import emit
+from report import emit, environment
 import torch.nn.functional as F
 
 from study import lsa
@@ -269,11 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = [run_form(form, data, Zs, args) for form in args.forms]
     meta = {
+        **environment(),
         "d": args.d, "N": args.N, "B": args.B, "lr": args.lr, "snr": args.snr, "seed": args.seed, "chunk": args.chunk,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "python": sys.version.split()[0],
-        "machine": platform.processor() or platform.machine(), "embed_s": embed_s,
-        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "argv": sys.argv,
+        "embed_s": embed_s,
     }
     return emit("lsa_trainer", meta, results, markdown(results, meta), args.out)
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -122,16 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sweep": args.sweep, "wall_s": wall, "cpus": cpus, "ideal_wall_s": ideal, "overhead_share": 1 - ideal / wall,
         "plan_s": plan_s, "noop_s": noop_s, "trials": stats, "cli_done_line": done[-1] if done else None,
     }
-    meta = {
-        "python": sys.version.split()[0], "machine": platform.processor() or platform.machine(),
-        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None, "argv": sys.argv,
-    }
-    try:
-        import torch
-
-        meta.update(torch=torch.__version__, cuda=torch.cuda.is_available())
-    except ImportError:
-        pass
+    meta = {"affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
     return emit("quickstart", meta, res, markdown(res), args.out)
 
 

@@ -49,13 +49,12 @@ def plan(sweep: str = typer.Argument(..., help="sweep file or shipped sweep name
         bundles, done = _plan(sw, st)
     except StoreError as err:
         raise _fail(str(err)) from None
-    info = sweeps.describe(sw)
     todo = sum(len(b.runs) for b in bundles)
     flops = sum(sweeps.estimate_flops(r) for b in bundles for r in b.runs)
     typer.echo(f"sweep {sw.name} ({sw.path})")
-    typer.echo(f"  configurations  {info['configurations']}")
-    typer.echo(f"  seeds           {info['seeds']}")
-    typer.echo(f"  runs            {info['runs']}")
+    typer.echo(f"  configurations  {len(sw.configs)}")
+    typer.echo(f"  seeds           {len(sw.seeds)}")
+    typer.echo(f"  runs            {len(sw.runs)}")
     typer.echo(f"  already done    {len(done)}  (in {st.root})")
     typer.echo(f"  to run          {todo}")
     typer.echo(f"  bundles         {len(bundles)}  (Ray trials)")

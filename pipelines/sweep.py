@@ -20,7 +20,6 @@ trial (one vectorised training stack).
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -232,15 +231,3 @@ def estimate_flops(run: Run) -> float:
         if name in cfg.estimators:
             per_prompt += sum(4 * ev.em_iters * ev.em_restarts * t.K * m * d * d for m in ev.finite_M)
     return float(train + ev.n_eval * per_prompt)
-
-
-def describe(sweep: Sweep) -> dict[str, Any]:
-    runs = sweep.runs
-    return {
-        "name": sweep.name,
-        "configurations": len(sweep.configs),
-        "seeds": len(sweep.seeds),
-        "runs": len(runs),
-        "flops": sum(estimate_flops(r) for r in runs),
-        "max_M": max((m for c in sweep.configs for m in c.eval.M if math.isfinite(m)), default=0),
-    }
