@@ -186,9 +186,11 @@ def train(prob: Problem, param: str, steps: int, log_every: int, init: dict[str,
     final_loss = log[-1][1]
     # GD with a stable step never ends above its starting loss; a run that does is unstable even
     # when its loss stays finite (the CE gradient is bounded, so W only grows linearly)
-    unstable = (final_loss > log[0][1]) & (diverged_at < 0)
-    first_above = [next((t for t, l, _ in log if bool(l[s] > log[0][1][s])), steps) for s in range(prob.S)]
-    diverged_at = torch.where(unstable, torch.tensor(first_above, device=diverged_at.device), diverged_at)
+    logged = torch.stack([l for _, l, _ in log])  # [T, S]
+    above = logged > logged[0]
+    unstable = above[-1] & (diverged_at < 0)
+    logged_steps = torch.tensor([t for t, _, _ in log], device=diverged_at.device)
+    diverged_at = torch.where(unstable, logged_steps[above.to(torch.uint8).argmax(0)], diverged_at)
 
     S = prob.S
     nan = torch.full((S,), float("nan"), dtype=torch.float64)
@@ -212,7 +214,7 @@ def train(prob: Problem, param: str, steps: int, log_every: int, init: dict[str,
     opt_loss = torch.where(opt_conv, opt_loss, nan)
     ref_ok = opt_conv.to(prob.V.device)
 
-    losses = torch.stack([l for _, l, _ in log]).double()
+    losses = logged.double()
     subopt = losses - opt_loss.to(losses.device)
     dist_opt = torch.stack([_dist(p, opt_params) for _, _, p in log]).double()
     dist_opt = torch.where(ref_ok, dist_opt, torch.nan)
