@@ -17,56 +17,106 @@ import numpy as np
 import pandas as pd
 
 from analysis import fits
+from analysis.load import StoreReadError
 
 GMM_TASK = ("d", "c", "snr", "cov", "kappa", "symmetric", "B", "param")
 MOR_TASK = ("d", "K", "snr", "sigma", "components", "assignment", "cov", "kappa")
+GROUPS = {"gmm": GMM_TASK, "mor": MOR_TASK}
 
 
 @dataclass(frozen=True)
 class Claim:
+    """One testable claim: `metric` of `table` against `x`, per group, in the regime `where`.
+
+    law: `power` (log-log slope), `floor` (power law with a floor) or `rate` (the per-run linear
+    rate of a training curve against the run's `rho_theory`; `theory` is then NaN: it is a column).
+    Verdicts compare exponents; a rate is compared as log rho, so `steeper` means faster.
+    """
+
     name: str
     family: str
     description: str
-    table: str  # trials or evals
-    metric: str  # a trials column, or an evals metric
+    table: str  # trials, evals or curves
+    metric: str  # a column of trials or curves, or an evals metric
     x: str
     theory: float
     group: tuple[str, ...]
     estimator: str | None = None  # evals: whose rows
     where: dict[str, Callable[[pd.Series], pd.Series]] = field(default_factory=dict)
     x_min: float = 0.0
-    law: str = "power"  # power | floor
+    law: str = "power"  # power | floor | rate
 
+
+_inf = {"M": lambda s: np.isinf(s)}
+_finite = {"M": lambda s: np.isfinite(s)}
+_high, _low = (lambda s: s >= 2), (lambda s: s < 2)
+_reduced = {"param": lambda s: s == "reduced"}
 
 CLAIMS: tuple[Claim, ...] = (
+    # gmm [S], theory.md section 2
+    Claim(
+        "gmm-1-rate", "gmm", "GD converges linearly: log subopt falls like 2 t log rho, rho = max|1 - lr lambda(H)| at the optimum",
+        "curves", "subopt", "step", float("nan"), (), law="rate",
+    ),
     Claim(
         "gmm-2-optimum-vs-N", "gmm", "W*/c'' - Lam^-1 shrinks like 1/N (asymptotic window N >= 50)",
         "trials", "opt_dist_theory", "N", -1.0, GMM_TASK, where={"opt_converged": lambda s: s.astype(bool)}, x_min=50,
     ),
     Claim(
+        "gmm-2-optimum-vs-c", "gmm", "||G|| = O(c/N): W*/c - Lam^-1 grows at most like c at fixed N",
+        "trials", "opt_dist_theory", "c", 1.0, tuple(g for g in (*GMM_TASK, "N") if g != "c"), where={"opt_converged": lambda s: s.astype(bool)},
+    ),
+    Claim(
         "gmm-3-error-vs-N", "gmm", "tv_error of the trained LSA at M = inf falls like 1/N",
-        "evals", "tv_error", "N", -1.0, GMM_TASK, estimator="lsa", where={"M": lambda s: np.isinf(s)},
+        "evals", "tv_error", "N", -1.0, GMM_TASK, estimator="lsa", where=_inf,
     ),
     Claim(
         "gmm-3-error-vs-M", "gmm", "tv_error of the trained LSA falls like 1/sqrt(M) towards a floor (fixed N)",
-        "evals", "tv_error", "M", -0.5, (*GMM_TASK, "N"), estimator="lsa", where={"M": lambda s: np.isfinite(s)}, law="floor",
+        "evals", "tv_error", "M", -0.5, (*GMM_TASK, "N"), estimator="lsa", where=_finite, law="floor",
     ),
     Claim(
+        "gmm-3-error-vs-c", "gmm", "tv_error at M = inf is O(c^2/N): grows at most like c^2 at fixed N",
+        "evals", "tv_error", "c", 2.0, tuple(g for g in (*GMM_TASK, "N") if g != "c"), estimator="lsa", where=_inf,
+    ),
+    # mor [J], theory.md section 3
+    Claim(
         "mor-1-em-vs-M-high-snr", "mor", "EM's parameter error falls like sqrt(d/M) at high SNR (snr >= 2)",
-        "evals", "param_error", "M", -0.5, MOR_TASK, estimator="em", where={"snr": lambda s: s >= 2, "M": lambda s: np.isfinite(s)}, x_min=32,
+        "evals", "param_error", "M", -0.5, MOR_TASK, estimator="em", where={"snr": _high, **_finite}, x_min=32,
     ),
     Claim(
         "mor-1-em-vs-M-low-snr", "mor", "EM's parameter error falls like (d/M)^(1/4) at low SNR (snr < 2)",
-        "evals", "param_error", "M", -0.25, MOR_TASK, estimator="em", where={"snr": lambda s: s < 2, "M": lambda s: np.isfinite(s)}, x_min=32,
+        "evals", "param_error", "M", -0.25, MOR_TASK, estimator="em", where={"snr": _low, **_finite}, x_min=32,
+    ),
+    Claim(
+        "mor-1-em-vs-d-high-snr", "mor", "EM's parameter error grows like sqrt(d) at fixed M, high SNR",
+        "evals", "param_error", "d", 0.5, (*(g for g in MOR_TASK if g != "d"), "M"), estimator="em", where={"snr": _high, **_finite},
+    ),
+    Claim(
+        "mor-1-em-vs-d-low-snr", "mor", "EM's parameter error grows like d^(1/4) at fixed M, low SNR",
+        "evals", "param_error", "d", 0.25, (*(g for g in MOR_TASK if g != "d"), "M"), estimator="em", where={"snr": _low, **_finite},
+    ),
+    Claim(
+        "mor-2-excess-risk-vs-B", "mor", "the ERM-trained LSA's population excess risk over Gamma* is O(1/sqrt(B)) (an upper bound)",
+        "trials", "excess_risk", "B", -0.5, (*MOR_TASK, "N"), where=_reduced,
+    ),
+    Claim(
+        "mor-3-rate", "mor", "GD on the quadratic LSA loss converges linearly to the global optimum at rho = max|1 - lr lambda(H)|",
+        "curves", "subopt", "step", float("nan"), (), law="rate",
+    ),
+    Claim(
+        "mor-3-optimum-vs-B", "mor", "the empirical optimum approaches Gamma* like 1/sqrt(B)",
+        "trials", "opt_dist_theory", "B", -0.5, (*MOR_TASK, "N"), where={"opt_converged": lambda s: s.astype(bool), **_reduced},
     ),
 )
 
+NOISE = 1e-12  # subopt below NOISE * max(1, |opt_loss|) is float noise: the rate window ends there
 
-def _rows(claim: Claim, tables: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, int]:
-    """The claim's data points (value, x, seed, group fields), and how many were excluded."""
+
+def _select(claim: Claim, tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The claim's rows in its regime, with the metric as column `y` (empty when the store lacks them)."""
     df = tables.get(claim.table, pd.DataFrame())
     if df.empty or "family" not in df:
-        return pd.DataFrame(), 0
+        return pd.DataFrame()
     df = df[df["family"] == claim.family]
     if claim.table == "evals":
         df = df[(df["metric"] == claim.metric) & (df["estimator"] == claim.estimator)]
@@ -74,13 +124,58 @@ def _rows(claim: Claim, tables: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, 
     elif claim.metric in df:
         df = df.assign(y=df[claim.metric])
     else:
-        return pd.DataFrame(), 0
+        return pd.DataFrame()
     for column, test in claim.where.items():
         if column in df and len(df):
             df = df[test(df[column]).to_numpy()]
-    df = df[df[claim.x] >= claim.x_min] if len(df) else df
-    ok = (df["status"] == "ok") & np.isfinite(df["y"].astype(float)) & (df["y"] > 0) if len(df) else pd.Series(dtype=bool)
+    return df[df[claim.x] >= claim.x_min] if len(df) else df
+
+
+def _rows(claim: Claim, tables: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, int]:
+    """The claim's data points (value, x, seed, group fields), and how many were excluded
+    (runs not `ok`, and NaN, infinite or non-positive values)."""
+    df = _select(claim, tables)
+    if df.empty:
+        return df, 0
+    ok = (df["status"] == "ok") & np.isfinite(df["y"].astype(float)) & (df["y"] > 0)
     return df[ok], int((~ok).sum())
+
+
+def _row(claim: Claim, labels: dict[str, Any], fit: fits.Estimate, theory: float, excluded: int) -> dict[str, Any]:
+    return dict(
+        family=claim.family, claim=claim.name, x=claim.x, metric=claim.metric, group=json.dumps(labels, default=str, sort_keys=True),
+        estimate=fit.estimate, ci_low=fit.ci_low, ci_high=fit.ci_high, theory=theory,
+        verdict=fits.verdict(*((np.log(theory), np.log(fit.ci_low), np.log(fit.ci_high)) if claim.law == "rate" else (theory, fit.ci_low, fit.ci_high))),
+        window=f"{fit.window[0]:g}..{fit.window[1]:g}",
+        n_points=fit.n_points, method=fit.method, excluded=excluded, r2=fit.r2,
+    )
+
+
+def _evaluate_rate(claim: Claim, tables: dict[str, pd.DataFrame], rows: list, skipped: list) -> None:
+    """One row per training curve: the fitted rho beside the run's own `rho_theory`."""
+    df = _select(claim, tables)
+    if df.empty:
+        skipped.append((claim.name, f"no {claim.family} training curves in the store"))
+        return
+    runs = df.groupby("run_id", sort=True)
+    bad = {rid for rid, part in runs if not (part["status"].iloc[0] == "ok" and np.isfinite(part["rho_theory"].iloc[0]) and np.isfinite(part["opt_loss"].iloc[0]))}
+    reasons: dict[str, int] = {}
+    for rid, part in runs:
+        if rid in bad:
+            continue
+        part = part.sort_values("step")
+        first = part.iloc[0]
+        try:
+            fit = fits.rate(part["step"], part["y"], floor=NOISE * max(1.0, abs(float(first["opt_loss"]))), squared=True)
+        except fits.FitError:
+            reasons["fewer than 3 logged points above the float-noise floor"] = reasons.get("fewer than 3 logged points above the float-noise floor", 0) + 1
+            continue
+        labels = {g: (first[g].item() if hasattr(first[g], "item") else first[g]) for g in ("run_id", "seed", *GROUPS[claim.family], "N", "lr") if g in first}
+        rows.append(_row(claim, labels, fit, float(first["rho_theory"]), len(bad)))
+    for reason, count in reasons.items():
+        skipped.append((claim.name, f"{count} curves: {reason} (GD converged too fast for the logging interval; log more often)"))
+    if not any(r["claim"] == claim.name for r in rows) and not reasons:
+        skipped.append((claim.name, f"no usable curves ({len(bad)} runs not ok or without a predicted rate)"))
 
 
 def evaluate(tables: dict[str, pd.DataFrame], claims: tuple[Claim, ...] = CLAIMS) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
@@ -88,12 +183,15 @@ def evaluate(tables: dict[str, pd.DataFrame], claims: tuple[Claim, ...] = CLAIMS
     rows: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
     for claim in claims:
+        if claim.law == "rate":
+            _evaluate_rate(claim, tables, rows, skipped)
+            continue
         data, excluded = _rows(claim, tables)
         if data.empty:
             skipped.append((claim.name, f"no {claim.family} rows of {claim.table}.{claim.metric}" + (f" for {claim.estimator}" if claim.estimator else "") + " in this regime"))
             continue
         group = [g for g in claim.group if g in data and data[g].notna().any()]
-        fitted = 0
+        fitted, reasons = 0, {}
         for key, part in data.groupby(group, dropna=False, sort=True):
             key = key if isinstance(key, tuple) else (key,)
             labels = {g: (v.item() if hasattr(v, "item") else v) for g, v in zip(group, key)}
@@ -103,31 +201,50 @@ def evaluate(tables: dict[str, pd.DataFrame], claims: tuple[Claim, ...] = CLAIMS
             try:
                 fit = (fits.power_law_floor_slope if claim.law == "floor" else fits.power_law_slope)(pts[claim.x], pts["y"], pts["seed"])
             except fits.FitError as err:
-                skipped.append((claim.name, f"{json.dumps(labels, default=str)}: {err}"))
+                reasons.setdefault(str(err), []).append(labels)
                 continue
             fitted += 1
-            rows.append(
-                dict(
-                    family=claim.family, claim=claim.name, x=claim.x, metric=claim.metric, group=json.dumps(labels, default=str, sort_keys=True),
-                    estimate=fit.estimate, ci_low=fit.ci_low, ci_high=fit.ci_high, theory=claim.theory,
-                    verdict=fits.verdict(claim.theory, fit.ci_low, fit.ci_high), window=f"{fit.window[0]:g}..{fit.window[1]:g}",
-                    n_points=fit.n_points, method=fit.method, excluded=excluded,
-                )
-            )
-        if not fitted and not any(name == claim.name for name, _ in skipped):
-            skipped.append((claim.name, "no group had enough data"))
+            rows.append(_row(claim, labels, fit, claim.theory, excluded))
+        for reason, groups in reasons.items():
+            example = json.dumps(groups[0], default=str)
+            skipped.append((claim.name, f"{len(groups)} group(s) against {claim.x}: {reason} (e.g. {example})"))
     return pd.DataFrame(rows), skipped
 
 
-def write_fits(store: str | os.PathLike, rows: pd.DataFrame) -> list[Path]:
-    """Replace the store's `fits` table (one file per family), each file written atomically."""
+def write_fits(store: str | os.PathLike, rows: pd.DataFrame, skipped: list[tuple[str, str]]) -> list[Path]:
+    """Replace the store's `fits` table (one file per family) and its list of skipped claims.
+
+    Each file is written under a hidden name and moved into place; a family with no fits now loses
+    its old file. `fits/_skipped.parquet` is invisible to Parquet dataset readers (leading `_`).
+    """
+    root = Path(store) / "fits"
+    root.mkdir(parents=True, exist_ok=True)
     written = []
-    for family, part in rows.groupby("family"):
-        directory = Path(store) / "fits" / f"family={family}"
-        directory.mkdir(parents=True, exist_ok=True)
-        final = directory / "fits.parquet"
-        tmp = directory / f".tmp-{os.getpid()}-fits.parquet"
-        part.drop(columns=["family"]).to_parquet(tmp, index=False)
-        os.replace(tmp, final)
-        written.append(final)
+    families = set(rows["family"]) if len(rows) else set()
+    for old in root.glob("family=*/fits.parquet"):
+        if old.parent.name.split("=", 1)[1] not in families:
+            old.unlink()
+    for family, part in rows.groupby("family") if len(rows) else []:
+        directory = root / f"family={family}"
+        directory.mkdir(exist_ok=True)
+        written.append(_replace(directory / "fits.parquet", part.drop(columns=["family"])))
+    _replace(root / "_skipped.parquet", pd.DataFrame(skipped, columns=["claim", "reason"]))
     return written
+
+
+def _replace(path: Path, frame: pd.DataFrame) -> Path:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def read_fits(store: str | os.PathLike) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """The `fits` table (with `family`) and the skipped claims, as `icl-study fit` last wrote them."""
+    root = Path(store) / "fits"
+    if not (root / "_skipped.parquet").is_file():
+        raise StoreReadError(f"{store}: no fits yet; run `icl-study fit --store {store}` first")
+    files = sorted(root.glob("family=*/fits.parquet"))
+    fits_table = pd.concat([pd.read_parquet(p).assign(family=p.parent.name.split("=", 1)[1]) for p in files], ignore_index=True) if files else pd.DataFrame()
+    skipped = pd.read_parquet(root / "_skipped.parquet")
+    return fits_table, list(zip(skipped["claim"], skipped["reason"]))

@@ -5,7 +5,9 @@
   curve.
 - `power_law_floor_slope`: y = a x^b + f by nonlinear least squares, the same bootstrap.
 - `rate`: log y_t = a + t log rho on the window where the curve is above its noise floor; the
-  interval is the t-interval of the slope; the window and R^2 are part of the result.
+  interval is the t-interval of the slope, widened to take in the slope of the window's later half
+  (a curve whose local rate is still drifting is not given a falsely tight interval); the window
+  and R^2 are part of the result.
 - `verdict`: the theory exponent against the interval.
 """
 
@@ -120,10 +122,14 @@ def rate(steps, values, floor: float = 1e-13, start: float | None = None, square
         raise FitError(f"needs at least 3 points above the floor {floor:g} in the window, got {len(t)}")
     res = stats.linregress(t, np.log(v))
     q = stats.t.ppf((1 + LEVEL) / 2, len(t) - 2)
-    slope, half = res.slope, q * res.stderr
+    lo, hi = res.slope - q * res.stderr, res.slope + q * res.stderr
+    late = t >= t[len(t) // 2]
+    if late.sum() >= 2:  # a curve whose local rate still drifts widens the interval to its late slope
+        s_late = stats.linregress(t[late], np.log(v[late])).slope if late.sum() > 2 else np.diff(np.log(v[late]))[0] / np.diff(t[late])[0]
+        lo, hi = min(lo, s_late), max(hi, s_late)
     power = 0.5 if squared else 1.0
     rho = lambda s: float(np.exp(power * s))  # noqa: E731
-    return Estimate(rho(slope), rho(slope - half), rho(slope + half), len(t), (float(t[0]), float(t[-1])), "log-linear-ols", float(res.rvalue**2))
+    return Estimate(rho(res.slope), rho(lo), rho(hi), len(t), (float(t[0]), float(t[-1])), "log-linear-ols+late-half", float(res.rvalue**2))
 
 
 def verdict(theory: float, ci_low: float, ci_high: float) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 import pyarrow.dataset as ds
 
-SCHEMA_VERSION = 1  # the store schema this analysis reads (pipelines.store.SCHEMA_VERSION)
+SCHEMA_VERSION = 2  # the store schema this analysis reads (pipelines.store.SCHEMA_VERSION)
 TABLES = ("trials", "curves", "evals", "params")
 
 

@@ -143,6 +143,7 @@ def fit(store: Path = STORE) -> None:
 
     from analysis.claims import evaluate, write_fits
     from analysis.load import StoreReadError, load
+    from analysis.report import verdict_table
 
     try:
         loaded = load(store)
@@ -151,16 +152,32 @@ def fit(store: Path = STORE) -> None:
     for message in loaded.skipped:
         typer.echo(f"skipped unreadable file {message}", err=True)
     rows, skipped = evaluate(loaded.tables)
+    write_fits(store, rows, skipped)
     if rows.empty:
         typer.echo("no claim had enough data for a fit")
     else:
-        write_fits(store, rows)
         with pd.option_context("display.width", 200, "display.max_colwidth", 40):
-            summary = rows.groupby(["claim", "theory", "verdict"]).size().unstack("verdict", fill_value=0)
-            typer.echo(summary.to_string())
+            typer.echo(verdict_table(rows).to_string(index=False))
         typer.echo(f"{len(rows)} fits written to {Path(store) / 'fits'}")
     for name, reason in skipped:
         typer.echo(f"  skipped {name}: {reason}")
+
+
+@app.command()
+def report(store: Path = STORE, out: Path | None = typer.Option(None, "--out", help="output directory [default: <store>/report]")) -> None:
+    """Write the HTML report and Markdown summary of the store's fits and figures."""
+    from analysis.load import StoreReadError
+    from analysis.report import build
+
+    try:
+        built = build(store, out or Path(store) / "report")
+    except StoreReadError as err:
+        raise _fail(str(err)) from None
+    for message in built.skipped_files:
+        typer.echo(f"skipped unreadable file {message}", err=True)
+    typer.echo(f"{len(built.figures)} figures in {built.html.parent / 'figures'}")
+    typer.echo(f"report: {built.html}")
+    typer.echo(f"summary: {built.markdown}")
 
 
 def main() -> None:  # pragma: no cover

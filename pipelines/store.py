@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from study.config import FAMILIES, MODELS, Eval, Train
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TABLES = ("trials", "curves", "evals", "params")
 DONE = ("ok", "diverged")
 
@@ -85,6 +85,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("opt_converged", pa.bool_()),
             pa.field("opt_dist_theory", pa.float64()),
             pa.field("rho_theory", pa.float64()),
+            pa.field("excess_risk", pa.float64()),
             pa.field("error", pa.string()),
             pa.field("wall_s", pa.float64()),
             pa.field("device", pa.string()),
@@ -262,13 +263,16 @@ class Store:
         return out.select(columns) if columns else out
 
     def done_runs(self) -> set[str]:
-        """Run ids with a committed `ok` or `diverged` row."""
+        """Run ids with a committed `ok` or `diverged` row; a store of another schema version is an error."""
         files = [p for p in self._files("trials") if p.name.startswith("part-")]
         done: set[str] = set()
         for p in files:
             try:
-                t = pq.read_table(p, columns=["run_id", "status"])
+                t = pq.read_table(p, columns=["run_id", "status", "schema_version"])
             except (OSError, pa.ArrowInvalid) as err:
                 raise StoreError(f"store {self.root}: unreadable file {p} ({err}); move it out of the store and rerun: its runs will be recomputed") from None
+            versions = set(t["schema_version"].to_pylist())
+            if versions != {SCHEMA_VERSION}:
+                raise StoreError(f"store {self.root}: {p.name} has schema version {sorted(versions)}, this code writes version {SCHEMA_VERSION}; run into a new --store")
             done.update(r for r, s in zip(t["run_id"].to_pylist(), t["status"].to_pylist()) if s in DONE)
         return done

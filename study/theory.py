@@ -42,10 +42,27 @@ def regressor_moments(task: MORTask) -> tuple[torch.Tensor, torch.Tensor]:
     return A, C
 
 
-def gamma_star(task: MORTask, cov: Covariance, N: int) -> torch.Tensor:
-    """The population optimum Gamma* of the reduced regression LSA at prompt length N.  Shapes: [d, d]."""
+def _moments(task: MORTask, cov: Covariance, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """E[h h^T] and E[beta_q h^T] at prompt length N.  Shapes: [d, d] each."""
     A, C = regressor_moments(task)
     S = cov.lam
     Ehh = (2 * S @ A @ S + torch.trace(A @ S) * S + task.sigma**2 * S) / N + (1 - 1 / N) * S @ C @ S
-    EbH = C @ S
+    return Ehh, C @ S
+
+
+def gamma_star(task: MORTask, cov: Covariance, N: int) -> torch.Tensor:
+    """The population optimum Gamma* of the reduced regression LSA at prompt length N.  Shapes: [d, d]."""
+    Ehh, EbH = _moments(task, cov, N)
     return torch.linalg.solve(Ehh, EbH.T).T  # EbH @ Ehh^{-1}; Ehh is symmetric
+
+
+def excess_risk(task: MORTask, cov: Covariance, N: int, gamma: torch.Tensor) -> torch.Tensor:
+    """Population excess risk R(Gamma) - R(Gamma*) of the reduced regression LSA at length N.
+
+    R is quadratic with its minimum at Gamma*, and x_q is independent of h, so
+    R(Gamma) - R(Gamma*) = E[(x_q^T (Gamma - Gamma*) h)^2] = tr(Sx D E[h h^T] D^T), D = Gamma - Gamma*.
+    gamma: [..., d, d]; returns [...].
+    """
+    Ehh, EbH = _moments(task, cov, N)
+    D = gamma.to(Ehh.dtype) - torch.linalg.solve(Ehh, EbH.T).T
+    return torch.einsum("ij,...jk,kl,...il->...", cov.lam, D, Ehh, D)

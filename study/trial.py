@@ -96,6 +96,7 @@ def run_bundle(runs: list[Run], device: torch.device | str = "cpu") -> BundleOut
                 opt_converged=bool(res.opt_converged[i]),
                 opt_dist_theory=float(res.opt_dist_theory[i]),
                 rho_theory=float(res.rho_theory[i]),
+                excess_risk=float("nan") if diverged else family.excess_risk(r.config, covs[i], {k: v[i] for k, v in res.params.items()}),
             )
         )
         c = res.curves

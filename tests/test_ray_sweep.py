@@ -13,6 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pipelines.cli import app
+from pipelines.store import SCHEMA_VERSION
 
 pytestmark = pytest.mark.ray
 
@@ -47,7 +48,7 @@ def test_smoke_sweep_then_rerun_adds_nothing(tmp_path):
     assert "20 ok, 0 diverged, 0 failed of 20 runs" in result.output
     trials = pd.read_parquet(store / "trials")
     assert len(trials) == 20 and trials.run_id.is_unique and set(trials.status) == {"ok"}
-    assert set(trials.device) == {"cpu"} and (trials.schema_version == 1).all()
+    assert set(trials.device) == {"cpu"} and (trials.schema_version == SCHEMA_VERSION).all()
     assert trials.groupby("family", observed=True).size().to_dict() == {"gmm": 16, "mor": 4}
     evals = pd.read_parquet(store / "evals")
     assert set(evals.run_id) == set(trials.run_id)

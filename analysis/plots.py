@@ -1,0 +1,222 @@
+"""The report's figures (seaborn; log axes where the law is a power), drawn from the store alone.
+
+Every figure function takes the loaded tables and the `fits` table and returns a matplotlib
+Figure, or None when the store has no data for it. Lines are configurations (the fields that vary
+among the plotted runs, at most `MAX_LINES` of them); bands are 95% bootstrap intervals over seeds;
+dashed black lines are the theory's slope (anchored at the middle of the data) or rate.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a cluster node
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from analysis.claims import GROUPS  # noqa: E402
+
+MAX_LINES = 8
+BAND = ("ci", 95)
+Tables = dict[str, pd.DataFrame]
+
+
+def _label(df: pd.DataFrame, fields: tuple[str, ...], skip: tuple[str, ...] = ()) -> pd.Series:
+    """'d=2 c=3' from the fields that vary in df (a single '' when none does)."""
+    vary = [f for f in fields if f in df and f not in skip and df[f].nunique(dropna=False) > 1]
+    if not vary:
+        return pd.Series("all", index=df.index)
+    show = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731  (3.0 -> 3)
+    return df[vary].apply(lambda r: " ".join(f"{k}={show(v)}" for k, v in r.items()), axis=1)
+
+
+def _evals(tables: Tables, family: str, metric: str, estimators: list[str] | None = None) -> pd.DataFrame:
+    ev = tables.get("evals", pd.DataFrame())
+    if ev.empty or "family" not in ev:
+        return pd.DataFrame()
+    ev = ev[(ev["family"] == family) & (ev["metric"] == metric) & (ev["status"] == "ok") & np.isfinite(ev["value"])]
+    return ev[ev["estimator"].isin(estimators)] if estimators is not None else ev
+
+
+def _largest(df: pd.DataFrame, column: str) -> pd.DataFrame:
+    return df[df[column] == df[column].max()] if len(df) else df
+
+
+def _reference(ax, x: np.ndarray, y: np.ndarray, slope: float, text: str) -> None:
+    """A dashed line of the theory's slope through the geometric middle of the data."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = (x > 0) & (y > 0) & np.isfinite(x) & np.isfinite(y)
+    if not ok.any():
+        return
+    x0, y0 = np.exp(np.log(x[ok]).mean()), np.exp(np.log(y[ok]).mean())
+    xs = np.array([x[ok].min(), x[ok].max()])
+    ax.plot(xs, y0 * (xs / x0) ** slope, "k--", lw=1, label=text)
+
+
+def _scaling(df: pd.DataFrame, x: str, y: str, fields: tuple[str, ...], slope: float | None, slope_text: str, title: str, col: str | None = None, ylabel: str | None = None) -> plt.Figure | None:
+    """y against x on log-log axes, one line per configuration, a facet per value of `col`."""
+    if df.empty or df[x].nunique() < 2:
+        return None
+    df = df.assign(config=_label(df, fields, skip=(x, col or "")))
+    keep = sorted(df["config"].unique())[:MAX_LINES]
+    df = df[df["config"].isin(keep)]
+    cols = sorted(df[col].unique()) if col else [None]
+    fig, axes = plt.subplots(1, len(cols), figsize=(4.5 * len(cols), 3.6), squeeze=False, sharey=True)
+    for ax, value in zip(axes[0], cols):
+        part = df if value is None else df[df[col] == value]
+        sns.lineplot(data=part, x=x, y=y, hue="config", errorbar=BAND, marker="o", ax=ax, legend=ax is axes[0][-1])
+        if slope is not None:
+            means = part.groupby([x, "config"])[y].mean().reset_index()
+            _reference(ax, means[x], means[y], slope, slope_text)
+        ax.set(xscale="log", yscale="log", ylabel=ylabel or y, title=title if value is None else f"{title}, {col}={value:g}")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    if axes[0][-1].get_legend():
+        axes[0][-1].get_legend().remove()
+    for ax in axes[0][:-1]:
+        h, lab = ax.get_legend_handles_labels()
+        handles += [hh for hh, ll in zip(h, lab) if ll not in labels]
+        labels += [ll for ll in lab if ll not in labels]
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def gmm_error_vs_N(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
+    """Claim 3 of [S]: the trained LSA's tv_error at M = inf against N, slope -1 for reference."""
+    ev = _evals(tables, "gmm", "tv_error", ["lsa"])
+    ev = ev[np.isinf(ev["M"])] if len(ev) else ev
+    return _scaling(ev, "N", "value", GROUPS["gmm"], -1.0, "theory: slope -1", "LSA tv_error at M = inf", col="snr", ylabel="tv_error")
+
+
+def gmm_error_vs_M(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
+    """Claim 3 of [S]: tv_error against the test length M at the largest N, slope -1/2 for reference."""
+    ev = _largest(_evals(tables, "gmm", "tv_error", ["lsa"]), "N")
+    ev = ev[np.isfinite(ev["M"])] if len(ev) else ev
+    return _scaling(ev, "M", "value", GROUPS["gmm"], -0.5, "theory: slope -1/2", "LSA tv_error at the largest N", col="snr", ylabel="tv_error")
+
+
+def gmm_estimators(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
+    """The trained LSA beside the Bayes posterior and the plug-in classifiers: accuracy against M."""
+    ev = _largest(_evals(tables, "gmm", "accuracy"), "N")
+    ev = ev[np.isfinite(ev["M"])] if len(ev) else ev
+    if ev.empty:
+        return None
+    first = ev.sort_values(list(GROUPS["gmm"][:3])).iloc[0]  # one data configuration: the first
+    ev = ev[(ev[list(GROUPS["gmm"][:3])] == first[list(GROUPS["gmm"][:3])]).all(axis=1)]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    sns.lineplot(data=ev, x="M", y="value", hue="estimator", errorbar=BAND, marker="o", ax=ax)
+    ax.set(xscale="log", ylabel="accuracy", title=f"gmm estimators (d={first.d}, c={first.c}, snr={first.snr}, N={first.N})")
+    fig.tight_layout()
+    return fig
+
+
+def gd_curves(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
+    """Claims [S] 1 and [J] 3: subopt against the step for a few runs, with the fitted and predicted rates."""
+    cu = tables.get("curves", pd.DataFrame())
+    rates = fits[fits["claim"].str.endswith("-rate")] if len(fits) else pd.DataFrame()
+    if cu.empty or rates.empty:
+        return None
+    rates = rates.assign(run_id=rates["group"].map(lambda g: json.loads(g)["run_id"]), seed=rates["group"].map(lambda g: json.loads(g)["seed"]))
+    first = rates[rates["seed"] == rates["seed"].min()].sort_values("theory")
+    picks = {f: p.iloc[np.linspace(0, len(p) - 1, min(3, len(p))).astype(int)] for f, p in first.groupby("family")}  # fastest, middle, slowest
+    fig, axes = plt.subplots(1, len(picks), figsize=(5.5 * len(picks), 3.8), squeeze=False)
+    for ax, (family, part) in zip(axes[0], picks.items()):
+        for color, (_, fit) in zip(sns.color_palette(n_colors=len(part)), part.iterrows()):
+            curve = cu[cu["run_id"] == fit["run_id"]].sort_values("step")
+            curve = curve[curve["subopt"] > 0]
+            lo, hi = (float(v) for v in fit["window"].split(".."))
+            ax.plot(curve["step"], curve["subopt"], color=color, lw=1.5, label=f"run {fit['run_id'][:6]}: fit {fit['estimate']:.4f}, theory {fit['theory']:.4f}")
+            at = curve[curve["step"] >= lo].iloc[0]
+            t = np.linspace(lo, hi, 20)
+            ax.plot(t, at["subopt"] * fit["estimate"] ** (2 * (t - lo)), color=color, lw=3, alpha=0.35)
+            ax.plot(t, at["subopt"] * fit["theory"] ** (2 * (t - lo)), "k--", lw=1)
+        ax.set(yscale="log", xlabel="GD step", ylabel="subopt", title=f"{family}: fitted (thick) and predicted (dashed) rates")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def mor_estimators(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
+    """EM, the oracle, OLS, ridge and the trained LSA: mse against M, at the largest N and B."""
+    ev = _largest(_largest(_evals(tables, "mor", "mse"), "N"), "B")
+    ev = ev[np.isfinite(ev["M"])] if len(ev) else ev
+    if ev.empty:
+        return None
+    fig, axes = plt.subplots(1, ev["snr"].nunique(), figsize=(5 * ev["snr"].nunique(), 3.8), squeeze=False, sharey=False)
+    for i, (ax, (snr, part)) in enumerate(zip(axes[0], ev.groupby("snr"))):
+        sns.lineplot(data=part, x="M", y="value", hue="estimator", errorbar=BAND, marker="o", ax=ax, legend=i == 0)
+        ax.set(xscale="log", yscale="log", ylabel="mse", title=f"mor estimators, snr={snr}, N={part.N.iloc[0]}")
+    fig.tight_layout()
+    return fig
+
+
+def mor_em_vs_M(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
+    """Claim 1 of [J]: EM's parameter error against M; slope -1/2 (high SNR) and -1/4 (low SNR)."""
+    ev = _evals(tables, "mor", "param_error", ["em"])
+    ev = ev[np.isfinite(ev["M"])] if len(ev) else ev
+    if ev.empty:
+        return None
+    ev = ev.drop_duplicates(["seed", "M", *[g for g in GROUPS["mor"] if g in ev]])  # one row per evaluation, not per trained model
+    fig = _scaling(ev, "M", "value", GROUPS["mor"], None, "", "EM param_error", col="snr", ylabel="param_error")
+    if fig is not None:
+        for ax, (snr, part) in zip(fig.axes, ev.groupby("snr")):
+            means = part.groupby("M")["value"].mean()
+            slope = -0.5 if snr >= 2 else -0.25
+            _reference(ax, means.index, means.values, slope, f"theory: slope {slope:g}")
+            ax.legend(fontsize=7)
+    return fig
+
+
+def mor_excess_risk_vs_B(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
+    """Claim 2 of [J]: the trained LSA's population excess risk against B, slope -1/2 for reference."""
+    tr = tables.get("trials", pd.DataFrame())
+    if tr.empty or "excess_risk" not in tr:
+        return None
+    tr = tr[(tr["family"] == "mor") & (tr["status"] == "ok") & np.isfinite(tr["excess_risk"]) & (tr["excess_risk"] > 0)]
+    return _scaling(tr, "B", "excess_risk", (*GROUPS["mor"], "N"), -0.5, "theory bound: slope -1/2", "LSA excess risk over Gamma*", col="snr")
+
+
+def verdicts(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
+    """Every exponent fit beside its theory value (left) and every fitted rate beside its prediction (right)."""
+    if fits.empty:
+        return None
+    exps = fits[~fits["claim"].str.endswith("-rate")]
+    rates = fits[fits["claim"].str.endswith("-rate")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, max(3.5, 0.12 * len(exps) + 1.5)), gridspec_kw={"width_ratios": [3, 2]})
+    ax = axes[0]
+    if len(exps):
+        exps = exps.sort_values(["claim", "group"]).reset_index(drop=True)
+        colors = {"consistent": "tab:green", "steeper": "tab:blue", "shallower": "tab:red"}
+        for i, r in exps.iterrows():
+            ax.plot([r.ci_low, r.ci_high], [i, i], color=colors.get(r.verdict, "gray"), lw=2)
+            ax.plot(r.estimate, i, "o", color=colors.get(r.verdict, "gray"), ms=3)
+            ax.plot(r.theory, i, "k|", ms=8)
+        starts = exps.groupby("claim").head(1)
+        ax.set_yticks(starts.index, starts["claim"], fontsize=7)
+        ax.invert_yaxis()
+        ax.set(xlabel="exponent: fit and 95% CI (colour: verdict), theory (black tick)", title="exponent fits")
+    if len(rates):
+        sns.scatterplot(data=rates, x="theory", y="estimate", hue="family", s=12, ax=axes[1])
+        lims = [min(rates.theory.min(), rates.estimate.min()), max(rates.theory.max(), rates.estimate.max())]
+        axes[1].plot(lims, lims, "k--", lw=1)
+        axes[1].set(xlabel="predicted rho (Hessian at the optimum)", ylabel="fitted rho", title="GD rates, one point per run")
+    fig.tight_layout()
+    return fig
+
+
+FIGURES: dict[str, Callable[[Tables, pd.DataFrame], plt.Figure | None]] = {
+    "verdicts": verdicts,
+    "gmm_error_vs_N": gmm_error_vs_N,
+    "gmm_error_vs_M": gmm_error_vs_M,
+    "gmm_estimators": gmm_estimators,
+    "gd_curves": gd_curves,
+    "mor_estimators": mor_estimators,
+    "mor_em_vs_M": mor_em_vs_M,
+    "mor_excess_risk_vs_B": mor_excess_risk_vs_B,
+}

@@ -1,0 +1,197 @@
+"""The report: one self-contained HTML page and a Markdown summary, built from the store alone.
+
+    from analysis.report import build
+    built = build("results", "results/report")   # reads the tables and the `fits` table
+
+Sections: the sweeps covered, the verdict table, every claim's fits (fitted value, interval and
+theory side by side), the claims skipped and why, and the figures of `analysis.plots` (PNG files
+in `<out>/figures/`, embedded in the HTML, linked from the Markdown).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from analysis import plots
+from analysis.claims import CLAIMS, read_fits
+from analysis.load import load
+
+VERDICTS = ("consistent", "steeper", "shallower")
+RATE_ROWS = 12  # rate claims have a row per run: the report shows a summary and this many rows
+
+
+@dataclass
+class Built:
+    html: Path
+    markdown: Path
+    figures: dict[str, Path]
+    skipped_files: list[str] = field(default_factory=list)
+
+
+def _groups(rows: pd.DataFrame) -> pd.Series:
+    """Each row's group as 'k=v ...' over the fields that vary among the rows (all of them if none do)."""
+    parsed = rows["group"].map(json.loads)
+    keys = sorted({k for g in parsed for k in g})
+    vary = [k for k in keys if len({json.dumps(g.get(k)) for g in parsed}) > 1] or keys
+    return parsed.map(lambda g: " ".join(f"{k}={g.get(k)}" for k in vary if k != "run_id") or "-")
+
+
+def _fmt(x: float) -> str:
+    return "nan" if not np.isfinite(x) else f"{x:.4g}" if abs(x) < 1e4 else f"{x:.3e}"
+
+
+def claim_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """One claim's fits for display: group, estimate [CI], theory, verdict, window, points, excluded."""
+    return pd.DataFrame(
+        {
+            "group": _groups(rows).to_numpy(),
+            "estimate": rows["estimate"].map(_fmt).to_numpy(),
+            "95% CI": [f"[{_fmt(lo)}, {_fmt(hi)}]" for lo, hi in zip(rows["ci_low"], rows["ci_high"])],
+            "theory": rows["theory"].map(_fmt).to_numpy(),
+            "verdict": rows["verdict"].to_numpy(),
+            "window": rows["window"].to_numpy(),
+            "points": rows["n_points"].to_numpy(),
+            "excluded": rows["excluded"].to_numpy(),
+        }
+    )
+
+
+def verdict_table(fits: pd.DataFrame) -> pd.DataFrame:
+    """Per claim: the theory, how many fits gave each verdict, and the median estimate."""
+    described = {c.name: c for c in CLAIMS}
+    out = []
+    for name, rows in fits.groupby("claim", sort=False):
+        claim = described.get(name)
+        theory = "rho_theory per run" if claim is not None and claim.law == "rate" else _fmt(rows["theory"].iloc[0])
+        counts = rows["verdict"].value_counts()
+        out.append({"claim": name, "metric vs x": f"{rows['metric'].iloc[0]} vs {rows['x'].iloc[0]}", "theory": theory, "fits": len(rows), **{v: int(counts.get(v, 0)) for v in VERDICTS}, "median estimate": _fmt(rows["estimate"].median())})
+    return pd.DataFrame(out)
+
+
+def rate_summary(rows: pd.DataFrame) -> str:
+    """A rate claim in one sentence: agreement of fitted and predicted log-rates over its runs."""
+    ratio = np.log(rows["estimate"]) / np.log(rows["theory"])
+    return (
+        f"{len(rows)} curves; fitted log rho / predicted log rho: median {ratio.median():.5f}, "
+        f"5-95% {ratio.quantile(0.05):.5f} to {ratio.quantile(0.95):.5f} (1 = the Hessian's local rate; "
+        f"> 1 = faster, as before the slowest direction dominates); median R^2 {rows['r2'].median():.6f}."
+    )
+
+
+def coverage(trials: pd.DataFrame) -> pd.DataFrame:
+    """Runs per family, sweep and status."""
+    table = trials.value_counts(["family", "sweep", "status"]).unstack("status", fill_value=0).reset_index()
+    table.columns.name = None
+    return table
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
+th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}code{background:#f5f5f5;padding:0 3px}
+.consistent{color:#1a7f37}.steeper{color:#0550ae}.shallower{color:#cf222e}"""
+
+
+def build(store: str | os.PathLike, out: str | os.PathLike) -> Built:
+    """Write `<out>/report.html`, `<out>/report.md` and `<out>/figures/*.png`; returns their paths.
+
+    Raises analysis.load.StoreReadError for a store that cannot be analysed or has no fits yet.
+    """
+    loaded = load(store)
+    fits, skipped = read_fits(store)
+    out = Path(out)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    figures: dict[str, Path] = {}
+    for name, draw in plots.FIGURES.items():
+        fig = draw(loaded.tables, fits)
+        if fig is not None:
+            figures[name] = _save(fig, out / "figures" / f"{name}.png")
+
+    trials = loaded["trials"]
+    cov = coverage(trials)
+    verdicts = verdict_table(fits) if len(fits) else pd.DataFrame()
+    described = {c.name: c for c in CLAIMS}
+    versions = ", ".join(sorted(trials["code_version"].dropna().unique()))
+    md = [f"# icl-study report: `{Path(store)}`", "", f"{len(trials)} runs; code {versions}.", "", "## Sweeps covered", "", cov.to_markdown(index=False), ""]
+    body = [f"<h1>icl-study report: <code>{html.escape(str(store))}</code></h1>", f"<p>{len(trials)} runs; code {html.escape(versions)}.</p>", "<h2>Sweeps covered</h2>", cov.to_html(index=False)]
+    excluded = int(fits.groupby("claim")["excluded"].max().sum()) if len(fits) else 0
+    legend = (
+        "Verdicts compare the fitted exponent's 95% CI with the theory's: `consistent` (theory inside), "
+        "`steeper` (faster decay, or faster convergence for a rate), `shallower` (slower). Most claims are "
+        "O() upper bounds, which a `steeper` fit respects; `shallower` is what would contradict them. "
+        f"Runs not `ok` and NaN or non-positive values are excluded from fits and counted ({excluded} in all)."
+    )
+    md += ["## Verdicts", "", legend, "", verdicts.to_markdown(index=False) if len(verdicts) else "No fits.", ""]
+    body += ["<h2>Verdicts</h2>", f"<p>{html.escape(legend)}</p>", verdicts.to_html(index=False) if len(verdicts) else "<p>No fits.</p>"]
+    if "verdicts" in figures:
+        md += ["![verdicts](figures/verdicts.png)", ""]
+        body += [_img(figures["verdicts"])]
+
+    md += ["## Claims", ""]
+    body += ["<h2>Claims</h2>"]
+    for name, rows in fits.groupby("claim", sort=False) if len(fits) else []:
+        claim = described.get(name)
+        title = f"{name}: {claim.description}" if claim else name
+        table = claim_table(rows)
+        md += [f"### {title}", ""]
+        body += [f"<h3>{html.escape(title)}</h3>"]
+        if claim is not None and claim.law == "rate":
+            summary = rate_summary(rows)
+            md += [summary, "", f"First {RATE_ROWS} of {len(rows)} rows (all in the `fits` table):", ""]
+            body += [f"<p>{html.escape(summary)}</p>"]
+            table_md = table.head(RATE_ROWS)
+        else:
+            table_md = table
+        md += [table_md.to_markdown(index=False), ""]
+        body += [f"<details{' open' if len(table) <= 40 else ''}><summary>{len(table)} fits</summary>", _html_table(table), "</details>"]
+    if skipped:
+        md += ["## Claims skipped", "", *[f"- **{n}**: {r}" for n, r in skipped], ""]
+        body += ["<h2>Claims skipped</h2><ul>", *[f"<li><b>{html.escape(n)}</b>: {html.escape(r)}</li>" for n, r in skipped], "</ul>"]
+    if loaded.skipped:
+        md += ["## Unreadable files (skipped)", "", *[f"- {s}" for s in loaded.skipped], ""]
+        body += ["<h2>Unreadable files (skipped)</h2><ul>", *[f"<li>{html.escape(s)}</li>" for s in loaded.skipped], "</ul>"]
+    md += ["## Figures", ""]
+    body += ["<h2>Figures</h2>"]
+    for name, path in figures.items():
+        if name == "verdicts":
+            continue
+        doc = (plots.FIGURES[name].__doc__ or name).strip()
+        md += [f"**{name}**: {doc}", "", f"![{name}](figures/{path.name})", ""]
+        body += [f"<h3>{html.escape(name)}</h3><p>{html.escape(doc)}</p>", _img(path)]
+
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>icl-study report</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>"
+    _write(out / "report.html", page)
+    _write(out / "report.md", "\n".join(md))
+    return Built(out / "report.html", out / "report.md", figures, loaded.skipped)
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f"<img alt='{path.stem}' src='data:image/png;base64,{data}'>"
+
+
+def _html_table(table: pd.DataFrame) -> str:
+    styled = table.assign(group=table["group"].map(html.escape), verdict=[f"<span class='{v}'>{v}</span>" for v in table["verdict"]])
+    return styled.to_html(index=False, escape=False)
