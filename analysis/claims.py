@@ -28,9 +28,11 @@ GROUPS = {"gmm": GMM_TASK, "mor": MOR_TASK}
 class Claim:
     """One testable claim: `metric` of `table` against `x`, per group, in the regime `where`.
 
-    law: `power` (log-log slope), `floor` (power law with a floor) or `rate` (the per-run linear
-    rate of a training curve against the run's `rho_theory`; `theory` is then NaN: it is a column).
-    Verdicts compare exponents; a rate is compared as log rho, so `steeper` means faster.
+    law: `power` (log-log slope), `floor` (power law with a floor), `rate` (the per-run linear
+    rate of a training curve against the run's `rho_theory`; `theory` is then NaN: it is a column)
+    or `compare` (log of `estimator`'s metric over `baseline`'s, per test length; theory 0).
+    Verdicts compare exponents; a rate is compared as log rho, so `steeper` means faster; a
+    comparison is `consistent` or `worse` (`fits.verdict_compare`).
     """
 
     name: str
@@ -44,7 +46,8 @@ class Claim:
     estimator: str | None = None  # evals: whose rows
     where: dict[str, Callable[[pd.Series], pd.Series]] = field(default_factory=dict)
     x_min: float = 0.0
-    law: str = "power"  # power | floor | rate
+    law: str = "power"  # power | floor | rate | compare
+    baseline: str | None = None  # compare: the estimator `estimator` is set against
 
 
 _inf = {"M": lambda s: np.isinf(s)}
@@ -71,8 +74,8 @@ CLAIMS: tuple[Claim, ...] = (
         "evals", "tv_error", "N", -1.0, GMM_TASK, estimator="lsa", where=_inf,
     ),
     Claim(
-        "gmm-3-error-vs-M", "gmm", "tv_error of the trained LSA falls like 1/sqrt(M) towards a floor (fixed N)",
-        "evals", "tv_error", "M", -0.5, (*GMM_TASK, "N"), estimator="lsa", where=_finite, law="floor",
+        "gmm-3-error-vs-M", "gmm", "tv_error of the trained LSA falls like 1/sqrt(M) towards a floor at fixed large N (asymptotic window N >= 50, M >= 16)",
+        "evals", "tv_error", "M", -0.5, (*GMM_TASK, "N"), estimator="lsa", where={"N": lambda s: s >= 50, **_finite}, x_min=16, law="floor",
     ),
     Claim(
         "gmm-3-error-vs-c", "gmm", "tv_error at M = inf is O(c^2/N): grows at most like c^2 at fixed N",
@@ -107,45 +110,86 @@ CLAIMS: tuple[Claim, ...] = (
         "mor-3-optimum-vs-B", "mor", "the empirical optimum approaches Gamma* like 1/sqrt(B)",
         "trials", "opt_dist_theory", "B", -0.5, (*MOR_TASK, "N"), where={"opt_converged": lambda s: s.astype(bool), **_reduced},
     ),
+    Claim(
+        "mor-4-lsa-vs-em", "mor", "the trained model matches or beats EM (mse, paired prompts), most of all at small M and low SNR",
+        "evals", "mse", "M", 0.0, (*MOR_TASK, "N", "B", "param"), estimator="lsa", baseline="em", where=_finite, law="compare",
+    ),
 )
 
 NOISE = 1e-12  # subopt below NOISE * max(1, |opt_loss|) is float noise: the rate window ends there
 
 
-def _select(claim: Claim, tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """The claim's rows in its regime, with the metric as column `y` (empty when the store lacks them)."""
+def _select(claim: Claim, tables: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, str]:
+    """The claim's rows in its regime with the metric as column `y`, or no rows and the reason."""
     df = tables.get(claim.table, pd.DataFrame())
     if df.empty or "family" not in df:
-        return pd.DataFrame()
+        return pd.DataFrame(), f"the store has no {claim.table} table"
+    needed = [claim.x, "status", "seed", *(("rho_theory", "opt_loss", "run_id", "step") if claim.law == "rate" else ())]
+    needed += ["metric", "estimator", "value"] if claim.table == "evals" else [claim.metric]
+    missing = [c for c in needed if c not in df]
+    if missing:
+        return pd.DataFrame(), f"the {claim.table} table has no column {', '.join(missing)}"
     df = df[df["family"] == claim.family]
     if claim.table == "evals":
-        df = df[(df["metric"] == claim.metric) & (df["estimator"] == claim.estimator)]
+        df = df[(df["metric"] == claim.metric) & df["estimator"].isin([claim.estimator, claim.baseline])]
         df = df.assign(y=df["value"])
-    elif claim.metric in df:
-        df = df.assign(y=df[claim.metric])
     else:
-        return pd.DataFrame()
+        df = df.assign(y=df[claim.metric])
     for column, test in claim.where.items():
         if column in df and len(df):
             df = df[test(df[column]).to_numpy()]
-    return df[df[claim.x] >= claim.x_min] if len(df) else df
+    df = df[df[claim.x] >= claim.x_min] if len(df) else df
+    where = f" for {claim.estimator}" if claim.estimator else ""
+    return df, "" if len(df) else f"no {claim.family} rows of {claim.table}.{claim.metric}{where} in this regime"
 
 
-def _rows(claim: Claim, tables: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, int]:
-    """The claim's data points (value, x, seed, group fields), and how many were excluded
-    (runs not `ok`, and NaN, infinite or non-positive values)."""
-    df = _select(claim, tables)
+def _rows(claim: Claim, tables: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, int, str]:
+    """The claim's data points (value, x, seed, group fields), how many were excluded (runs not
+    `ok`, NaN, infinite or non-positive values), and why there are none when there are none."""
+    df, why = _select(claim, tables)
     if df.empty:
-        return df, 0
+        return df, 0, why
     ok = (df["status"] == "ok") & np.isfinite(df["y"].astype(float)) & (df["y"] > 0)
-    return df[ok], int((~ok).sum())
+    excluded = int((~ok).sum())
+    return df[ok], excluded, "" if ok.any() else f"all {excluded} rows excluded (runs not ok, or NaN or non-positive values)"
+
+
+def _verdict(claim: Claim, fit: fits.Estimate, theory: float) -> str:
+    if claim.law == "compare":
+        return fits.verdict_compare(fit.ci_low)
+    if claim.law == "rate":
+        return fits.verdict(np.log(theory), np.log(fit.ci_low), np.log(fit.ci_high))
+    return fits.verdict(theory, fit.ci_low, fit.ci_high)
+
+
+def _evaluate_compare(claim: Claim, data: pd.DataFrame, excluded: int, rows: list, skipped: list) -> None:
+    """One row per group and test length: log(metric of estimator / metric of baseline), paired by seed."""
+    group = [g for g in (*claim.group, claim.x) if g in data and data[g].notna().any()]
+    pairs = data.pivot_table(index=[*group, "seed"], columns="estimator", values="y", aggfunc="mean", dropna=False)
+    if claim.estimator not in pairs or claim.baseline not in pairs:
+        skipped.append((claim.name, f"needs rows of both {claim.estimator} and {claim.baseline}"))
+        return
+    pairs = pairs[[claim.estimator, claim.baseline]].dropna().reset_index()
+    reasons: dict[str, int] = {}
+    for key, part in pairs.groupby(group, sort=True):
+        labels = {g: (v.item() if hasattr(v, "item") else v) for g, v in zip(group, key)}
+        try:
+            fit = fits.log_ratio(part[claim.estimator], part[claim.baseline], part["seed"])
+        except fits.FitError as err:
+            reasons[str(err)] = reasons.get(str(err), 0) + 1
+            continue
+        row = _row(claim, labels, fit, claim.theory, excluded)
+        rows.append({**row, "window": f"{claim.x}={labels[claim.x]:g}"})
+    skipped.extend((claim.name, f"{n} group(s): {reason}") for reason, n in reasons.items())
+    if not pairs.size:
+        skipped.append((claim.name, f"no seed has both {claim.estimator} and {claim.baseline} rows"))
 
 
 def _row(claim: Claim, labels: dict[str, Any], fit: fits.Estimate, theory: float, excluded: int) -> dict[str, Any]:
     return dict(
         family=claim.family, claim=claim.name, x=claim.x, metric=claim.metric, group=json.dumps(labels, default=str, sort_keys=True),
         estimate=fit.estimate, ci_low=fit.ci_low, ci_high=fit.ci_high, theory=theory,
-        verdict=fits.verdict(*((np.log(theory), np.log(fit.ci_low), np.log(fit.ci_high)) if claim.law == "rate" else (theory, fit.ci_low, fit.ci_high))),
+        verdict=_verdict(claim, fit, theory),
         window=f"{fit.window[0]:g}..{fit.window[1]:g}",
         n_points=fit.n_points, method=fit.method, excluded=excluded, r2=fit.r2,
     )
@@ -153,13 +197,13 @@ def _row(claim: Claim, labels: dict[str, Any], fit: fits.Estimate, theory: float
 
 def _evaluate_rate(claim: Claim, tables: dict[str, pd.DataFrame], rows: list, skipped: list) -> None:
     """One row per training curve: the fitted rho beside the run's own `rho_theory`."""
-    df = _select(claim, tables)
+    df, why = _select(claim, tables)
     if df.empty:
-        skipped.append((claim.name, f"no {claim.family} training curves in the store"))
+        skipped.append((claim.name, why))
         return
     runs = df.groupby("run_id", sort=True)
     bad = {rid for rid, part in runs if not (part["status"].iloc[0] == "ok" and np.isfinite(part["rho_theory"].iloc[0]) and np.isfinite(part["opt_loss"].iloc[0]))}
-    reasons: dict[str, int] = {}
+    too_fast = 0
     for rid, part in runs:
         if rid in bad:
             continue
@@ -168,13 +212,13 @@ def _evaluate_rate(claim: Claim, tables: dict[str, pd.DataFrame], rows: list, sk
         try:
             fit = fits.rate(part["step"], part["y"], floor=NOISE * max(1.0, abs(float(first["opt_loss"]))), squared=True)
         except fits.FitError:
-            reasons["fewer than 3 logged points above the float-noise floor"] = reasons.get("fewer than 3 logged points above the float-noise floor", 0) + 1
+            too_fast += 1
             continue
         labels = {g: (first[g].item() if hasattr(first[g], "item") else first[g]) for g in ("run_id", "seed", *GROUPS[claim.family], "N", "lr") if g in first}
         rows.append(_row(claim, labels, fit, float(first["rho_theory"]), len(bad)))
-    for reason, count in reasons.items():
-        skipped.append((claim.name, f"{count} curves: {reason} (GD converged too fast for the logging interval; log more often)"))
-    if not any(r["claim"] == claim.name for r in rows) and not reasons:
+    if too_fast:
+        skipped.append((claim.name, f"{too_fast} curves: fewer than 3 logged points above the float-noise floor (GD converged too fast for the logging interval; log more often)"))
+    if not any(r["claim"] == claim.name for r in rows) and not too_fast:
         skipped.append((claim.name, f"no usable curves ({len(bad)} runs not ok or without a predicted rate)"))
 
 
@@ -186,9 +230,12 @@ def evaluate(tables: dict[str, pd.DataFrame], claims: tuple[Claim, ...] = CLAIMS
         if claim.law == "rate":
             _evaluate_rate(claim, tables, rows, skipped)
             continue
-        data, excluded = _rows(claim, tables)
+        data, excluded, why = _rows(claim, tables)
         if data.empty:
-            skipped.append((claim.name, f"no {claim.family} rows of {claim.table}.{claim.metric}" + (f" for {claim.estimator}" if claim.estimator else "") + " in this regime"))
+            skipped.append((claim.name, why))
+            continue
+        if claim.law == "compare":
+            _evaluate_compare(claim, data, excluded, rows, skipped)
             continue
         group = [g for g in claim.group if g in data and data[g].notna().any()]
         fitted, reasons = 0, {}

@@ -8,6 +8,8 @@
   interval is the t-interval of the slope, widened to take in the slope of the window's later half
   (a curve whose local rate is still drifting is not given a falsely tight interval); the window
   and R^2 are part of the result.
+- `log_ratio`: a model's error against a baseline's on the same prompts (paired by seed), as the
+  mean log ratio with a seed-bootstrap CI; `verdict_compare` reads it.
 - `verdict`: the theory exponent against the interval.
 """
 
@@ -130,6 +132,25 @@ def rate(steps, values, floor: float = 1e-13, start: float | None = None, square
     power = 0.5 if squared else 1.0
     rho = lambda s: float(np.exp(power * s))  # noqa: E731
     return Estimate(rho(res.slope), rho(lo), rho(hi), len(t), (float(t[0]), float(t[-1])), "log-linear-ols+late-half", float(res.rvalue**2))
+
+
+def log_ratio(a, b, seed, rng: np.random.Generator | None = None) -> Estimate:
+    """Mean over seeds of log(a / b) for paired values (same seed, same prompts), seed-bootstrap CI."""
+    a, b, seed = (np.asarray(v, dtype=float) for v in (a, b, seed))
+    if len(np.unique(seed)) < 2:
+        raise FitError("needs at least 2 seeds for a bootstrap interval")
+    if np.any(a <= 0) or np.any(b <= 0):
+        raise FitError("a log ratio needs positive values")
+    r = np.log(a / b)
+    boot = (rng or np.random.default_rng(0)).choice(r, size=(BOOTSTRAP, len(r))).mean(axis=1)
+    lo, hi = np.quantile(boot, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    return Estimate(float(r.mean()), float(lo), float(hi), len(r), (float("nan"), float("nan")), "paired-log-ratio+seed-bootstrap")
+
+
+def verdict_compare(ci_low: float) -> str:
+    """A model against a baseline (log ratio of errors): `consistent` when it matches or beats the
+    baseline (the CI reaches 0 or below), `worse` when its error is larger beyond the CI."""
+    return "consistent" if ci_low <= 0 else "worse"
 
 
 def verdict(theory: float, ci_low: float, ci_high: float) -> str:

@@ -17,6 +17,7 @@ import pyarrow.dataset as ds
 
 SCHEMA_VERSION = 2  # the store schema this analysis reads (pipelines.store.SCHEMA_VERSION)
 TABLES = ("trials", "curves", "evals", "params")
+REQUIRED = ("run_id", "status", "seed", "schema_version")  # trials columns the analysis cannot do without
 
 
 class StoreReadError(ValueError):
@@ -76,6 +77,9 @@ def load(store: str | os.PathLike, tables: tuple[str, ...] = TABLES, filters: di
     trials = _read(root, "trials", filters, skipped)
     if trials.empty:
         raise StoreReadError(f"{root}: the store has no readable runs" + (f" ({len(skipped)} files skipped)" if skipped else ""))
+    missing = [c for c in REQUIRED if c not in trials]
+    if missing:
+        raise StoreReadError(f"{root}: the trials table has no column {', '.join(missing)}: not a store of icl-study schema {SCHEMA_VERSION}")
     versions = set(trials["schema_version"].dropna().astype(int))
     if versions != {SCHEMA_VERSION}:
         raise StoreReadError(f"{root}: schema version {sorted(versions)}, this analysis reads version {SCHEMA_VERSION}")

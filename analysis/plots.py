@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from analysis.claims import GROUPS  # noqa: E402
+from analysis.claims import CLAIMS, GROUPS  # noqa: E402
 
 MAX_LINES = 8
 BAND = ("ci", 95)
@@ -119,7 +119,7 @@ def gmm_estimators(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
 def gd_curves(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
     """Claims [S] 1 and [J] 3: subopt against the step for a few runs, with the fitted and predicted rates."""
     cu = tables.get("curves", pd.DataFrame())
-    rates = fits[fits["claim"].str.endswith("-rate")] if len(fits) else pd.DataFrame()
+    rates = fits[fits["claim"].isin([c.name for c in CLAIMS if c.law == "rate"])] if len(fits) else pd.DataFrame()
     if cu.empty or rates.empty:
         return None
     rates = rates.assign(run_id=rates["group"].map(lambda g: json.loads(g)["run_id"]), seed=rates["group"].map(lambda g: json.loads(g)["seed"]))
@@ -182,12 +182,32 @@ def mor_excess_risk_vs_B(tables: Tables, fits: pd.DataFrame) -> plt.Figure | Non
     return _scaling(tr, "B", "excess_risk", (*GROUPS["mor"], "N"), -0.5, "theory bound: slope -1/2", "LSA excess risk over Gamma*", col="snr")
 
 
+def mor_lsa_vs_em(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
+    """Claim 4 of [J]: log(mse of the trained LSA / mse of EM) by test length, training N and SNR
+    (mean over seeds and B; below 0, in blue, the LSA wins); the `mor-4-lsa-vs-em` fits."""
+    rows = fits[fits["claim"] == "mor-4-lsa-vs-em"] if len(fits) else pd.DataFrame()
+    if rows.empty:
+        return None
+    g = rows["group"].map(json.loads)
+    rows = rows.assign(M=g.map(lambda v: v["M"]), N=g.map(lambda v: v.get("N")), snr=g.map(lambda v: v.get("snr")))
+    snrs = sorted(rows["snr"].unique())
+    fig, axes = plt.subplots(1, len(snrs), figsize=(4.5 * len(snrs), 3.2), squeeze=False)
+    bound = float(np.nanmax(np.abs(rows["estimate"]))) or 1.0
+    for ax, snr in zip(axes[0], snrs):
+        table = rows[rows["snr"] == snr].pivot_table(index="N", columns="M", values="estimate", aggfunc="mean")
+        table.columns = [f"{m:g}" for m in table.columns]
+        sns.heatmap(table, annot=True, fmt=".2f", cmap="coolwarm", vmin=-bound, vmax=bound, ax=ax, cbar=ax is axes[0][-1])
+        ax.set(title=f"log(mse LSA / mse EM), snr={snr:g}", xlabel="test length M", ylabel="training N")
+    fig.tight_layout()
+    return fig
+
+
 def verdicts(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
     """Every exponent fit beside its theory value (left) and every fitted rate beside its prediction (right)."""
     if fits.empty:
         return None
-    exps = fits[~fits["claim"].str.endswith("-rate")]
-    rates = fits[fits["claim"].str.endswith("-rate")]
+    law = fits["claim"].map({c.name: c.law for c in CLAIMS}).fillna("power")
+    exps, rates = fits[law.isin(["power", "floor"])], fits[law == "rate"]
     fig, axes = plt.subplots(1, 2, figsize=(11, max(3.5, 0.12 * len(exps) + 1.5)), gridspec_kw={"width_ratios": [3, 2]})
     ax = axes[0]
     if len(exps):
@@ -218,5 +238,6 @@ FIGURES: dict[str, Callable[[Tables, pd.DataFrame], plt.Figure | None]] = {
     "gd_curves": gd_curves,
     "mor_estimators": mor_estimators,
     "mor_em_vs_M": mor_em_vs_M,
+    "mor_lsa_vs_em": mor_lsa_vs_em,
     "mor_excess_risk_vs_B": mor_excess_risk_vs_B,
 }

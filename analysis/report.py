@@ -25,7 +25,7 @@ from analysis import plots
 from analysis.claims import CLAIMS, read_fits
 from analysis.load import load
 
-VERDICTS = ("consistent", "steeper", "shallower")
+VERDICTS = ("consistent", "steeper", "shallower", "worse")
 RATE_ROWS = 12  # rate claims have a row per run: the report shows a summary and this many rows
 
 
@@ -42,21 +42,23 @@ def _groups(rows: pd.DataFrame) -> pd.Series:
     parsed = rows["group"].map(json.loads)
     keys = sorted({k for g in parsed for k in g})
     vary = [k for k in keys if len({json.dumps(g.get(k)) for g in parsed}) > 1] or keys
-    return parsed.map(lambda g: " ".join(f"{k}={g.get(k)}" for k in vary if k != "run_id") or "-")
+    show = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731  (2.0 -> 2)
+    return parsed.map(lambda g: " ".join(f"{k}={show(g.get(k))}" for k in vary if k != "run_id") or "-")
 
 
-def _fmt(x: float) -> str:
-    return "nan" if not np.isfinite(x) else f"{x:.4g}" if abs(x) < 1e4 else f"{x:.3e}"
+def _fmt(x: float, digits: int = 4) -> str:
+    return "nan" if not np.isfinite(x) else f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:.3e}"
 
 
-def claim_table(rows: pd.DataFrame) -> pd.DataFrame:
+def claim_table(rows: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
     """One claim's fits for display: group, estimate [CI], theory, verdict, window, points, excluded."""
+    fmt = lambda x: _fmt(x, digits)  # noqa: E731
     return pd.DataFrame(
         {
             "group": _groups(rows).to_numpy(),
-            "estimate": rows["estimate"].map(_fmt).to_numpy(),
-            "95% CI": [f"[{_fmt(lo)}, {_fmt(hi)}]" for lo, hi in zip(rows["ci_low"], rows["ci_high"])],
-            "theory": rows["theory"].map(_fmt).to_numpy(),
+            "estimate": rows["estimate"].map(fmt).to_numpy(),
+            "95% CI": [f"[{fmt(lo)}, {fmt(hi)}]" for lo, hi in zip(rows["ci_low"], rows["ci_high"])],
+            "theory": rows["theory"].map(fmt).to_numpy(),
             "verdict": rows["verdict"].to_numpy(),
             "window": rows["window"].to_numpy(),
             "points": rows["n_points"].to_numpy(),
@@ -71,7 +73,8 @@ def verdict_table(fits: pd.DataFrame) -> pd.DataFrame:
     out = []
     for name, rows in fits.groupby("claim", sort=False):
         claim = described.get(name)
-        theory = "rho_theory per run" if claim is not None and claim.law == "rate" else _fmt(rows["theory"].iloc[0])
+        law = claim.law if claim is not None else "power"
+        theory = {"rate": "rho_theory per run", "compare": "log ratio <= 0"}.get(law, _fmt(rows["theory"].iloc[0]))
         counts = rows["verdict"].value_counts()
         out.append({"claim": name, "metric vs x": f"{rows['metric'].iloc[0]} vs {rows['x'].iloc[0]}", "theory": theory, "fits": len(rows), **{v: int(counts.get(v, 0)) for v in VERDICTS}, "median estimate": _fmt(rows["estimate"].median())})
     return pd.DataFrame(out)
@@ -141,6 +144,8 @@ def build(store: str | os.PathLike, out: str | os.PathLike) -> Built:
         "Verdicts compare the fitted exponent's 95% CI with the theory's: `consistent` (theory inside), "
         "`steeper` (faster decay, or faster convergence for a rate), `shallower` (slower). Most claims are "
         "O() upper bounds, which a `steeper` fit respects; `shallower` is what would contradict them. "
+        "A comparison (log of the model's error over the baseline's) is `consistent` when the model matches "
+        "or beats the baseline and `worse` otherwise. "
         f"Runs not `ok` and NaN or non-positive values are excluded from fits and counted ({excluded} in all)."
     )
     md += ["## Verdicts", "", legend, "", verdicts.to_markdown(index=False) if len(verdicts) else "No fits.", ""]
@@ -154,10 +159,11 @@ def build(store: str | os.PathLike, out: str | os.PathLike) -> Built:
     for name, rows in fits.groupby("claim", sort=False) if len(fits) else []:
         claim = described.get(name)
         title = f"{name}: {claim.description}" if claim else name
-        table = claim_table(rows)
+        rate = claim is not None and claim.law == "rate"
+        table = claim_table(rows, digits=6 if rate else 4)  # rates agree to the 4th digit: show where they differ
         md += [f"### {title}", ""]
         body += [f"<h3>{html.escape(title)}</h3>"]
-        if claim is not None and claim.law == "rate":
+        if rate:
             summary = rate_summary(rows)
             md += [summary, "", f"First {RATE_ROWS} of {len(rows)} rows (all in the `fits` table):", ""]
             body += [f"<p>{html.escape(summary)}</p>"]

@@ -124,3 +124,125 @@ def test_fit_verb_writes_the_fits_table(store, tmp_path):
     assert {"claim", "estimate", "ci_low", "ci_high", "theory", "verdict", "window", "n_points", "method", "group", "family"} <= set(fits_table.columns)
     assert "skipped" in result.output
     assert CliRunner().invoke(app, ["fit", "--store", str(tmp_path / "none")]).exit_code == 2
+
+
+def _curves(rho_true, rho_theory, runs=3, status="ok", steps=300, every=10, floor=1e-15):
+    """Synthetic training curves subopt_t = rho^(2t) above a float-noise floor, with their trials rows."""
+    rng = np.random.default_rng(5)
+    trials, curves = [], []
+    for seed in range(runs):
+        rid = f"{status}-{rho_true}-{seed}"
+        trials.append(dict(family="mor", run_id=rid, seed=seed, N=10, d=2, K=2, snr=1.0, lr=0.1, status=status, rho_theory=rho_theory, opt_loss=1.0))
+        t = np.arange(0, steps + 1, every)
+        v = rho_true ** (2 * t) * np.exp(0.01 * rng.standard_normal(len(t)))
+        curves += [dict(run_id=rid, step=int(s), subopt=float(max(x, floor * rng.random()))) for s, x in zip(t, v)]
+    trials = pd.DataFrame(trials)
+    return trials, pd.DataFrame(curves).merge(trials, on="run_id")
+
+
+def test_rate_claim_sets_the_fitted_rate_beside_the_predicted_one():
+    rate_claim = tuple(c for c in claims.CLAIMS if c.name == "mor-3-rate")
+    good_t, good_c = _curves(0.96, 0.96)
+    slow_t, slow_c = _curves(0.98, 0.96)  # slower than predicted: what would contradict the theory
+    bad_t, bad_c = _curves(0.96, 0.96, runs=2, status="diverged")
+    fast_t, fast_c = _curves(0.5, 0.5, runs=1)  # at the floor within 3 logged points
+    rows, skipped = claims.evaluate({"trials": pd.concat([good_t, slow_t, bad_t, fast_t]), "curves": pd.concat([good_c, slow_c, bad_c, fast_c])}, rate_claim)
+    assert len(rows) == 6 and (rows["excluded"] == 2).all()
+    verdicts = rows.set_index(rows["group"].map(lambda g: json.loads(g)["run_id"]))["verdict"]
+    assert (verdicts[verdicts.index.str.startswith("ok-0.96")] == "consistent").all()
+    assert (verdicts[verdicts.index.str.startswith("ok-0.98")] == "shallower").all()
+    good = rows[rows["theory"] == 0.96].iloc[0]
+    assert abs(good["estimate"] - 0.96) < 1e-3 and good["r2"] > 0.99 and good["window"].startswith("1")
+    assert any("1 curves: fewer than 3 logged points" in reason for _, reason in skipped)
+
+
+def test_missing_columns_are_said_not_crashed_on(store, tmp_path):
+    trials = _synthetic(-1.0).drop(columns=["opt_dist_theory"])
+    rows, skipped = claims.evaluate({"trials": trials, "evals": pd.DataFrame()})
+    assert rows.empty and ("gmm-2-optimum-vs-N", "the trials table has no column opt_dist_theory") in skipped
+    import pyarrow.parquet as pq
+
+    src = next((store / "trials").glob("family=gmm/part-*.parquet"))
+    (tmp_path / "bare" / "trials" / "family=gmm").mkdir(parents=True)
+    pq.write_table(pq.read_table(src).drop(["schema_version"]), tmp_path / "bare" / "trials" / "family=gmm" / src.name)
+    with pytest.raises(StoreReadError, match="no column schema_version"):
+        load(tmp_path / "bare")
+
+
+def test_nan_values_are_excluded_and_counted():
+    trials = _synthetic(-1.0)
+    trials.loc[trials.index[:3], "opt_dist_theory"] = np.nan
+    (row,) = claims.evaluate({"trials": trials, "evals": pd.DataFrame()})[0].to_dict("records")
+    assert row["excluded"] == 3 and row["verdict"] == "consistent"
+    trials["opt_dist_theory"] = np.nan
+    rows, skipped = claims.evaluate({"trials": trials, "evals": pd.DataFrame()})
+    assert rows.empty and ("gmm-2-optimum-vs-N", "all 30 rows excluded (runs not ok, or NaN or non-positive values)") in skipped
+
+
+@pytest.fixture(scope="module")
+def rich_store(tmp_path_factory):
+    """A small store with data for every figure: N, M and B levels, both families, logged curves."""
+    root = tmp_path_factory.mktemp("rich")
+    sweep = parse(
+        {
+            "name": "rich",
+            "seeds": 2,
+            "parts": [
+                {"family": "gmm", "fixed": {"d": 2, "snr": 1.0, "lr": 2.0, "steps": 30, "log_every": 2, "B": 256, "M": [4, 16, 64, "inf"], "n_eval": 64}, "grid": {"N": [5, 20, 80]}},
+                {
+                    "family": "mor",
+                    "fixed": {"d": 2, "snr": 2.0, "sigma": 0.5, "lr": 0.1, "steps": 30, "log_every": 2, "N": 5, "M": [4, 8, 16, "inf"], "n_eval": 32, "em_iters": 5},
+                    "grid": {"B": [64, 128, 256]},
+                },
+            ],
+        }
+    )
+    for b in sweep.bundles():
+        execute_bundle(b.to_payload(), str(root), "rich", "test", "cpu")
+    return root
+
+
+def test_report_builds_every_figure_from_a_small_store(rich_store, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from analysis.plots import FIGURES
+    from pipelines.cli import app
+
+    store = tmp_path / "s"
+    shutil.copytree(rich_store, store)
+    runner = CliRunner()
+    no_fits = runner.invoke(app, ["report", "--store", str(store)])
+    assert no_fits.exit_code == 2 and "icl-study fit" in no_fits.output
+    assert runner.invoke(app, ["fit", "--store", str(store)]).exit_code == 0
+    result = runner.invoke(app, ["report", "--store", str(store), "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    assert f"report: {tmp_path / 'rep' / 'report.html'}" in result.output
+    for name in FIGURES:
+        png = tmp_path / "rep" / "figures" / f"{name}.png"
+        assert png.is_file() and png.stat().st_size > 5000, name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(FIGURES) and "Verdicts" in page and "rich" in page
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| claim" in md and "mor-3-rate" in md and all(f"figures/{n}.png" in md for n in FIGURES)
+    assert "## Claims skipped" in md  # the small store cannot support every claim: each is said
+    assert runner.invoke(app, ["report", "--store", str(tmp_path / "none")]).exit_code == 2
+
+
+def test_comparison_claim_pairs_the_model_with_the_baseline_by_seed():
+    rng = np.random.default_rng(7)
+    rows = []
+    for seed in range(6):
+        for M, factor in ((8, 0.5), (512, 1.5)):  # the model wins at small M and loses at large M
+            base = float(np.exp(rng.standard_normal()))
+            for est, v in (("em", base), ("lsa", base * factor * np.exp(0.02 * rng.standard_normal()))):
+                rows.append(dict(family="mor", run_id=f"r{seed}", seed=seed, estimator=est, metric="mse", M=float(M), value=v, status="ok", d=4, K=2, snr=1.0, N=10, B=64, param="reduced"))
+    claim = tuple(c for c in claims.CLAIMS if c.name == "mor-4-lsa-vs-em")
+    out, skipped = claims.evaluate({"evals": pd.DataFrame(rows)}, claim)
+    assert not skipped and out.set_index("window")["verdict"].to_dict() == {"M=8": "consistent", "M=512": "worse"}
+    assert out.set_index("window").loc["M=512", "estimate"] == pytest.approx(np.log(1.5), abs=0.02)
+    assert (out["n_points"] == 6).all()
+    alone, why = claims.evaluate({"evals": pd.DataFrame([r for r in rows if r["estimator"] == "lsa"])}, claim)
+    assert alone.empty and "needs rows of both lsa and em" in why[0][1]

@@ -62,3 +62,49 @@ def test_too_little_data_is_an_error_not_a_made_up_interval():
 )
 def test_verdict(theory, lo, hi, expected):
     assert fits.verdict(theory, lo, hi) == expected
+
+
+def test_rate_interval_covers_rho_at_about_the_nominal_rate():
+    rng = np.random.default_rng(3)
+    t = np.arange(0, 300, 5)
+    hits = []
+    for _ in range(200):
+        v = laws.linear_rate(t, 0.0, 0.95) * np.exp(0.05 * rng.standard_normal(len(t)))
+        est = fits.rate(t, v, floor=1e-30)
+        hits.append(est.ci_low <= 0.95 <= est.ci_high)
+    assert 0.9 <= np.mean(hits) <= 1.0, np.mean(hits)  # nominal 0.95, a little more with the late-half hull
+
+
+def test_rate_interval_takes_in_a_drifting_local_rate():
+    """Two modes: before the slow one dominates, the late half of the window is slower than the whole."""
+    t = np.arange(0, 200, 5, dtype=float)
+    v = laws.linear_rate(t, 0.0, 0.97) + laws.linear_rate(t, 2.0, 0.95)
+    est = fits.rate(t, v, floor=1e-30)
+    middle = t[t >= est.window[0]][len(t[t >= est.window[0]]) // 2]
+    late = fits.rate(t, v, floor=1e-30, start=middle)
+    assert est.estimate < late.estimate <= est.ci_high < 0.97  # reaches the late slope (still short of the limit)
+
+
+def test_floor_fit_interval_covers_the_truth_over_repeated_draws():
+    rng = np.random.default_rng(4)
+    levels = (16, 32, 64, 128, 256, 512, 1024, 4096)
+    hits = []
+    for _ in range(30):
+        x, y, s = synthetic(-0.5, seeds=8, levels=levels, noise=0.05, floor=0.01, rng=rng)
+        est = fits.power_law_floor_slope(x, y, s, rng=rng)
+        hits.append(est.ci_low <= -0.5 <= est.ci_high)
+    assert np.mean(hits) >= 0.8, np.mean(hits)  # nominal 0.95; 30 draws, a percentile bootstrap over 8 seeds
+
+
+def test_log_ratio_and_the_comparison_verdict():
+    rng = np.random.default_rng(6)
+    seed = np.arange(10)
+    base = np.exp(rng.standard_normal(10))
+    better = fits.log_ratio(0.5 * base * np.exp(0.05 * rng.standard_normal(10)), base, seed)
+    assert better.ci_high < 0 and abs(better.estimate - np.log(0.5)) < 0.05 and fits.verdict_compare(better.ci_low) == "consistent"
+    worse = fits.log_ratio(2 * base, base, seed)
+    assert worse.estimate == pytest.approx(np.log(2)) and fits.verdict_compare(worse.ci_low) == "worse"
+    same = fits.log_ratio(base * np.exp(0.1 * rng.standard_normal(10)), base, seed)
+    assert same.ci_low < 0 < same.ci_high and fits.verdict_compare(same.ci_low) == "consistent"
+    with pytest.raises(fits.FitError, match="2 seeds"):
+        fits.log_ratio([1.0], [2.0], [0])

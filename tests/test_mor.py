@@ -6,7 +6,7 @@ import torch
 from study.config import ConfigError, MORTask
 from study.covariance import covariance
 from study.mor import context_h, pool, sample_prompts
-from study.theory import gamma_star
+from study.theory import excess_risk, gamma_star
 
 VARIANTS = {
     "linear-regression": dict(d=2, K=1, sigma=0.0, snr=1.0),
@@ -39,6 +39,24 @@ def test_gamma_star_equals_monte_carlo_least_squares(name):
     z = (sol - gamma_star(task, cov, N).reshape(-1)) / stderr
     assert float(z.abs().max()) < 5, z  # 5 sigma: a wrong closed form is off by far more here
     assert float(stderr.max()) < 0.05 * max(float(gamma_star(task, cov, N).abs().max()), 0.1)
+
+
+@pytest.mark.parametrize("name", ["fresh-sample-weighted", "pool-prompt"])
+def test_excess_risk_equals_monte_carlo(name):
+    """Claim 2's excess risk R(Gamma) - R(Gamma*) in closed form against the paired Monte Carlo mean."""
+    task = MORTask(**VARIANTS[name])
+    cov, N = _cov(task), 5
+    star = gamma_star(task, cov, N)
+    gamma = star + 0.3 * torch.randn(star.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    p = sample_prompts(task, cov, N, 400_000, seed=2)
+    h = context_h(p)
+    loss = lambda g: (p.yq - torch.einsum("pi,ij,pj->p", p.xq, g, h)) ** 2  # noqa: E731
+    diff = loss(gamma) - loss(star)
+    closed = float(excess_risk(task, cov, N, gamma))
+    assert abs(float(diff.mean()) - closed) < 5 * float(diff.std()) / len(diff) ** 0.5, (float(diff.mean()), closed)
+    assert closed > 0 and float(excess_risk(task, cov, N, star)) == pytest.approx(0.0, abs=1e-12)
+    # batched over a leading dimension
+    torch.testing.assert_close(excess_risk(task, cov, N, torch.stack([star, gamma])), torch.tensor([0.0, closed], dtype=torch.float64), atol=1e-12, rtol=1e-12)
 
 
 def test_zhang_frei_bartlett_optimum():
@@ -135,6 +153,7 @@ def test_estimators_and_metrics_in_a_bundle():
         assert abs(rows[rid, est, math.inf, "excess_mse"]["value"]) < 1e-12
     assert {e for (_, e, _, _) in rows} == {"lsa", "lsa_opt", "oracle", "ols", "ridge", "em", "gradient_em"}
     assert (rid, "em", 4.0, "param_error") in rows and (rid, "ols", 4.0, "param_error") not in rows
+    assert all(t["excess_risk"] > 0 for t in out.trials)  # the trained Gamma is not exactly Gamma*
 
 
 def test_oracle_posterior_mean_tends_to_the_argmin_rule():
