@@ -1,4 +1,8 @@
-"""Analysis of the Parquet store: laws, fits, (later) loading, claims, plots, report.
+"""Analysis of the Parquet store: loading, laws, fits, the claims registry, figures and the report.
 
-Reads Parquet only: no torch, no Ray. Built so far: `laws` and `fits`.
+Reads Parquet only: no torch, no Ray.
+
+    from analysis.load import load                 # tables as pandas, joined to their runs
+    from analysis.claims import CLAIMS, evaluate    # the claims of theory.md, fitted per group
+    from analysis.report import build               # report.html, report.md, figures/
 """

@@ -176,8 +176,8 @@ def report(store: Path = STORE, out: Path | None = typer.Option(None, "--out", h
     for message in built.skipped_files:
         typer.echo(f"skipped unreadable file {message}", err=True)
     typer.echo(f"{len(built.figures)} figures in {built.html.parent / 'figures'}")
-    typer.echo(f"report: {built.html}")
     typer.echo(f"summary: {built.markdown}")
+    typer.echo(f"report: {built.html}")
 
 
 def main() -> None:  # pragma: no cover
