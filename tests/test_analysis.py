@@ -13,22 +13,18 @@ from pipelines.runner import execute_bundle
 from pipelines.sweep import parse
 
 
+def _execute(root, sweep: dict):
+    """Run every bundle of a sweep into the store at root, in this process (no Ray)."""
+    for b in parse(sweep).bundles():
+        execute_bundle(b.to_payload(), str(root), sweep["name"], "test", "cpu")
+    return root
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    sweep = parse(
-        {
-            "name": "a",
-            "seeds": 2,
-            "parts": [
-                {"family": "gmm", "fixed": {"d": 2, "snr": 1.0, "lr": 2.0, "steps": 10, "B": 128, "M": [4, "inf"], "n_eval": 32}, "grid": {"N": [5, 10]}},
-                {"family": "mor", "fixed": {"d": 2, "snr": 2.0, "sigma": 0.5, "lr": 0.1, "steps": 5, "B": 64, "M": [4], "n_eval": 16, "em_iters": 3}, "grid": {"N": [5]}},
-            ],
-        }
-    )
-    for b in sweep.bundles():
-        execute_bundle(b.to_payload(), str(root), "a", "test", "cpu")
-    return root
+    gmm = {"family": "gmm", "fixed": {"d": 2, "snr": 1.0, "lr": 2.0, "steps": 10, "B": 128, "M": [4, "inf"], "n_eval": 32}, "grid": {"N": [5, 10]}}
+    mor = {"family": "mor", "fixed": {"d": 2, "snr": 2.0, "sigma": 0.5, "lr": 0.1, "steps": 5, "B": 64, "M": [4], "n_eval": 16, "em_iters": 3}, "grid": {"N": [5]}}
+    return _execute(tmp_path_factory.mktemp("store"), {"name": "a", "seeds": 2, "parts": [gmm, mor]})
 
 
 def test_schema_versions_agree():
@@ -182,24 +178,13 @@ def test_nan_values_are_excluded_and_counted():
 @pytest.fixture(scope="module")
 def rich_store(tmp_path_factory):
     """A small store with data for every figure: N, M and B levels, both families, logged curves."""
-    root = tmp_path_factory.mktemp("rich")
-    sweep = parse(
-        {
-            "name": "rich",
-            "seeds": 2,
-            "parts": [
-                {"family": "gmm", "fixed": {"d": 2, "snr": 1.0, "lr": 2.0, "steps": 30, "log_every": 2, "B": 256, "M": [4, 16, 64, "inf"], "n_eval": 64}, "grid": {"N": [5, 20, 80]}},
-                {
-                    "family": "mor",
-                    "fixed": {"d": 2, "snr": 2.0, "sigma": 0.5, "lr": 0.1, "steps": 30, "log_every": 2, "N": 5, "M": [4, 8, 16, "inf"], "n_eval": 32, "em_iters": 5},
-                    "grid": {"B": [64, 128, 256]},
-                },
-            ],
-        }
-    )
-    for b in sweep.bundles():
-        execute_bundle(b.to_payload(), str(root), "rich", "test", "cpu")
-    return root
+    gmm = {"family": "gmm", "fixed": {"d": 2, "snr": 1.0, "lr": 2.0, "steps": 30, "log_every": 2, "B": 256, "M": [4, 16, 64, "inf"], "n_eval": 64}, "grid": {"N": [5, 20, 80]}}
+    mor = {
+        "family": "mor",
+        "fixed": {"d": 2, "snr": 2.0, "sigma": 0.5, "lr": 0.1, "steps": 30, "log_every": 2, "N": 5, "M": [4, 8, 16, "inf"], "n_eval": 32, "em_iters": 5},
+        "grid": {"B": [64, 128, 256]},
+    }
+    return _execute(tmp_path_factory.mktemp("rich"), {"name": "rich", "seeds": 2, "parts": [gmm, mor]})
 
 
 def test_report_builds_every_figure_from_a_small_store(rich_store, tmp_path):
