@@ -158,7 +158,7 @@ def _verdict(claim: Claim, fit: fits.Estimate, theory: float) -> str:
     if claim.law == "compare":
         return fits.verdict_compare(fit.ci_low)
     if claim.law == "rate":
-        return fits.verdict(np.log(theory), np.log(fit.ci_low), np.log(fit.ci_high))
+        return fits.rate_verdict(theory, fit.ci_low, fit.ci_high)
     return fits.verdict(theory, fit.ci_low, fit.ci_high)
 
 

@@ -108,6 +108,15 @@ def empirical_optimum(
     return Optimum(w.reshape(d, d), float(value), eigs, converged, it)
 
 
+RANGE_TOL = 1e-12  # eigenvalues below this fraction of the largest are the Hessian's null space
+
+
 def local_rate(hess_eigs: torch.Tensor, lr: float) -> float:
-    """GD's contraction per step near the optimum: max_i |1 - lr lambda_i(H)|."""
-    return float((1.0 - lr * hess_eigs).abs().max())
+    """GD's contraction per step near the optimum: max_i |1 - lr lambda_i(H)| over the Hessian's range.
+
+    Both LSA losses are functions of <W, f_p> for per-prompt features f_p, so every gradient, and
+    the Hessian's range, lies in span(f_p): GD from W = 0 never moves along the null space (B < d^2
+    prompts leave one), whose eigenvalue 0 would otherwise give a spurious rate of 1.
+    """
+    live = hess_eigs[hess_eigs > RANGE_TOL * hess_eigs.abs().max()]
+    return float((1.0 - lr * live).abs().max()) if len(live) else float("nan")

@@ -52,6 +52,11 @@ def _cov(cfg: TrialConfig):
     return covariance(t.cov, t.d, t.kappa, t.cov_seed)
 
 
+def _yq(yq: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """Query labels: class indices stay integers, regression targets take the training precision."""
+    return yq.to(device, dtype) if yq.is_floating_point() else yq.to(device)
+
+
 def run_bundle(runs: list[Run], device: torch.device | str = "cpu") -> BundleOutput:
     """Train and evaluate every run of a bundle; a diverged run is a result, not an error."""
     keys = {shape_key(r.config) for r in runs}
@@ -69,7 +74,7 @@ def run_bundle(runs: list[Run], device: torch.device | str = "cpu") -> BundleOut
     prob = Problem(
         V=torch.stack([s.V for s in stats]).to(device, dtype),
         xq=torch.stack([s.xq for s in stats]).to(device, dtype),
-        yq=torch.stack([s.yq for s in stats]).to(device),
+        yq=_yq(torch.stack([s.yq for s in stats]), device, dtype),
         gram=torch.stack([s.gram for s in stats]).to(device, dtype) if param == "full" else None,
         lr=torch.tensor([r.config.train.lr for r in runs], dtype=dtype, device=device),
         target=torch.stack([t for t, _ in targets]).to(device, dtype),

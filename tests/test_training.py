@@ -158,3 +158,24 @@ def test_trained_W_approaches_the_theory_limit_as_N_grows(c):
     final = {r["run_id"]: r["dist_theory"] for r in out.curves if r["step"] == 400}
     gaps = [final[r.run_id] for r in runs]
     assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.15, gaps
+
+
+def test_local_rate_ignores_the_null_space_of_a_singular_hessian():
+    """B < d^2 prompts leave the Hessian a null space that GD from W = 0 never enters."""
+    from study.optimum import local_rate
+
+    assert local_rate(torch.tensor([1e-17, -2e-16, 0.5, 2.0], dtype=torch.float64), 0.5) == pytest.approx(0.75)
+    cfg = TrialConfig.from_flat(dict(family="mor", d=4, K=2, snr=2.0, sigma=0.5, N=5, B=8, lr=0.1, steps=20, log_every=10, M=["inf"], n_eval=16, estimators=[]))
+    (trial,) = run_bundle([Run(cfg, 0)]).trials
+    assert trial["status"] == "ok" and trial["rho_theory"] < 1.0
+
+
+@pytest.mark.parametrize("family", ["gmm", "mor"])
+@pytest.mark.parametrize("param", ["reduced", "full"])
+def test_float32_training_matches_float64(family, param):
+    extra = dict(c=2) if family == "gmm" else dict(K=2, sigma=0.5)
+    base = dict(family=family, param=param, d=2, snr=2.0, N=5, B=64, lr=0.1, steps=20, log_every=10, M=[4, "inf"], n_eval=16, **extra)
+    single, double = (run_bundle([Run(TrialConfig.from_flat({**base, "dtype": dt}), 0)]) for dt in ("float32", "float64"))
+    assert single.trials[0]["status"] == double.trials[0]["status"] == "ok"
+    assert single.trials[0]["final_train_loss"] == pytest.approx(double.trials[0]["final_train_loss"], rel=1e-5)
+    assert len(single.evals) == len(double.evals)
