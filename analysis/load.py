@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as ds
 
 SCHEMA_VERSION = 2  # the store schema this analysis reads (pipelines.store.SCHEMA_VERSION)
 TABLES = ("trials", "curves", "evals", "params")
-REQUIRED = ("run_id", "status", "seed", "schema_version")  # trials columns the analysis cannot do without
+REQUIRED = ("run_id", "status", "seed", "sweep", "code_version", "schema_version")  # trials columns the analysis cannot do without
 
 
 class StoreReadError(ValueError):
@@ -56,7 +57,14 @@ def _read(root: Path, table: str, filters: dict[str, Any] | None, skipped: list[
             continue
         try:
             data = ds.dataset(path, format="parquet")
-            frame = data.to_table(filter=_filter(filters, data.schema.names)).to_pandas()
+        except (OSError, ValueError) as err:
+            skipped.append(f"{path}: {err}")
+            continue
+        expr = _filter(filters, data.schema.names)
+        try:
+            frame = data.to_table(filter=expr).to_pandas()
+        except (pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:
+            raise ValueError(f"filters {filters}: {err}") from None  # the caller's filter, not the file
         except (OSError, ValueError) as err:
             skipped.append(f"{path}: {err}")
             continue

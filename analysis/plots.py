@@ -20,16 +20,16 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from analysis.claims import CLAIMS, GROUPS  # noqa: E402
+from analysis.claims import CLAIMS, EVAL_FIELDS, NOT_CONFIG, TRAIN_FIELDS  # noqa: E402
 
 MAX_LINES = 8
 BAND = ("ci", 95)
 Tables = dict[str, pd.DataFrame]
 
 
-def _label(df: pd.DataFrame, fields: tuple[str, ...], skip: tuple[str, ...] = ()) -> pd.Series:
-    """'d=2 c=3' from the fields that vary in df (a single '' when none does)."""
-    vary = [f for f in fields if f in df and f not in skip and df[f].nunique(dropna=False) > 1]
+def _label(df: pd.DataFrame, skip: tuple[str, ...] = ()) -> pd.Series:
+    """'d=2 c=3' from the configuration fields that vary in df ('all' when none does)."""
+    vary = [c for c in df.columns if c not in NOT_CONFIG and c not in skip and df[c].map(repr).nunique() > 1]
     if not vary:
         return pd.Series("all", index=df.index)
     show = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731  (3.0 -> 3)
@@ -59,11 +59,11 @@ def _reference(ax, x: np.ndarray, y: np.ndarray, slope: float, text: str) -> Non
     ax.plot(xs, y0 * (xs / x0) ** slope, "k--", lw=1, label=text)
 
 
-def _scaling(df: pd.DataFrame, x: str, y: str, fields: tuple[str, ...], slope: float | None, slope_text: str, title: str, col: str | None = None, ylabel: str | None = None) -> plt.Figure | None:
+def _scaling(df: pd.DataFrame, x: str, y: str, slope: float | None, slope_text: str, title: str, col: str | None = None, ylabel: str | None = None, ignore: tuple[str, ...] = ()) -> plt.Figure | None:
     """y against x on log-log axes, one line per configuration, a facet per value of `col`."""
     if df.empty or df[x].nunique() < 2:
         return None
-    df = df.assign(config=_label(df, fields, skip=(x, col or "")))
+    df = df.assign(config=_label(df.drop(columns=["run_id"], errors="ignore"), skip=(x, col or "", *ignore)))
     keep = sorted(df["config"].unique())[:MAX_LINES]
     df = df[df["config"].isin(keep)]
     cols = sorted(df[col].unique()) if col else [None]
@@ -91,27 +91,40 @@ def gmm_error_vs_N(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
     """Claim 3 of [S]: the trained LSA's tv_error at M = inf against N, slope -1 for reference."""
     ev = _evals(tables, "gmm", "tv_error", ["lsa"])
     ev = ev[np.isinf(ev["M"])] if len(ev) else ev
-    return _scaling(ev, "N", "value", GROUPS["gmm"], -1.0, "theory: slope -1", "LSA tv_error at M = inf", col="snr", ylabel="tv_error")
+    return _scaling(ev, "N", "value", -1.0, "theory: slope -1", "LSA tv_error at M = inf", col="snr", ylabel="tv_error")
 
 
 def gmm_error_vs_M(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
     """Claim 3 of [S]: tv_error against the test length M at the largest N, slope -1/2 for reference."""
     ev = _largest(_evals(tables, "gmm", "tv_error", ["lsa"]), "N")
     ev = ev[np.isfinite(ev["M"])] if len(ev) else ev
-    return _scaling(ev, "M", "value", GROUPS["gmm"], -0.5, "theory: slope -1/2", "LSA tv_error at the largest N", col="snr", ylabel="tv_error")
+    return _scaling(ev, "M", "value", -0.5, "theory: slope -1/2", "LSA tv_error at the largest N", col="snr", ylabel="tv_error")
+
+
+def _one_configuration(ev: pd.DataFrame, keep: tuple[str, ...] = ()) -> tuple[pd.DataFrame, str]:
+    """The rows of the first configuration (over every field that varies but `keep`), and its label."""
+    fields = [c for c in ev.columns if c not in NOT_CONFIG and c not in ("M", *keep) and ev[c].map(repr).nunique() > 1]
+    if not fields:
+        return ev, ""
+    key = ev[fields].map(repr)
+    first = key.sort_values(fields).iloc[0]
+    chosen = ev[(key == first).all(axis=1)]
+    show = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
+    return chosen, ", ".join(f"{f}={show(chosen[f].iloc[0])}" for f in fields)
 
 
 def gmm_estimators(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
-    """The trained LSA beside the Bayes posterior and the plug-in classifiers: accuracy against M."""
+    """The trained LSA beside the Bayes posterior and the plug-in classifiers: accuracy against M
+    (the first configuration at the largest N; the others are in the store)."""
     ev = _largest(_evals(tables, "gmm", "accuracy"), "N")
     ev = ev[np.isfinite(ev["M"])] if len(ev) else ev
     if ev.empty:
         return None
-    first = ev.sort_values(list(GROUPS["gmm"][:3])).iloc[0]  # one data configuration: the first
-    ev = ev[(ev[list(GROUPS["gmm"][:3])] == first[list(GROUPS["gmm"][:3])]).all(axis=1)]
+    ev, label = _one_configuration(ev.drop(columns=["run_id"]))
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     sns.lineplot(data=ev, x="M", y="value", hue="estimator", errorbar=BAND, marker="o", ax=ax)
-    ax.set(xscale="log", ylabel="accuracy", title=f"gmm estimators (d={first.d}, c={first.c}, snr={first.snr}, N={first.N})")
+    ax.set(xscale="log", ylabel="accuracy", title=f"gmm estimators, N={ev.N.iloc[0]:g}\n{label}")
+    ax.title.set_fontsize(8)
     fig.tight_layout()
     return fig
 
@@ -131,6 +144,8 @@ def gd_curves(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
             curve = cu[cu["run_id"] == fit["run_id"]].sort_values("step")
             curve = curve[curve["subopt"] > 0]
             lo, hi = (float(v) for v in fit["window"].split(".."))
+            if not (curve["step"] >= lo).any():
+                continue  # the run's curve is no longer in the store
             ax.plot(curve["step"], curve["subopt"], color=color, lw=1.5, label=f"run {fit['run_id'][:6]}: fit {fit['estimate']:.4f}, theory {fit['theory']:.4f}")
             at = curve[curve["step"] >= lo].iloc[0]
             t = np.linspace(lo, hi, 20)
@@ -143,15 +158,18 @@ def gd_curves(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
 
 
 def mor_estimators(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
-    """EM, the oracle, OLS, ridge and the trained LSA: mse against M, at the largest N and B."""
+    """EM, the oracle, OLS, ridge and the trained LSA: mse against M, at the largest N and B (the
+    first configuration there, per SNR)."""
     ev = _largest(_largest(_evals(tables, "mor", "mse"), "N"), "B")
     ev = ev[np.isfinite(ev["M"])] if len(ev) else ev
     if ev.empty:
         return None
+    ev, label = _one_configuration(ev.drop(columns=["run_id"]), keep=("snr",))
     fig, axes = plt.subplots(1, ev["snr"].nunique(), figsize=(5 * ev["snr"].nunique(), 3.8), squeeze=False, sharey=False)
     for i, (ax, (snr, part)) in enumerate(zip(axes[0], ev.groupby("snr"))):
         sns.lineplot(data=part, x="M", y="value", hue="estimator", errorbar=BAND, marker="o", ax=ax, legend=i == 0)
-        ax.set(xscale="log", yscale="log", ylabel="mse", title=f"mor estimators, snr={snr}, N={part.N.iloc[0]}")
+        ax.set(xscale="log", yscale="log", ylabel="mse", title=f"mor estimators, snr={snr:g}, N={part.N.iloc[0]:g}\n{label}")
+        ax.title.set_fontsize(8)
     fig.tight_layout()
     return fig
 
@@ -162,11 +180,13 @@ def mor_em_vs_M(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
     ev = ev[np.isfinite(ev["M"])] if len(ev) else ev
     if ev.empty:
         return None
-    ev = ev.drop_duplicates(["seed", "M", *[g for g in GROUPS["mor"] if g in ev]])  # one row per evaluation, not per trained model
-    fig = _scaling(ev, "M", "value", GROUPS["mor"], None, "", "EM param_error", col="snr", ylabel="param_error")
+    scalar = [c for c in ev.columns if c not in NOT_CONFIG and c not in TRAIN_FIELDS and not ev[c].map(lambda v: isinstance(v, (list, np.ndarray))).any()]
+    ev = ev.drop_duplicates(["seed", *scalar])  # one row per evaluation, not one per trained model
+    fig = _scaling(ev, "M", "value", None, "", "EM param_error", col="snr", ylabel="param_error", ignore=TRAIN_FIELDS)
     if fig is not None:
-        for ax, (snr, part) in zip(fig.axes, ev.groupby("snr")):
-            means = part.groupby("M")["value"].mean()
+        for ax in fig.axes:
+            snr = float(ax.get_title().rsplit("snr=", 1)[1])  # each facet names its SNR
+            means = ev[np.isclose(ev["snr"], snr)].groupby("M")["value"].mean()
             slope = -0.5 if snr >= 2 else -0.25
             _reference(ax, means.index, means.values, slope, f"theory: slope {slope:g}")
             ax.legend(fontsize=7)
@@ -179,12 +199,13 @@ def mor_excess_risk_vs_B(tables: Tables, fits: pd.DataFrame) -> plt.Figure | Non
     if tr.empty or "excess_risk" not in tr:
         return None
     tr = tr[(tr["family"] == "mor") & (tr["status"] == "ok") & np.isfinite(tr["excess_risk"]) & (tr["excess_risk"] > 0)]
-    return _scaling(tr, "B", "excess_risk", (*GROUPS["mor"], "N"), -0.5, "theory bound: slope -1/2", "LSA excess risk over Gamma*", col="snr")
+    return _scaling(tr, "B", "excess_risk", -0.5, "theory bound: slope -1/2", "LSA excess risk over Gamma*", col="snr", ignore=EVAL_FIELDS)
 
 
 def mor_lsa_vs_em(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
     """Claim 4 of [J]: log(mse of the trained LSA / mse of EM) by test length, training N and SNR
-    (mean over seeds and B; below 0, in blue, the LSA wins); the `mor-4-lsa-vs-em` fits."""
+    (the `mor-4-lsa-vs-em` fits, averaged over their other group fields; below 0, in blue, the
+    LSA wins)."""
     rows = fits[fits["claim"] == "mor-4-lsa-vs-em"] if len(fits) else pd.DataFrame()
     if rows.empty:
         return None

@@ -14,6 +14,7 @@ import base64
 import html
 import json
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ class Built:
     markdown: Path
     figures: dict[str, Path]
     skipped_files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # stale or partial fits
 
 
 def _groups(rows: pd.DataFrame) -> pd.Series:
@@ -67,8 +69,18 @@ def claim_table(rows: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
     )
 
 
+def contradicts(law: str, theory: float) -> str:
+    """The verdict that would contradict an O() upper bound (or a predicted rate, or 'matches or beats')."""
+    if law == "compare":
+        return "worse"
+    if law == "rate":
+        return "shallower"
+    return "shallower" if theory < 0 else "steeper"
+
+
 def verdict_table(fits: pd.DataFrame) -> pd.DataFrame:
-    """Per claim: the theory, how many fits gave each verdict, and the median estimate."""
+    """Per claim: the theory, how many fits gave each verdict, how many contradict the theory's
+    bound, and the median estimate."""
     described = {c.name: c for c in CLAIMS}
     out = []
     for name, rows in fits.groupby("claim", sort=False):
@@ -76,7 +88,13 @@ def verdict_table(fits: pd.DataFrame) -> pd.DataFrame:
         law = claim.law if claim is not None else "power"
         theory = {"rate": "rho_theory per run", "compare": "log ratio <= 0"}.get(law, _fmt(rows["theory"].iloc[0]))
         counts = rows["verdict"].value_counts()
-        out.append({"claim": name, "metric vs x": f"{rows['metric'].iloc[0]} vs {rows['x'].iloc[0]}", "theory": theory, "fits": len(rows), **{v: int(counts.get(v, 0)) for v in VERDICTS}, "median estimate": _fmt(rows["estimate"].median())})
+        against = int((rows["verdict"] == rows["theory"].map(lambda t: contradicts(law, t))).sum())
+        out.append(
+            {
+                "claim": name, "metric vs x": f"{rows['metric'].iloc[0]} vs {rows['x'].iloc[0]}", "theory": theory, "fits": len(rows),
+                **{v: int(counts.get(v, 0)) for v in VERDICTS}, "against the bound": against, "median estimate": _fmt(rows["estimate"].median()),
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -92,13 +110,13 @@ def rate_summary(rows: pd.DataFrame) -> str:
 
 def coverage(trials: pd.DataFrame) -> pd.DataFrame:
     """Runs per family, sweep and status."""
-    table = trials.value_counts(["family", "sweep", "status"]).unstack("status", fill_value=0).reset_index()
+    table = trials.value_counts(["family", "sweep", "status"], dropna=False).unstack("status", fill_value=0).reset_index()
     table.columns.name = None
     return table
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    tmp = path.with_name(f".tmp-{path.name}")
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
     fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
     os.replace(tmp, path)
@@ -106,7 +124,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -124,6 +142,16 @@ def build(store: str | os.PathLike, out: str | os.PathLike) -> Built:
     """
     loaded = load(store)
     fits, skipped = read_fits(store)
+    trials = loaded["trials"]
+    notes = []
+    if len(fits):
+        gone = sorted(set(fits["family"]) - set(trials["family"]))
+        if gone:  # fitted, then the family's runs left the store
+            fits = fits[~fits["family"].isin(gone)]
+            notes.append(f"fits of {', '.join(gone)} left out: the store has no such runs now")
+    newest = max((p.stat().st_mtime for p in (Path(store) / "trials").glob("family=*/*.parquet")), default=0.0)
+    if newest > (Path(store) / "fits" / "_skipped.parquet").stat().st_mtime:
+        notes.append(f"the store has runs newer than its fits: run `icl-study fit --store {store}` again")
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     figures: dict[str, Path] = {}
@@ -131,22 +159,26 @@ def build(store: str | os.PathLike, out: str | os.PathLike) -> Built:
         fig = draw(loaded.tables, fits)
         if fig is not None:
             figures[name] = _save(fig, out / "figures" / f"{name}.png")
+    for old in (out / "figures").glob("*.png"):
+        if old not in figures.values():
+            old.unlink()  # a figure of an earlier report that this store no longer supports
 
-    trials = loaded["trials"]
     cov = coverage(trials)
     verdicts = verdict_table(fits) if len(fits) else pd.DataFrame()
     described = {c.name: c for c in CLAIMS}
     versions = ", ".join(sorted(trials["code_version"].dropna().unique()))
-    md = [f"# icl-study report: `{Path(store)}`", "", f"{len(trials)} runs; code {versions}.", "", "## Sweeps covered", "", cov.to_markdown(index=False), ""]
-    body = [f"<h1>icl-study report: <code>{html.escape(str(store))}</code></h1>", f"<p>{len(trials)} runs; code {html.escape(versions)}.</p>", "<h2>Sweeps covered</h2>", cov.to_html(index=False)]
-    excluded = int(fits.groupby("claim")["excluded"].max().sum()) if len(fits) else 0
+    md = [f"# icl-study report: `{Path(store)}`", "", f"{len(trials)} runs; code {versions}.", "", *[f"**Note:** {n}.\n" for n in notes], "## Sweeps covered", "", cov.to_markdown(index=False), ""]
+    body = [f"<h1>icl-study report: <code>{html.escape(str(store))}</code></h1>", f"<p>{len(trials)} runs; code {html.escape(versions)}.</p>"]
+    body += [f"<p><b>Note:</b> {html.escape(n)}.</p>" for n in notes] + ["<h2>Sweeps covered</h2>", cov.to_html(index=False)]
     legend = (
         "Verdicts compare the fitted exponent's 95% CI with the theory's: `consistent` (theory inside), "
-        "`steeper` (faster decay, or faster convergence for a rate), `shallower` (slower). Most claims are "
-        "O() upper bounds, which a `steeper` fit respects; `shallower` is what would contradict them. "
-        "A comparison (log of the model's error over the baseline's) is `consistent` when the model matches "
-        "or beats the baseline and `worse` otherwise. "
-        f"Runs not `ok` and NaN or non-positive values are excluded from fits and counted ({excluded} in all)."
+        "`steeper` (faster decay or growth, or faster convergence for a rate), `shallower` (slower). Most "
+        "claims are O() upper bounds: for a decay a `steeper` fit respects the bound and a `shallower` one "
+        "contradicts it; for a growth (in c or d) the other way round; a rate slower than the Hessian's "
+        "contradicts it. A comparison (log of the model's error over the baseline's) is `consistent` when "
+        "the model matches or beats the baseline and `worse` otherwise. `against the bound` counts the "
+        "fits that contradict. Runs that are not `ok` or gave NaN or non-positive values are left out of "
+        "a fit and counted in its `excluded` column."
     )
     md += ["## Verdicts", "", legend, "", verdicts.to_markdown(index=False) if len(verdicts) else "No fits.", ""]
     body += ["<h2>Verdicts</h2>", f"<p>{html.escape(legend)}</p>", verdicts.to_html(index=False) if len(verdicts) else "<p>No fits.</p>"]
@@ -190,7 +222,7 @@ def build(store: str | os.PathLike, out: str | os.PathLike) -> Built:
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>icl-study report</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>"
     _write(out / "report.html", page)
     _write(out / "report.md", "\n".join(md))
-    return Built(out / "report.html", out / "report.md", figures, loaded.skipped)
+    return Built(out / "report.html", out / "report.md", figures, loaded.skipped, notes)
 
 
 def _img(path: Path) -> str:

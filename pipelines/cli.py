@@ -175,6 +175,8 @@ def report(store: Path = STORE, out: Path | None = typer.Option(None, "--out", h
         raise _fail(str(err)) from None
     for message in built.skipped_files:
         typer.echo(f"skipped unreadable file {message}", err=True)
+    for note in built.notes:
+        typer.echo(f"note: {note}", err=True)
     typer.echo(f"{len(built.figures)} figures in {built.html.parent / 'figures'}")
     typer.echo(f"summary: {built.markdown}")
     typer.echo(f"report: {built.html}")

@@ -76,7 +76,7 @@ def _synthetic(b, status="ok"):
     rows = []
     for seed in range(6):
         for N in (50, 100, 200, 400, 800):
-            rows.append(dict(family="gmm", run_id=f"{seed}-{N}", seed=seed, N=N, d=2, c=2, snr=1.0, cov="identity", kappa=1.0, symmetric=False, B=100, param="reduced", status=status, opt_converged=True, opt_dist_theory=3 * N**b * np.exp(0.05 * rng.standard_normal())))
+            rows.append(dict(family="gmm", run_id=f"{status}-{seed}-{N}", seed=seed, N=N, d=2, c=2, snr=1.0, cov="identity", kappa=1.0, symmetric=False, B=100, param="reduced", status=status, opt_converged=True, opt_dist_theory=3 * N**b * np.exp(0.05 * rng.standard_normal())))
     return pd.DataFrame(rows)
 
 
@@ -143,7 +143,7 @@ def test_rate_claim_sets_the_fitted_rate_beside_the_predicted_one():
     bad_t, bad_c = _curves(0.96, 0.96, runs=2, status="diverged")
     fast_t, fast_c = _curves(0.5, 0.5, runs=1)  # at the floor within 3 logged points
     rows, skipped = claims.evaluate({"trials": pd.concat([good_t, slow_t, bad_t, fast_t]), "curves": pd.concat([good_c, slow_c, bad_c, fast_c])}, rate_claim)
-    assert len(rows) == 6 and (rows["excluded"] == 2).all()
+    assert len(rows) == 6 and ("mor-3-rate", "2 runs excluded: not ok, or no predicted rate or optimum") in skipped
     verdicts = rows.set_index(rows["group"].map(lambda g: json.loads(g)["run_id"]))["verdict"]
     assert (verdicts[verdicts.index.str.startswith("ok-0.96")] == "consistent").all()
     assert (verdicts[verdicts.index.str.startswith("ok-0.98")] == "shallower").all()
@@ -156,6 +156,8 @@ def test_missing_columns_are_said_not_crashed_on(store, tmp_path):
     trials = _synthetic(-1.0).drop(columns=["opt_dist_theory"])
     rows, skipped = claims.evaluate({"trials": trials, "evals": pd.DataFrame()})
     assert rows.empty and ("gmm-2-optimum-vs-N", "the trials table has no column opt_dist_theory") in skipped
+    rows, skipped = claims.evaluate({"trials": _synthetic(-1.0).drop(columns=["opt_converged", "B"]), "evals": pd.DataFrame()})
+    assert rows.empty and ("gmm-2-optimum-vs-N", "the trials table has no column B, opt_converged") in skipped  # never fitted unfiltered
     import pyarrow.parquet as pq
 
     src = next((store / "trials").glob("family=gmm/part-*.parquet"))
@@ -214,20 +216,37 @@ def test_report_builds_every_figure_from_a_small_store(rich_store, tmp_path):
     assert "| claim" in md and "mor-3-rate" in md and all(f"figures/{n}.png" in md for n in FIGURES)
     assert "## Claims skipped" in md  # the small store cannot support every claim: each is said
     assert runner.invoke(app, ["report", "--store", str(tmp_path / "none")]).exit_code == 2
+    # fits outlive their data: the report leaves them out and says so, and draws what it still can
+    for table in ("trials", "curves", "evals", "params"):
+        shutil.rmtree(store / table / "family=mor")
+    shutil.rmtree(store / "curves" / "family=gmm")
+    stale = runner.invoke(app, ["report", "--store", str(store), "--out", str(tmp_path / "rep")])
+    assert stale.exit_code == 0, stale.output
+    assert "fits of mor left out" in (tmp_path / "rep" / "report.md").read_text()
+    assert not (tmp_path / "rep" / "figures" / "mor_estimators.png").exists()  # an earlier report's figure is removed
 
 
 def test_comparison_claim_pairs_the_model_with_the_baseline_by_seed():
     rng = np.random.default_rng(7)
     rows = []
+    config = dict(family="mor", status="ok", d=4, K=2, snr=1.0, sigma=0.5, components="fresh", assignment="sample", cov="identity", kappa=1.0, N=10, B=64, param="reduced", lr=0.1)
     for seed in range(6):
         for M, factor in ((8, 0.5), (512, 1.5)):  # the model wins at small M and loses at large M
             base = float(np.exp(rng.standard_normal()))
             for est, v in (("em", base), ("lsa", base * factor * np.exp(0.02 * rng.standard_normal()))):
-                rows.append(dict(family="mor", run_id=f"r{seed}", seed=seed, estimator=est, metric="mse", M=float(M), value=v, status="ok", d=4, K=2, snr=1.0, N=10, B=64, param="reduced"))
+                rows.append(dict(run_id=f"r{seed}", estimator=est, metric="mse", M=float(M), value=v, **config, seed=seed))
+    evals = pd.DataFrame(rows)
+    trials = evals.drop_duplicates("run_id").drop(columns=["estimator", "metric", "M", "value"])
+    trials = pd.concat([trials, trials.iloc[:1].assign(run_id="diverged", seed=99, status="diverged")])
     claim = tuple(c for c in claims.CLAIMS if c.name == "mor-4-lsa-vs-em")
-    out, skipped = claims.evaluate({"evals": pd.DataFrame(rows)}, claim)
+    out, skipped = claims.evaluate({"evals": evals, "trials": trials}, claim)
     assert not skipped and out.set_index("window")["verdict"].to_dict() == {"M=8": "consistent", "M=512": "worse"}
     assert out.set_index("window").loc["M=512", "estimate"] == pytest.approx(np.log(1.5), abs=0.02)
-    assert (out["n_points"] == 6).all()
-    alone, why = claims.evaluate({"evals": pd.DataFrame([r for r in rows if r["estimator"] == "lsa"])}, claim)
+    assert (out["n_points"] == 6).all() and (out["excluded"] == 1).all()  # the diverged run, at each M
+    group = json.loads(out["group"].iloc[0])
+    assert group["snr"] == 1 and "lr" not in group  # 1.0 -> 1; constant fields beyond the named ones left out
+    lr = evals.assign(lr=np.where(evals.seed < 3, 0.1, 0.2))  # a second configuration: its own groups, never mixed
+    split, _ = claims.evaluate({"evals": lr, "trials": trials}, claim)
+    assert len(split) == 4 and sorted(json.loads(g)["lr"] for g in split["group"]) == [0.1, 0.1, 0.2, 0.2]
+    alone, why = claims.evaluate({"evals": evals[evals.estimator == "lsa"], "trials": trials}, claim)
     assert alone.empty and "needs rows of both lsa and em" in why[0][1]

@@ -27,6 +27,24 @@ def test_interval_covers_the_truth_at_about_the_nominal_rate():
     assert 0.85 <= rate <= 0.995, rate  # nominal 0.95; a percentile bootstrap over 10 seeds runs a little narrow
 
 
+def test_interval_is_near_nominal_with_few_seeds():
+    """The quickstart has 4 seeds: a percentile bootstrap over 4 seeds covers about 80%."""
+    rng = np.random.default_rng(8)
+    hits = [(lambda e: e.ci_low <= -0.5 <= e.ci_high)(fits.power_law_slope(*synthetic(-0.5, seeds=4, rng=rng), rng=rng)) for _ in range(150)]
+    assert 0.88 <= np.mean(hits) <= 0.995, np.mean(hits)
+
+
+def test_a_seed_missing_a_level_is_left_out_whole():
+    for fit, floor in ((fits.power_law_slope, 0.0), (fits.power_law_floor_slope, 0.01)):
+        x, y, s = synthetic(-0.5, seeds=4, levels=(16, 64, 256, 1024, 4096), noise=0.03, floor=floor)
+        keep = ~((s == 0) & (x == 64))  # seed 0 lost one point (excluded upstream)
+        est = fit(x[keep], y[keep], s[keep])
+        assert est.ci_low < -0.5 < est.ci_high
+    two = s < 2
+    with pytest.raises(fits.FitError, match="2 seeds with a value at every x level, got 1 of 2"):
+        fits.power_law_floor_slope(x[keep & two], y[keep & two], s[keep & two])
+
+
 def test_floor_aware_fit_sees_through_the_floor():
     x, y, s = synthetic(-0.5, levels=(4, 16, 64, 256, 1024, 4096), noise=0.03, floor=0.02)
     plain = fits.power_law_slope(x, y, s)
