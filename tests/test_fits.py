@@ -126,3 +126,21 @@ def test_log_ratio_and_the_comparison_verdict():
     assert same.ci_low < 0 < same.ci_high and fits.verdict_compare(same.ci_low) == "consistent"
     with pytest.raises(fits.FitError, match="2 seeds"):
         fits.log_ratio([1.0], [2.0], [0])
+
+
+@pytest.mark.parametrize(
+    "theory, lo, hi, expected",
+    [(0.96, 0.95, 0.955, "steeper"), (0.96, 0.958, 0.962, "consistent"), (0.96, 0.965, 0.97, "shallower"), (1.0, 0.996, 0.999, "steeper")],
+)
+def test_rate_verdict(theory, lo, hi, expected):
+    """rho below the prediction converges faster: `steeper`, also when the prediction is 1."""
+    assert fits.rate_verdict(theory, lo, hi) == expected
+
+
+def test_an_exact_power_law_is_consistent_despite_rounding():
+    x = np.repeat([10.0, 20.0, 40.0, 80.0], 3)
+    seed = np.tile([0, 1, 2], 4)
+    est = fits.power_law_slope(x, 3.0 / x, seed)
+    assert est.estimate != -1.0 and abs(est.estimate + 1) < 1e-12  # rounding, and a zero-width interval
+    assert fits.verdict(-1.0, est.ci_low, est.ci_high) == "consistent"
+
