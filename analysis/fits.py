@@ -4,6 +4,7 @@
   estimate +- t_{S-1} se, se from a bootstrap that resamples seeds (the independent unit) and refits
   the seed-averaged curve (see `_interval` for why not the percentile interval).
 - `power_law_floor_slope`: y = a x^b + f by nonlinear least squares, the same bootstrap.
+- `power_law_excess_slope`: the slope of y - f with the floor f measured (per seed), not fitted.
 - `rate`: log y_t = a + t log rho on the window where the curve is above its noise floor; the
   interval is the t-interval of the slope, widened to take in the slope of the window's later half
   (a curve whose local rate is still drifting is not given a falsely tight interval); the window
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import optimize, stats
+
+from analysis import laws
 
 BOOTSTRAP = 1000
 BOOTSTRAP_FLOOR = 200  # each floor-aware resample is a nonlinear fit
@@ -113,10 +116,31 @@ def power_law_slope(x, y, seed, rng: np.random.Generator | None = None) -> Estim
     return Estimate(estimate, lo, hi, len(levels), (float(levels[0]), float(levels[-1])), "loglog-ols+seed-bootstrap-t")
 
 
+def power_law_excess_slope(x, y, floor, seed, rng: np.random.Generator | None = None) -> Estimate:
+    """Slope b of log(y - floor) = a + b log x, floor measured per seed (e.g. the error at M = inf),
+    on the seed-averaged excess, with the interval of `power_law_slope`.
+
+    Where the floor is known, this is sharper than fitting it: a free floor is poorly identified on
+    a few x levels and tends to come out near 0, flattening b.
+    """
+    x, y, floor, seed = (np.asarray(v, dtype=float) for v in (x, y, floor, seed))
+    if len(np.unique(x)) < 3:
+        raise FitError(f"needs at least 3 distinct x values, got {len(np.unique(x))}")
+    if np.any(x <= 0):
+        raise FitError("a log-log fit needs x > 0")
+    levels, table = _by_seed(x, y - floor, seed)
+    if np.any(table.mean(axis=0) <= 0):
+        raise FitError("the mean excess over the floor is not positive at every x")
+    stat = lambda row: _slope(np.log(levels), np.log(row))  # noqa: E731  (NaN where a resample's excess is <= 0)
+    estimate = stat(table.mean(axis=0))
+    lo, hi = _interval(estimate, _bootstrap(table, stat, rng or np.random.default_rng(0)), len(table))
+    return Estimate(estimate, lo, hi, len(levels), (float(levels[0]), float(levels[-1])), "loglog-ols-of-excess+seed-bootstrap-t")
+
+
 def _floor_fit(levels: np.ndarray, row: np.ndarray) -> float:
     b0 = float(np.clip(_slope(np.log(levels), np.log(row)), -4.9, 4.9))
     p0 = (row[0] / levels[0] ** b0, b0, 0.0)
-    (a, b, f), _ = optimize.curve_fit(lambda t, a, b, f: a * t**b + f, levels, row, p0=p0, bounds=([0, -5, 0], [np.inf, 5, np.inf]), maxfev=20000)
+    (a, b, f), _ = optimize.curve_fit(laws.power_law_floor, levels, row, p0=p0, bounds=([0, -5, 0], [np.inf, 5, np.inf]), maxfev=20000)
     return float(b)
 
 

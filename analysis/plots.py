@@ -228,7 +228,7 @@ def verdicts(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
     if fits.empty:
         return None
     law = fits["claim"].map({c.name: c.law for c in CLAIMS}).fillna("power")
-    exps, rates = fits[law.isin(["power", "floor"])], fits[law == "rate"]
+    exps, rates = fits[law.isin(["power", "floor", "excess"])], fits[law == "rate"]
     fig, axes = plt.subplots(1, 2, figsize=(11, max(3.5, 0.12 * len(exps) + 1.5)), gridspec_kw={"width_ratios": [3, 2]})
     ax = axes[0]
     if len(exps):

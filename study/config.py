@@ -152,7 +152,7 @@ class LSAModel(_Component):
     model: Literal["lsa"] = "lsa"
     param: Literal["reduced", "full"] = Field(default="reduced")
     init_scale: float = Field(
-        default=0.0, ge=0, description="full only: std of a random perturbation of the block init"
+        default=0.0, ge=0, description="full only: s0 of the Zhang-Frei-Bartlett initialisation (0: the block structure at W = 0)"
     )
 
     @model_validator(mode="after")

@@ -144,3 +144,15 @@ def test_an_exact_power_law_is_consistent_despite_rounding():
     assert est.estimate != -1.0 and abs(est.estimate + 1) < 1e-12  # rounding, and a zero-width interval
     assert fits.verdict(-1.0, est.ci_low, est.ci_high) == "consistent"
 
+
+
+def test_excess_over_a_measured_floor_recovers_the_exponent():
+    rng = np.random.default_rng(9)
+    x, y, s = synthetic(-0.5, seeds=6, levels=(16, 32, 64, 128, 256, 1024), noise=0.02, floor=0.0, rng=rng)
+    floor = 0.05 + 0.01 * s  # each seed's own M = inf value
+    est = fits.power_law_excess_slope(x, y + floor, floor, s)
+    assert est.ci_low < -0.5 < est.ci_high and abs(est.estimate + 0.5) < 0.03
+    free = fits.power_law_floor_slope(x, y + floor, s)  # the same data with the floor fitted instead
+    assert free.ci_high - free.ci_low > est.ci_high - est.ci_low  # knowing the floor sharpens the fit
+    with pytest.raises(fits.FitError, match="not positive"):
+        fits.power_law_excess_slope(x, y + floor, floor + 10, s)
