@@ -28,10 +28,10 @@ Tables = dict[str, pd.DataFrame]
 
 
 def _label(df: pd.DataFrame, skip: tuple[str, ...] = ()) -> pd.Series:
-    """'d=2 c=3' from the configuration fields that vary in df ('all' when none does)."""
+    """'d=2 c=3' from the configuration fields that vary in df (one line when none does)."""
     vary = [c for c in df.columns if c not in NOT_CONFIG and c not in skip and df[c].map(repr).nunique() > 1]
     if not vary:
-        return pd.Series("all", index=df.index)
+        return pd.Series("mean over seeds", index=df.index)
     show = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731  (3.0 -> 3)
     return df[vary].apply(lambda r: " ".join(f"{k}={show(v)}" for k, v in r.items()), axis=1)
 
