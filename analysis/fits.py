@@ -46,10 +46,6 @@ class FitError(ValueError):
     """Too little data for a fit; the message says why (no estimate is made up)."""
 
 
-def _slope(logx: np.ndarray, logy: np.ndarray) -> float:
-    return float(np.polyfit(logx, logy, 1)[0])
-
-
 def _by_seed(x: np.ndarray, y: np.ndarray, seed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The x levels and a seeds x levels table of y over the seeds that have every level.
 
@@ -65,21 +61,27 @@ def _by_seed(x: np.ndarray, y: np.ndarray, seed: np.ndarray) -> tuple[np.ndarray
     return levels, table
 
 
-def _bootstrap(table: np.ndarray, stat, rng: np.random.Generator, reps: int = BOOTSTRAP) -> np.ndarray:
-    """stat of the seed-averaged curve over `reps` resamples of the seeds (rows) with replacement."""
-    out = np.full(reps, np.nan)
+def _resampled_means(table: np.ndarray, rng: np.random.Generator, reps: int) -> np.ndarray:
+    """The seed-averaged curve of `reps` resamples of the seeds (rows) with replacement: [reps, levels]."""
     n = table.shape[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for i in range(reps):
-            try:
-                out[i] = stat(table[rng.integers(0, n, n)].mean(axis=0))
-            except (ValueError, RuntimeError, np.linalg.LinAlgError):
-                pass  # a nonlinear fit that fails on this resample
-    failed = int((~np.isfinite(out)).sum())
-    if failed > 0.1 * reps:
-        raise FitError(f"the fit failed on {failed} of {reps} bootstrap resamples")
-    return out[np.isfinite(out)]
+    return table[rng.integers(0, n, size=(reps, n))].mean(axis=1)
+
+
+def _finite(boot: np.ndarray) -> np.ndarray:
+    """The resamples whose fit succeeded; too many failures is a FitError, not a narrow interval."""
+    failed = int((~np.isfinite(boot)).sum())
+    if failed > 0.1 * len(boot):
+        raise FitError(f"the fit failed on {failed} of {len(boot)} bootstrap resamples")
+    return boot[np.isfinite(boot)]
+
+
+def _loglog_slopes(levels: np.ndarray, curves: np.ndarray) -> np.ndarray:
+    """Least-squares slope of log curve against log levels, for every row of curves at once (NaN
+    where a row is not positive)."""
+    lx = np.log(levels) - np.log(levels).mean()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ly = np.log(np.where(curves > 0, curves, np.nan))
+    return (ly - ly.mean(axis=-1, keepdims=True)) @ lx / (lx @ lx)
 
 
 def _interval(estimate: float, boot: np.ndarray, seeds: int) -> tuple[float, float]:
@@ -96,24 +98,30 @@ def _interval(estimate: float, boot: np.ndarray, seeds: int) -> tuple[float, flo
     return estimate - half, estimate + half
 
 
-def _check(x: np.ndarray, y: np.ndarray, seed: np.ndarray, need: int) -> None:
+def _check(x: np.ndarray, seed: np.ndarray, need: int) -> None:
     if len(np.unique(x)) < need:
         raise FitError(f"needs at least {need} distinct x values, got {len(np.unique(x))}")
     if len(np.unique(seed)) < 2:
         raise FitError("needs at least 2 seeds for a bootstrap interval")
-    if np.any(x <= 0) or np.any(y <= 0):
-        raise FitError("a log-log fit needs x > 0 and y > 0")
+    if np.any(x <= 0):
+        raise FitError("a log-log fit needs x > 0")
+
+
+def _loglog(levels: np.ndarray, table: np.ndarray, rng: np.random.Generator | None, method: str) -> Estimate:
+    """The slope of the seed-averaged curve of table [seeds, levels] and its seed-bootstrap t interval."""
+    estimate = float(_loglog_slopes(levels, table.mean(axis=0)))
+    boot = _finite(_loglog_slopes(levels, _resampled_means(table, rng or np.random.default_rng(0), BOOTSTRAP)))
+    lo, hi = _interval(estimate, boot, len(table))
+    return Estimate(estimate, lo, hi, len(levels), (float(levels[0]), float(levels[-1])), method)
 
 
 def power_law_slope(x, y, seed, rng: np.random.Generator | None = None) -> Estimate:
     """Slope b of log y = a + b log x on the seed-averaged curve, with a seed-bootstrap CI."""
     x, y, seed = (np.asarray(v, dtype=float) for v in (x, y, seed))
-    _check(x, y, seed, 3)
-    levels, table = _by_seed(x, y, seed)
-    stat = lambda row: _slope(np.log(levels), np.log(row))  # noqa: E731
-    estimate = stat(table.mean(axis=0))
-    lo, hi = _interval(estimate, _bootstrap(table, stat, rng or np.random.default_rng(0)), len(table))
-    return Estimate(estimate, lo, hi, len(levels), (float(levels[0]), float(levels[-1])), "loglog-ols+seed-bootstrap-t")
+    _check(x, seed, 3)
+    if np.any(y <= 0):
+        raise FitError("a log-log fit needs y > 0")
+    return _loglog(*_by_seed(x, y, seed), rng, "loglog-ols+seed-bootstrap-t")
 
 
 def power_law_excess_slope(x, y, floor, seed, rng: np.random.Generator | None = None) -> Estimate:
@@ -124,40 +132,46 @@ def power_law_excess_slope(x, y, floor, seed, rng: np.random.Generator | None = 
     a few x levels and tends to come out near 0, flattening b.
     """
     x, y, floor, seed = (np.asarray(v, dtype=float) for v in (x, y, floor, seed))
-    if len(np.unique(x)) < 3:
-        raise FitError(f"needs at least 3 distinct x values, got {len(np.unique(x))}")
-    if np.any(x <= 0):
-        raise FitError("a log-log fit needs x > 0")
+    _check(x, seed, 3)
     levels, table = _by_seed(x, y - floor, seed)
     if np.any(table.mean(axis=0) <= 0):
         raise FitError("the mean excess over the floor is not positive at every x")
-    stat = lambda row: _slope(np.log(levels), np.log(row))  # noqa: E731  (NaN where a resample's excess is <= 0)
-    estimate = stat(table.mean(axis=0))
-    lo, hi = _interval(estimate, _bootstrap(table, stat, rng or np.random.default_rng(0)), len(table))
-    return Estimate(estimate, lo, hi, len(levels), (float(levels[0]), float(levels[-1])), "loglog-ols-of-excess+seed-bootstrap-t")
+    return _loglog(levels, table, rng, "loglog-ols-of-excess+seed-bootstrap-t")
 
 
-def _floor_fit(levels: np.ndarray, row: np.ndarray) -> float:
-    b0 = float(np.clip(_slope(np.log(levels), np.log(row)), -4.9, 4.9))
-    p0 = (row[0] / levels[0] ** b0, b0, 0.0)
-    (a, b, f), _ = optimize.curve_fit(laws.power_law_floor, levels, row, p0=p0, bounds=([0, -5, 0], [np.inf, 5, np.inf]), maxfev=20000)
-    return float(b)
+def _floor_fit(levels: np.ndarray, row: np.ndarray, p0: tuple[float, float, float] | None = None) -> np.ndarray:
+    """(a, b, f) of y = a x^b + f, f >= 0, started at p0 (default: the plain power law, no floor)."""
+    if p0 is None:
+        b0 = float(np.clip(_loglog_slopes(levels, row), -4.9, 4.9))
+        p0 = (row[0] / levels[0] ** b0, b0, 0.0)
+    params, _ = optimize.curve_fit(laws.power_law_floor, levels, row, p0=p0, bounds=([0, -5, 0], [np.inf, 5, np.inf]), maxfev=20000)
+    return params
 
 
 def power_law_floor_slope(x, y, seed, rng: np.random.Generator | None = None) -> Estimate:
-    """Exponent b of y = a x^b + f (f >= 0) on the seed-averaged curve, with a seed-bootstrap CI."""
+    """Exponent b of y = a x^b + f (f >= 0) on the seed-averaged curve, with a seed-bootstrap CI.
+
+    Each resample's fit starts from the full data's fit (a warm start: fewer iterations, and the
+    same local optimum where the surface has several)."""
     x, y, seed = (np.asarray(v, dtype=float) for v in (x, y, seed))
-    _check(x, y, seed, 4)
+    _check(x, seed, 4)
+    if np.any(y <= 0):
+        raise FitError("a power law with a floor needs y > 0")
     levels, table = _by_seed(x, y, seed)
-    stat = lambda row: _floor_fit(levels, row)  # noqa: E731
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            estimate = stat(table.mean(axis=0))
-    except (ValueError, RuntimeError) as err:
-        raise FitError(f"the power law with a floor does not fit: {err}") from None
-    lo, hi = _interval(estimate, _bootstrap(table, stat, rng or np.random.default_rng(0), BOOTSTRAP_FLOOR), len(table))
-    return Estimate(estimate, lo, hi, len(levels), (float(levels[0]), float(levels[-1])), "power-law+floor+seed-bootstrap-t")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            full = _floor_fit(levels, table.mean(axis=0))
+        except (ValueError, RuntimeError) as err:
+            raise FitError(f"the power law with a floor does not fit: {err}") from None
+        boot = np.full(BOOTSTRAP_FLOOR, np.nan)
+        for i, row in enumerate(_resampled_means(table, rng or np.random.default_rng(0), BOOTSTRAP_FLOOR)):
+            try:
+                boot[i] = _floor_fit(levels, row, tuple(np.clip(full, [0, -4.99, 0], [np.inf, 4.99, np.inf])))[1]
+            except (ValueError, RuntimeError):
+                pass  # counted by _finite
+    lo, hi = _interval(float(full[1]), _finite(boot), len(table))
+    return Estimate(float(full[1]), lo, hi, len(levels), (float(levels[0]), float(levels[-1])), "power-law+floor+seed-bootstrap-t")
 
 
 def rate(steps, values, floor: float = 1e-13, start: float | None = None, squared: bool = False) -> Estimate:
