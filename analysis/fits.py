@@ -3,7 +3,8 @@
 - `power_law_slope`: least squares of log y on log x on the seed-averaged curve; the interval is
   estimate +- t_{S-1} se, se from a bootstrap that resamples seeds (the independent unit) and refits
   the seed-averaged curve (see `_interval` for why not the percentile interval).
-- `power_law_floor_slope`: y = a x^b + f by nonlinear least squares, the same bootstrap.
+- `power_law_floor_slope`: y = a x^b + f by least squares (profiled over b, global on [-5, 5]),
+  the same bootstrap.
 - `power_law_excess_slope`: the slope of y - f with the floor f measured (per seed), not fitted.
 - `rate`: log y_t = a + t log rho on the window where the curve is above its noise floor; the
   interval is the t-interval of the slope, widened to take in the slope of the window's later half
@@ -16,16 +17,14 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import stats
 
 from analysis import laws
 
 BOOTSTRAP = 1000
-BOOTSTRAP_FLOOR = 200  # each floor-aware resample is a nonlinear fit
 LEVEL = 0.95
 
 
@@ -139,39 +138,69 @@ def power_law_excess_slope(x, y, floor, seed, rng: np.random.Generator | None = 
     return _loglog(levels, table, rng, "loglog-ols-of-excess+seed-bootstrap-t")
 
 
-def _floor_fit(levels: np.ndarray, row: np.ndarray, p0: tuple[float, float, float] | None = None) -> np.ndarray:
-    """(a, b, f) of y = a x^b + f, f >= 0, started at p0 (default: the plain power law, no floor)."""
-    if p0 is None:
-        b0 = float(np.clip(_loglog_slopes(levels, row), -4.9, 4.9))
-        p0 = (row[0] / levels[0] ** b0, b0, 0.0)
-    params, _ = optimize.curve_fit(laws.power_law_floor, levels, row, p0=p0, bounds=([0, -5, 0], [np.inf, 5, np.inf]), maxfev=20000)
-    return params
+B_GRID = np.linspace(-5.0, 5.0, 401)  # exponents scanned by the floor fit, then refined by golden section
+GOLDEN = 30  # golden-section steps: the bracket of one grid step shrinks by 0.618^30, to ~1e-8
+
+
+def _profile_rss(levels: np.ndarray, y: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """min over a, f >= 0 of ||a x^b + f - y||^2, for curves y [R, L] and exponents b [R, K]: [R, K].
+
+    A two-variable nonnegative least squares in closed form: the unconstrained solution when it is
+    feasible, else the better edge (f = 0, or a = 0 where the fit is flat at the mean).
+    """
+    X = laws.power_law(levels, 0.0, b[..., None])  # [R, K, L]: x^b
+    yy = y[:, None, :]
+    ym, Xm = yy.mean(-1), X.mean(-1)
+    yc, Xc = yy - ym[..., None], X - Xm[..., None]
+    syy, sxy, sxx = (yc**2).sum(-1), (yc * Xc).sum(-1), (Xc**2).sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        a = sxy / sxx
+        free = syy - sxy**2 / sxx
+        xy, xx = (yy * X).sum(-1), (X**2).sum(-1)
+        edge = np.where(xy >= 0, (yy**2).sum(-1) - xy**2 / xx, np.inf)
+    rss = np.where((a >= 0) & (ym - a * Xm >= 0), free, np.minimum(edge, syy))
+    return np.where(np.isfinite(rss), rss, np.inf)
+
+
+def _floor_fits(levels: np.ndarray, curves: np.ndarray) -> np.ndarray:
+    """The exponent b of y = a x^b + f (a, f >= 0) fitted to each row of curves [R, L]: [R].
+
+    Variable projection: for fixed b the best (a, f) is in closed form (`_profile_rss`), so the
+    residual is scanned over b on `B_GRID` for every curve at once and the best grid step refined
+    by golden-section search. Global over [-5, 5], no starting point. A row whose best fit is flat
+    (a = 0, b unidentified) gives NaN.
+    """
+    if len(curves) > 200:  # bounded temporaries: [rows, grid, levels]
+        return np.concatenate([_floor_fits(levels, curves[i : i + 200]) for i in range(0, len(curves), 200)])
+    y = curves
+    scan = _profile_rss(levels, y, np.broadcast_to(B_GRID, (len(y), len(B_GRID))))
+    g = np.argmin(scan, axis=1)
+    step = B_GRID[1] - B_GRID[0]
+    lo, hi = np.maximum(B_GRID[g] - step, B_GRID[0]), np.minimum(B_GRID[g] + step, B_GRID[-1])
+    ratio = (np.sqrt(5) - 1) / 2
+    for _ in range(GOLDEN):
+        c, d = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        fc, fd = _profile_rss(levels, y, np.stack([c, d], axis=1)).T
+        hi, lo = np.where(fc < fd, d, hi), np.where(fc < fd, lo, c)
+    best = (lo + hi) / 2
+    rss = _profile_rss(levels, y, best[:, None])[:, 0]
+    flat = rss >= ((y - y.mean(axis=1, keepdims=True)) ** 2).sum(axis=1) * (1 - 1e-12)
+    return np.where(flat, np.nan, best)
 
 
 def power_law_floor_slope(x, y, seed, rng: np.random.Generator | None = None) -> Estimate:
-    """Exponent b of y = a x^b + f (f >= 0) on the seed-averaged curve, with a seed-bootstrap CI.
-
-    Each resample's fit starts from the full data's fit (a warm start: fewer iterations, and the
-    same local optimum where the surface has several)."""
+    """Exponent b of y = a x^b + f (f >= 0) on the seed-averaged curve, with a seed-bootstrap CI."""
     x, y, seed = (np.asarray(v, dtype=float) for v in (x, y, seed))
     _check(x, seed, 4)
     if np.any(y <= 0):
         raise FitError("a power law with a floor needs y > 0")
     levels, table = _by_seed(x, y, seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            full = _floor_fit(levels, table.mean(axis=0))
-        except (ValueError, RuntimeError) as err:
-            raise FitError(f"the power law with a floor does not fit: {err}") from None
-        boot = np.full(BOOTSTRAP_FLOOR, np.nan)
-        for i, row in enumerate(_resampled_means(table, rng or np.random.default_rng(0), BOOTSTRAP_FLOOR)):
-            try:
-                boot[i] = _floor_fit(levels, row, tuple(np.clip(full, [0, -4.99, 0], [np.inf, 4.99, np.inf])))[1]
-            except (ValueError, RuntimeError):
-                pass  # counted by _finite
-    lo, hi = _interval(float(full[1]), _finite(boot), len(table))
-    return Estimate(float(full[1]), lo, hi, len(levels), (float(levels[0]), float(levels[-1])), "power-law+floor+seed-bootstrap-t")
+    estimate = float(_floor_fits(levels, table.mean(axis=0)[None])[0])
+    if not np.isfinite(estimate):
+        raise FitError("the power law with a floor does not fit: the best fit is flat")
+    boot = _finite(_floor_fits(levels, _resampled_means(table, rng or np.random.default_rng(0), BOOTSTRAP)))
+    lo, hi = _interval(estimate, boot, len(table))
+    return Estimate(estimate, lo, hi, len(levels), (float(levels[0]), float(levels[-1])), "power-law+floor+seed-bootstrap-t")
 
 
 def rate(steps, values, floor: float = 1e-13, start: float | None = None, squared: bool = False) -> Estimate:
