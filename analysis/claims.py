@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from analysis import fits
 from analysis.load import StoreReadError
@@ -334,7 +336,18 @@ def evaluate(tables: dict[str, pd.DataFrame], claims: tuple[Claim, ...] = CLAIMS
             _evaluate_compare(claim, df, tables, rows, skipped)
         else:
             _evaluate_law(claim, df, tables, rows, skipped)
-    return pd.DataFrame(rows), skipped
+    return with_group_columns(pd.DataFrame(rows)), skipped
+
+
+def with_group_columns(rows: pd.DataFrame) -> pd.DataFrame:
+    """The fits rows with each group field also as a column of its own (null where a row's group
+    lacks it), after `group`: `fits[fits.d == 4]` works without parsing JSON."""
+    if rows.empty:
+        return rows
+    fields = pd.DataFrame([json.loads(g) for g in rows["group"]], index=rows.index)
+    fields = fields[[c for c in fields.columns if c not in rows.columns]]
+    at = list(rows.columns).index("group") + 1
+    return pd.concat([rows.iloc[:, :at], fields, rows.iloc[:, at:]], axis=1)
 
 
 def write_fits(store: str | os.PathLike, rows: pd.DataFrame, skipped: list[tuple[str, str]]) -> list[Path]:
@@ -347,10 +360,14 @@ def write_fits(store: str | os.PathLike, rows: pd.DataFrame, skipped: list[tuple
     root.mkdir(parents=True, exist_ok=True)
     written = []
     families = set(rows["family"]) if len(rows) else set()
-    for family, part in rows.groupby("family") if len(rows) else []:
+    # one Arrow schema for every family's file (the union of the group columns, typed from all
+    # rows), so that a dataset reader sees every column whichever file it opens first
+    table = pa.Table.from_pandas(rows.drop(columns=["family"]), preserve_index=False) if len(rows) else None
+    for family in sorted(families):
         directory = root / f"family={family}"
         directory.mkdir(exist_ok=True)
-        written.append(_replace(directory / "fits.parquet", part.drop(columns=["family"])))
+        part = table.filter(pa.array((rows["family"] == family).to_numpy()))
+        written.append(_replace(directory / "fits.parquet", part))
     _replace(root / "_skipped.parquet", pd.DataFrame(skipped, columns=["claim", "reason"]))
     for old in root.glob("family=*/fits.parquet"):  # after the new files are in place
         if old.parent.name.split("=", 1)[1] not in families:
@@ -358,9 +375,9 @@ def write_fits(store: str | os.PathLike, rows: pd.DataFrame, skipped: list[tuple
     return written
 
 
-def _replace(path: Path, frame: pd.DataFrame) -> Path:
+def _replace(path: Path, data: pd.DataFrame | pa.Table) -> Path:
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    frame.to_parquet(tmp, index=False)
+    pq.write_table(data if isinstance(data, pa.Table) else pa.Table.from_pandas(data, preserve_index=False), tmp)
     os.replace(tmp, path)
     return path
 

@@ -118,6 +118,8 @@ def test_fit_verb_writes_the_fits_table(store, tmp_path):
     assert result.exit_code == 0, result.output
     fits_table = pd.read_parquet(copy / "fits")
     assert {"claim", "estimate", "ci_low", "ci_high", "theory", "verdict", "window", "n_points", "method", "group", "family"} <= set(fits_table.columns)
+    row = fits_table[fits_table.claim == "gmm-2-optimum-vs-N"].iloc[0]
+    assert row["d"] == json.loads(row["group"])["d"] == 2  # group fields are columns too
     assert "skipped" in result.output
     assert CliRunner().invoke(app, ["fit", "--store", str(tmp_path / "none")]).exit_code == 2
 
