@@ -61,3 +61,12 @@ def test_bad_fields_are_named(bad, field):
         make(**bad)
     assert err.value.field == field
     assert f"'{field}'" in str(err.value)
+
+
+def test_every_shipped_sweep_is_valid():
+    from pipelines import sweep
+
+    names = sweep.shipped()
+    assert {"quickstart", "gmm-n-scaling", "gmm-m-scaling", "mor-cluster"} <= set(names)
+    for name in names:
+        assert sweep.load(name).bundles(), name
