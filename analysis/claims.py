@@ -99,6 +99,10 @@ CLAIMS: tuple[Claim, ...] = (
         "evals", "tv_error", "M", -0.5, (*GMM_TASK, "N"), estimator="lsa", where={"N": lambda s: s >= 50}, x_min=16, law="excess",
     ),
     Claim(
+        "gmm-3-fluctuation-vs-M", "gmm", "tv_limit (the trained LSA at M against itself at M = inf: the context's fluctuation, no bias) falls like 1/sqrt(M) (asymptotic window M >= 64)",
+        "evals", "tv_limit", "M", -0.5, (*GMM_TASK, "N"), estimator="lsa", where=_finite, x_min=64,
+    ),
+    Claim(
         "gmm-3-error-vs-c", "gmm", "tv_error at M = inf is O(c^2/N): grows at most like c^2 at fixed N",
         "evals", "tv_error", "c", 2.0, tuple(g for g in (*GMM_TASK, "N") if g != "c"), estimator="lsa", where=_inf,
     ),

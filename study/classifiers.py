@@ -167,6 +167,12 @@ def per_prompt(p: torch.Tensor, p_star: torch.Tensor, pr: Prompts) -> dict[str, 
     }
 
 
+def versus_limit(p: torch.Tensor, p_inf: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`tv_limit`: 0.5 sum_k |p_M - p_inf| for one estimator on the same queries: the finite
+    context's fluctuation alone, which [S] bounds by O(1/sqrt(M)) without the N-dependent bias."""
+    return {"tv_limit": 0.5 * (p - p_inf).abs().sum(-1)}
+
+
 ESTIMATORS: dict[str, Estimator] = {
     "bayes": bayes,
     "lsa_limit": lsa_limit,

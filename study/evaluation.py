@@ -6,7 +6,8 @@ metrics, and returns the mean and standard error over prompts of every (estimato
 
 Metrics: gmm (theory.md section 2) `tv_error` = mean of 0.5 sum_k |p_hat - p*|, `accuracy`,
 `bayes_accuracy` (the Bayes rule's accuracy on the same queries, repeated on every estimator's
-rows), `excess_ce` = CE(estimator) - CE(bayes); mor (section 3) `mse` on the query and
+rows), `excess_ce` = CE(estimator) - CE(bayes), `tv_limit` = the TV distance between the
+estimator at M and the same estimator at M = inf (the context fluctuation alone, no bias); mor (section 3) `mse` on the query and
 `excess_mse` = mse - oracle mse. Excess metrics are paired per prompt.
 """
 
@@ -29,9 +30,16 @@ def evaluate(
     estimators: dict[str, Callable],
     reference: Callable,
     per_prompt: Callable[[torch.Tensor, torch.Tensor, Any], dict[str, torch.Tensor]],
+    versus_limit: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows of the `evals` table (without run_id) for every estimator, M and metric."""
+    """Rows of the `evals` table (without run_id) for every estimator, M and metric.
+
+    `versus_limit(out, out_inf)`: metrics of an estimator at finite M against its own prediction
+    at M = inf on the same queries (gmm: `tv_limit`), for batches whose chunk yields its M = inf
+    batch first (`gmm_batches`); a batch's chunk is recognised by its `tasks`.
+    """
     sums: dict[tuple[str, float, str], list] = {}
+    limits: dict[str, tuple[Any, torch.Tensor]] = {}  # estimator -> (its chunk's tasks, its M = inf output)
     for M, pr in batches:
         ref = reference(pr)
         for name, est in estimators.items():
@@ -41,6 +49,11 @@ def evaluate(
             extra: dict[str, torch.Tensor] = {}
             if isinstance(out, tuple):  # (prediction, metrics only this estimator has, e.g. param_error)
                 out, extra = out
+            if versus_limit is not None:
+                if math.isinf(M):
+                    limits[name] = (pr.tasks, out)
+                elif name in limits and limits[name][0] is pr.tasks:
+                    extra = {**extra, **versus_limit(out, limits[name][1])}
             for metric, v in {**per_prompt(out, ref, pr), **extra}.items():
                 acc = sums.setdefault((name, M, metric), [0.0, 0.0, 0])
                 acc[0] += float(v.sum())

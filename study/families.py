@@ -48,7 +48,7 @@ class GMM:
         ests = {**shared, **estimators}
         within = any(getattr(e, "needs_within", False) for e in ests.values())
         batches = evaluation.gmm_batches(cfg.task, cov, seed, cfg.eval, within, device)
-        return evaluation.evaluate(batches, ests, classifiers.bayes, classifiers.per_prompt)
+        return evaluation.evaluate(batches, ests, classifiers.bayes, classifiers.per_prompt, classifiers.versus_limit)
 
     @staticmethod
     def export(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

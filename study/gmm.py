@@ -175,7 +175,8 @@ def eval_chunks(
     """Evaluation prompts in chunks of whole random blocks, each with its contexts at every M.
 
     Contexts are nested: the context at M is the first M examples of the longest one, so every
-    estimator and every M is compared on the same tasks and queries.
+    estimator and every M is compared on the same tasks and queries. The exact (M = inf) context
+    comes first.
     """
     finite = sorted(int(m) for m in lengths if math.isfinite(m))
     m_max = max(finite, default=0)
@@ -194,11 +195,11 @@ def eval_chunks(
                 ys.append(torch.cat([y for _, y in ex], dim=1)[:n])
         t = Tasks(*(torch.cat(z) for z in zip(*((t.means, t.xq, t.yq) for t in tasks)))).to(device)
         contexts = []
+        if any(math.isinf(m) for m in lengths):  # first: every finite context is compared with it
+            contexts.append(exact_context(task, cov, t, within))
         if m_max:
             x, y = torch.cat(xs).to(device), torch.cat(ys).to(device)
-            contexts = _prefix_contexts(task.c, x, y, finite, within)
-        if any(math.isinf(m) for m in lengths):
-            contexts.append(exact_context(task, cov, t, within))
+            contexts += _prefix_contexts(task.c, x, y, finite, within)
         yield EvalChunk(t, contexts)
 
 

@@ -102,3 +102,20 @@ def test_pooled_covariance_counts_only_present_classes():
         S = classifiers.pooled_covariance(ctx, 2)  # shrinking towards (tr S / d) I keeps the trace
         traces.append(torch.diagonal(S, dim1=1, dim2=2).mean(-1))
     assert abs(float(torch.cat(traces).mean()) - 1.0) < 0.05  # unbiased for Lam = I
+
+
+def test_tv_limit_compares_each_estimator_with_itself_at_M_inf():
+    """The context's fluctuation alone: 0 for Bayes, shrinking with M, absent at M = inf or without it."""
+    import pandas as pd
+
+    from study.config import TrialConfig
+    from study.trial import Run, run_bundle
+
+    base = dict(family="gmm", d=2, c=2, snr=1.0, N=40, B=512, lr=2.0, steps=20, log_every=10, n_eval=512)
+    ev = pd.DataFrame(run_bundle([Run(TrialConfig.from_flat({**base, "M": [16, 256, "inf"]}), 0)]).evals)
+    lim = ev[ev.metric == "tv_limit"].pivot_table(index="estimator", columns="M", values="value")
+    assert list(lim.columns) == [16.0, 256.0] and (lim.loc["bayes"] == 0).all()
+    for est in ("lsa", "lda_plugin", "logreg"):
+        assert 2.5 < lim.loc[est, 16.0] / lim.loc[est, 256.0] < 6  # sqrt(256 / 16) = 4
+    none = pd.DataFrame(run_bundle([Run(TrialConfig.from_flat({**base, "M": [16, 256]}), 0)]).evals)
+    assert "tv_limit" not in set(none.metric)

@@ -84,7 +84,7 @@ def test_eval_prompts_do_not_depend_on_the_grid_or_count():
 
     def first(lengths, n_eval):
         chunk = next(eval_chunks(task, cov, 3, n_eval, lengths, within=True))
-        return chunk.tasks, chunk.contexts[0]
+        return chunk.tasks, next(c for c in chunk.contexts if c.M == 8)
 
     t1, c1 = first([8, math.inf], 100)  # 100 = a full block and part of a second one
     t2, c2 = first([8, 300], 200)
