@@ -181,7 +181,7 @@ def _select(claim: Claim, tables: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame
     needed = [claim.x, "status", "seed", "run_id", *claim.where, *claim.group]
     needed += ["rho_theory", "opt_loss", "step"] if claim.law == "rate" else []
     needed += ["metric", "estimator", "value"] if claim.table == "evals" else [claim.metric]
-    missing = sorted({c for c in needed if c not in df} - ({*claim.group} if claim.law == "rate" else set()))
+    missing = sorted({c for c in needed if c not in df})
     if missing:
         return pd.DataFrame(), f"the {claim.table} table has no column {', '.join(missing)}"
     if claim.table == "evals":
@@ -194,12 +194,15 @@ def _select(claim: Claim, tables: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame
     return df, "" if len(df) else f"no {claim.family} rows of {claim.table}.{claim.metric}{where} in this regime"
 
 
+def varying(df: pd.DataFrame, skip: tuple[str, ...] | set[str] = ()) -> list[str]:
+    """The configuration columns of df (not results, not `skip`) that take more than one value."""
+    return [c for c in df.columns if c not in NOT_CONFIG and c not in skip and df[c].map(repr).nunique() > 1]
+
+
 def _group_fields(claim: Claim, df: pd.DataFrame, extra: tuple[str, ...] = ()) -> list[str]:
     """The named group fields, then every other configuration column that varies in df."""
     named = [g for g in claim.group if g in df]
-    skip = {claim.x, *claim.ignore, *named, *extra} | NOT_CONFIG
-    varying = [c for c in df.columns if c not in skip and df[c].nunique(dropna=False) > 1]
-    return [*named, *extra, *sorted(varying)]
+    return [*named, *extra, *sorted(varying(df, {claim.x, *claim.ignore, *named, *extra}))]
 
 
 def _excluded(claim: Claim, tables: dict[str, pd.DataFrame], group: list[str], used: pd.DataFrame) -> dict[tuple, int]:
@@ -352,6 +355,38 @@ def with_group_columns(rows: pd.DataFrame) -> pd.DataFrame:
     fields = fields[[c for c in fields.columns if c not in rows.columns]]
     at = list(rows.columns).index("group") + 1
     return pd.concat([rows.iloc[:, :at], fields, rows.iloc[:, at:]], axis=1)
+
+
+VERDICTS = ("consistent", "steeper", "shallower", "worse")
+
+
+def contradicts(law: str, theory: float) -> str:
+    """The verdict that would contradict an O() upper bound (or a predicted rate, or 'matches or beats')."""
+    if law == "compare":
+        return "worse"
+    if law == "rate":
+        return "shallower"
+    return "shallower" if theory < 0 else "steeper"
+
+
+def verdict_table(fits: pd.DataFrame) -> pd.DataFrame:
+    """Per claim: the theory, how many fits gave each verdict, how many contradict the theory's
+    bound, and the median estimate."""
+    described = {c.name: c for c in CLAIMS}
+    out = []
+    for name, rows in fits.groupby("claim", sort=False):
+        claim = described.get(name)
+        law = claim.law if claim is not None else "power"
+        theory = {"rate": "rho_theory per run", "compare": "log ratio <= 0"}.get(law, f"{rows['theory'].iloc[0]:.4g}")
+        counts = rows["verdict"].value_counts()
+        against = int((rows["verdict"] == rows["theory"].map(lambda t: contradicts(law, t))).sum())
+        out.append(
+            {
+                "claim": name, "metric vs x": f"{rows['metric'].iloc[0]} vs {rows['x'].iloc[0]}", "theory": theory, "fits": len(rows),
+                **{v: int(counts.get(v, 0)) for v in VERDICTS}, "against the bound": against, "median estimate": f"{rows['estimate'].median():.4g}",
+            }
+        )
+    return pd.DataFrame(out)
 
 
 def write_fits(store: str | os.PathLike, rows: pd.DataFrame, skipped: list[tuple[str, str]]) -> list[Path]:

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from analysis.claims import CLAIMS, EVAL_FIELDS, NOT_CONFIG, TRAIN_FIELDS  # noqa: E402
+from analysis.claims import CLAIMS, EVAL_FIELDS, NOT_CONFIG, TRAIN_FIELDS, varying  # noqa: E402
 
 MAX_LINES = 8
 BAND = ("ci", 95)
@@ -29,7 +29,7 @@ Tables = dict[str, pd.DataFrame]
 
 def _label(df: pd.DataFrame, skip: tuple[str, ...] = ()) -> pd.Series:
     """'d=2 c=3' from the configuration fields that vary in df (one line when none does)."""
-    vary = [c for c in df.columns if c not in NOT_CONFIG and c not in skip and df[c].map(repr).nunique() > 1]
+    vary = varying(df, skip)
     if not vary:
         return pd.Series("mean over seeds", index=df.index)
     show = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731  (3.0 -> 3)
@@ -103,7 +103,7 @@ def gmm_error_vs_M(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
 
 def _one_configuration(ev: pd.DataFrame, keep: tuple[str, ...] = ()) -> tuple[pd.DataFrame, str]:
     """The rows of the first configuration (over every field that varies but `keep`), and its label."""
-    fields = [c for c in ev.columns if c not in NOT_CONFIG and c not in ("M", *keep) and ev[c].map(repr).nunique() > 1]
+    fields = varying(ev, ("M", *keep))
     if not fields:
         return ev, ""
     key = ev[fields].map(repr)

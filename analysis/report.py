@@ -23,10 +23,9 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots
-from analysis.claims import CLAIMS, read_fits
+from analysis.claims import CLAIMS, read_fits, verdict_table
 from analysis.load import load
 
-VERDICTS = ("consistent", "steeper", "shallower", "worse")
 RATE_ROWS = 12  # rate claims have a row per run: the report shows a summary and this many rows
 
 
@@ -67,35 +66,6 @@ def claim_table(rows: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
             "excluded": rows["excluded"].to_numpy(),
         }
     )
-
-
-def contradicts(law: str, theory: float) -> str:
-    """The verdict that would contradict an O() upper bound (or a predicted rate, or 'matches or beats')."""
-    if law == "compare":
-        return "worse"
-    if law == "rate":
-        return "shallower"
-    return "shallower" if theory < 0 else "steeper"
-
-
-def verdict_table(fits: pd.DataFrame) -> pd.DataFrame:
-    """Per claim: the theory, how many fits gave each verdict, how many contradict the theory's
-    bound, and the median estimate."""
-    described = {c.name: c for c in CLAIMS}
-    out = []
-    for name, rows in fits.groupby("claim", sort=False):
-        claim = described.get(name)
-        law = claim.law if claim is not None else "power"
-        theory = {"rate": "rho_theory per run", "compare": "log ratio <= 0"}.get(law, _fmt(rows["theory"].iloc[0]))
-        counts = rows["verdict"].value_counts()
-        against = int((rows["verdict"] == rows["theory"].map(lambda t: contradicts(law, t))).sum())
-        out.append(
-            {
-                "claim": name, "metric vs x": f"{rows['metric'].iloc[0]} vs {rows['x'].iloc[0]}", "theory": theory, "fits": len(rows),
-                **{v: int(counts.get(v, 0)) for v in VERDICTS}, "against the bound": against, "median estimate": _fmt(rows["estimate"].median()),
-            }
-        )
-    return pd.DataFrame(out)
 
 
 def rate_summary(rows: pd.DataFrame) -> str:

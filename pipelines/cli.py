@@ -141,9 +141,8 @@ def fit(store: Path = STORE) -> None:
     """Fit every claim the store has data for; write the `fits` table and print the verdicts."""
     import pandas as pd
 
-    from analysis.claims import evaluate, write_fits
+    from analysis.claims import evaluate, verdict_table, write_fits
     from analysis.load import StoreReadError, load
-    from analysis.report import verdict_table
 
     try:
         loaded = load(store)
