@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from study.config import FAMILIES, MODELS, Eval, Train
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: trials.final_dist_theory, opt_g, opt_noise; curves.subopt_theory
 TABLES = ("trials", "curves", "evals", "params")
 DONE = ("ok", "diverged")
 
@@ -81,9 +81,12 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("status", pa.string()),
             pa.field("steps_done", pa.int64()),
             pa.field("final_train_loss", pa.float64()),
+            pa.field("final_dist_theory", pa.float64()),
             pa.field("opt_loss", pa.float64()),
             pa.field("opt_converged", pa.bool_()),
             pa.field("opt_dist_theory", pa.float64()),
+            pa.field("opt_g", pa.float64()),
+            pa.field("opt_noise", pa.float64()),
             pa.field("rho_theory", pa.float64()),
             pa.field("excess_risk", pa.float64()),
             pa.field("error", pa.string()),
@@ -102,6 +105,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("subopt", pa.float64()),
             pa.field("dist_opt", pa.float64()),
             pa.field("dist_theory", pa.float64()),
+            pa.field("subopt_theory", pa.float64()),
         ]
     ),
     "evals": pa.schema(
@@ -273,6 +277,10 @@ class Store:
                 raise StoreError(f"store {self.root}: unreadable file {p} ({err}); move it out of the store and rerun: its runs will be recomputed") from None
             versions = set(t["schema_version"].to_pylist())
             if versions != {SCHEMA_VERSION}:
-                raise StoreError(f"store {self.root}: {p.name} has schema version {sorted(versions)}, this code writes version {SCHEMA_VERSION}; run into a new --store")
+                raise StoreError(
+                    f"store {self.root}: {p.name} has schema version {sorted(versions)}, this code writes version {SCHEMA_VERSION}; "
+                    "run the sweep into a new --store (the analysis still reads the old one: `icl-study fit` re-fits it, "
+                    "skipping the claims whose columns it lacks)"
+                )
             done.update(r for r, s in zip(t["run_id"].to_pylist(), t["status"].to_pylist()) if s in DONE)
         return done

@@ -172,7 +172,7 @@ class Train(_Component):
     N: int = Field(ge=1, description="training prompt length")
     B: int | None = Field(default=4096, ge=1, description="number of training prompts")
     lr: float = Field(gt=0, description="GD step size")
-    steps: int = Field(ge=1, description="GD steps")
+    steps: int = Field(ge=0, description="GD steps; 0: no GD, the run is the empirical minimiser (Newton, reduced only)")
     log_every: int = Field(default=10, ge=1, description="curve resolution in steps")
     dtype: Literal["float64", "float32"] = "float64"
 
@@ -308,6 +308,8 @@ class TrialConfig(BaseModel):
                     raise ConfigError(name, "applies to family mor (EM) only")
         if self.model.model == "lsa" and self.train.B is None:
             raise ConfigError("B", "the LSA trains by full-batch GD on B fixed prompts; give an integer B >= 1")
+        if self.train.steps == 0 and self.model.param != "reduced":
+            raise ConfigError("steps", "0 (no GD: the empirical minimiser by Newton's method) needs param reduced, whose loss is convex")
 
     @property
     def estimators(self) -> tuple[str, ...]:

@@ -21,10 +21,11 @@ SEPARABLE_LOSS = 1e-8  # a CE optimum this small means the training prompts are 
 
 @dataclass
 class Optimum:
-    """Shapes: W [d, d], hess_eigs [d*d]."""
+    """Shapes: W [d, d], hess [d*d, d*d] (at W), hess_eigs [d*d]."""
 
     W: torch.Tensor
     loss: float
+    hess: torch.Tensor
     hess_eigs: torch.Tensor
     converged: bool
     iterations: int
@@ -105,7 +106,7 @@ def empirical_optimum(
     eigs = torch.linalg.eigvalsh(H)
     if loss == "ce" and (float(value) < SEPARABLE_LOSS or float(eigs[0]) <= 1e-12 * float(eigs[-1])):
         converged = False  # separable data: the infimum is at infinity, the iterate is arbitrary
-    return Optimum(w.reshape(d, d), float(value), eigs, converged, it)
+    return Optimum(w.reshape(d, d), float(value), H, eigs, converged, it)
 
 
 RANGE_TOL = 1e-12  # eigenvalues below this fraction of the largest are the Hessian's null space
@@ -120,3 +121,16 @@ def local_rate(hess_eigs: torch.Tensor, lr: float) -> float:
     """
     live = hess_eigs[hess_eigs > RANGE_TOL * hess_eigs.abs().max()]
     return float((1.0 - lr * live).abs().max()) if len(live) else float("nan")
+
+
+def quadratic_subopt(hess: torch.Tensor, e0: torch.Tensor, lr: float, steps: list[int]) -> torch.Tensor:
+    """GD's loss gap on a quadratic loss, predicted from the start: 0.5 sum_i lambda_i (1 - lr lambda_i)^(2t) a_i^2.
+
+    a = Q^T e0 are the initial error's components in the Hessian's eigenbasis (H = Q diag(lambda) Q^T),
+    so the whole curve, not only its slowest rate, follows from the Hessian and the start ([J] claim 3:
+    the regression LSA's loss is exactly quadratic). Shapes: hess [p, p], e0 [p] -> [len(steps)].
+    """
+    lam, Q = torch.linalg.eigh(hess.double())
+    a2 = (Q.T @ e0.double().reshape(-1)) ** 2
+    t = torch.tensor(steps, dtype=torch.float64, device=lam.device)[:, None]
+    return 0.5 * (lam * ((1.0 - lr * lam) ** 2)[None] ** t * a2).sum(-1)

@@ -150,7 +150,9 @@ def _posterior_predict(beta: torch.Tensor, pi: torch.Tensor, sigma: torch.Tensor
 
 
 def em_estimator(ev: Eval, grad_steps: int = 0) -> Estimator:
-    """EM (or gradient EM with `grad_steps` inner steps) fitted on each context; also reports param_error."""
+    """EM (or gradient EM with `grad_steps` inner steps) fitted on each context; also reports
+    `param_error` and `param_failure` (1 where param_error > ||beta_k|| / 2, so its mean is the share
+    of failed fits)."""
     def predict(pr: Prompts):
         task = pr.task
         if pr.exact:  # an infinite context identifies the parameters: the oracle's prediction
@@ -163,7 +165,9 @@ def em_estimator(ev: Eval, grad_steps: int = 0) -> Estimator:
         z = torch.cat([torch.randn(EVAL_BLOCK, ev.em_restarts, task.K, d, generator=generator(key, "init", pr.first_block + j), dtype=torch.float64) for j in range(n_blocks)])[:P]
         sigma = task.sigma if ev.em_sigma == "known" else None
         f = em.fit(pr.x, pr.y, em.init_beta(pr.x, pr.y, z.to(pr.x)), sigma, ev.em_iters, ev.em_tol, grad_steps)
-        return _posterior_predict(f.beta, f.pi, f.sigma, pr), {"param_error": em.param_error(f.beta, pr.betas, task.symmetric)}
+        err = em.param_error(f.beta, pr.betas, task.symmetric)
+        # a failed fit: further from the truth than half a regressor's norm (a bad start EM never left)
+        return _posterior_predict(f.beta, f.pi, f.sigma, pr), {"param_error": err, "param_failure": (err > task.radius / 2).to(err.dtype)}
 
     return predict
 

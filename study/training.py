@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from study import lsa
-from study.optimum import empirical_optimum, local_rate
+from study.optimum import empirical_optimum, local_rate, quadratic_subopt
 
 REFERENCE_FACTOR = 10  # full param: the reference optimum is GD run on to 10x the steps
 REFERENCE_GTOL = 1e-6  # full param: the reference counts as converged below this gradient norm
@@ -65,13 +65,14 @@ class Problem:
 
 @dataclass
 class Curves:
-    """Shapes: every tensor [T, S] over the logged steps."""
+    """Shapes: every tensor [T, S] over the logged steps (T = 0 when no GD ran)."""
 
     steps: list[int]
     train_loss: torch.Tensor
     subopt: torch.Tensor
     dist_opt: torch.Tensor
     dist_theory: torch.Tensor
+    subopt_theory: torch.Tensor  # the predicted loss gap (quadratic loss, reduced); NaN otherwise
 
 
 @dataclass
@@ -82,9 +83,12 @@ class TrainResult:
     params: dict[str, torch.Tensor]
     diverged_at: torch.Tensor  # first step with a non-finite loss, -1 if none
     final_loss: torch.Tensor
+    final_dist_theory: torch.Tensor  # ||W_final / scale - target||_max
     opt_loss: torch.Tensor
     opt_converged: torch.Tensor
-    opt_dist_theory: torch.Tensor  # ||W_opt / c'' - Lam^-1||_max
+    opt_dist_theory: torch.Tensor  # ||W_opt / scale - target||_max
+    opt_g: torch.Tensor  # <W_opt / scale, target> / ||target||_F^2 - 1: the signed size of G (theory.md section 5)
+    opt_noise: torch.Tensor  # ||W_opt / scale - (1 + opt_g) target||_F / ||target||_F: the part off the target's line
     rho_theory: torch.Tensor  # max_i |1 - lr lambda_i(H)| at the optimum (reduced only)
     opt_params: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -179,31 +183,62 @@ def _theory_gap(W: torch.Tensor, prob: Problem) -> torch.Tensor:
     return (W / prob.scale - prob.target).abs().flatten(1).amax(1)
 
 
-def train(prob: Problem, param: str, steps: int, log_every: int, init: dict[str, torch.Tensor] | None = None) -> TrainResult:
-    """Train every member of the stack and measure its curve against the empirical optimum."""
-    params = init if init is not None else init_params(prob, param)
-    params, diverged_at, log = gd(params, prob, steps, log_every)
-    final_loss = log[-1][1]
-    # GD with a stable step never ends above its starting loss; a run that does is unstable even
-    # when its loss stays finite (the CE gradient is bounded, so W only grows linearly)
-    logged = torch.stack([l for _, l, _ in log])  # [T, S]
-    above = logged > logged[0]
-    unstable = above[-1] & (diverged_at < 0)
-    logged_steps = torch.tensor([t for t, _, _ in log], device=diverged_at.device)
-    diverged_at = torch.where(unstable, logged_steps[above.to(torch.uint8).argmax(0)], diverged_at)
+def projection(W: torch.Tensor, prob: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed projection g = <W/scale, T> / ||T||_F^2 - 1 of W on the target T, and the relative
+    residual ||W/scale - (1 + g) T||_F / ||T||_F (NaN where T = 0).  Shapes: W [S, d, d] -> [S], [S].
 
+    By the O(d) invariance of the whitened gmm problem the population minimiser is exactly a multiple
+    of Lam^-1, so g measures G and the residual is the finite-B sampling noise alone.
+    """
+    A, T = (W / prob.scale).flatten(1).double(), prob.target.flatten(1).double()
+    tt = (T * T).sum(1)
+    g = (A * T).sum(1) / tt - 1
+    resid = (A - (1 + g)[:, None] * T).norm(dim=1) / tt.sqrt()
+    return g, resid
+
+
+def train(prob: Problem, param: str, steps: int, log_every: int, init: dict[str, torch.Tensor] | None = None) -> TrainResult:
+    """Train every member of the stack and measure its curve against the empirical optimum.
+
+    steps = 0 (reduced only) runs no GD: the result is the empirical minimiser, with no curve.
+    """
+    params = init if init is not None else init_params(prob, param)
+    start = params
     S = prob.S
+    if steps > 0:
+        params, diverged_at, log = gd(params, prob, steps, log_every)
+        # GD with a stable step never ends above its starting loss; a run that does is unstable even
+        # when its loss stays finite (the CE gradient is bounded, so W only grows linearly)
+        logged = torch.stack([l for _, l, _ in log])  # [T, S]
+        above = logged > logged[0]
+        unstable = above[-1] & (diverged_at < 0)
+        logged_steps = torch.tensor([t for t, _, _ in log], device=diverged_at.device)
+        diverged_at = torch.where(unstable, logged_steps[above.to(torch.uint8).argmax(0)], diverged_at)
+    else:
+        if param != "reduced":
+            raise ValueError("steps = 0 (the minimiser alone) needs param reduced")
+        diverged_at = torch.full((S,), -1, dtype=torch.long, device=prob.V.device)
+        log, logged = [], prob.V.new_zeros(0, S)
+
     nan = torch.full((S,), float("nan"), dtype=torch.float64)
     rho, opt_conv = nan.clone(), torch.zeros(S, dtype=torch.bool)
+    predicted = torch.full((len(log), S), float("nan"), dtype=torch.float64)
     if param == "reduced":
         opts = []
+        # Newton starts at the trained W, or with no GD at the theory's W (closer than 0: fewer iterations)
+        W0 = params["W"] if steps > 0 else prob.scale * prob.target
         for s in range(S):
-            o = empirical_optimum(prob.V[s], prob.xq[s], prob.yq[s], params["W"][s], prob.loss)
+            o = empirical_optimum(prob.V[s], prob.xq[s], prob.yq[s], W0[s], prob.loss)
             opts.append(o)
             rho[s] = local_rate(o.hess_eigs, float(prob.lr[s]))
             opt_conv[s] = o.converged
+            if prob.loss == "squared" and log:  # quadratic: the whole curve follows from the Hessian and the start
+                e0 = start["W"][s].double().cpu() - o.W.cpu()
+                predicted[:, s] = quadratic_subopt(o.hess.cpu(), e0, float(prob.lr[s]), [t for t, _, _ in log])
         opt_params = {"W": torch.stack([o.W for o in opts]).to(prob.V.dtype)}
         opt_loss = torch.tensor([o.loss for o in opts], dtype=torch.float64)
+        if steps == 0:
+            params = {k: v.clone() for k, v in opt_params.items()}
     else:
         opt_params, _, ref_log = gd(params, prob, (REFERENCE_FACTOR - 1) * steps, log_every=(REFERENCE_FACTOR - 1) * steps)
         opt_loss = ref_log[-1][1].double().cpu()
@@ -211,23 +246,30 @@ def train(prob: Problem, param: str, steps: int, log_every: int, init: dict[str,
         _, grad = step(opt_params, prob)
         gnorm = torch.sqrt(sum((g**2).flatten(1).sum(1) for g in grad.values())).double().cpu()
         opt_conv = torch.isfinite(opt_loss) & (gnorm < REFERENCE_GTOL * (1 + opt_loss.abs()))
+    final_loss = log[-1][1].double().cpu() if log else opt_loss.clone()
     opt_loss = torch.where(opt_conv, opt_loss, nan)
     ref_ok = opt_conv.to(prob.V.device)
 
     losses = logged.double()
     subopt = losses - opt_loss.to(losses.device)
-    dist_opt = torch.stack([_dist(p, opt_params) for _, _, p in log]).double()
+    empty = losses.new_zeros(0, S)
+    dist_opt = torch.stack([_dist(p, opt_params) for _, _, p in log]).double() if log else empty
     dist_opt = torch.where(ref_ok, dist_opt, torch.nan)
-    dist_theory = torch.stack([_theory_gap(effective_W(p, prob.d), prob) for _, _, p in log]).double()
-    curves = Curves([t for t, _, _ in log], losses.cpu(), subopt.cpu(), dist_opt.cpu(), dist_theory.cpu())
+    dist_theory = torch.stack([_theory_gap(effective_W(p, prob.d), prob) for _, _, p in log]).double() if log else empty
+    curves = Curves([t for t, _, _ in log], losses.cpu(), subopt.cpu(), dist_opt.cpu(), dist_theory.cpu(), predicted)
+    W_opt = effective_W(opt_params, prob.d)
+    opt_g, opt_noise = projection(W_opt, prob)
     return TrainResult(
         curves=curves,
         params={k: v.double().cpu() for k, v in params.items()},
         diverged_at=diverged_at.cpu(),
-        final_loss=final_loss.double().cpu(),
+        final_loss=final_loss,
+        final_dist_theory=_theory_gap(effective_W(params, prob.d), prob).double().cpu(),
         opt_loss=opt_loss,
         opt_converged=opt_conv,
-        opt_dist_theory=_theory_gap(effective_W(opt_params, prob.d), prob).double().cpu(),
+        opt_dist_theory=_theory_gap(W_opt, prob).double().cpu(),
+        opt_g=opt_g.cpu(),
+        opt_noise=opt_noise.cpu(),
         rho_theory=rho,
         opt_params={k: v.double().cpu() for k, v in opt_params.items()},
     )

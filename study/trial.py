@@ -97,9 +97,12 @@ def run_bundle(runs: list[Run], device: torch.device | str = "cpu") -> BundleOut
                 status="diverged" if diverged else "ok",
                 steps_done=int(res.diverged_at[i]) if diverged else r.config.train.steps,
                 final_train_loss=float(res.final_loss[i]),
+                final_dist_theory=float(res.final_dist_theory[i]),
                 opt_loss=float(res.opt_loss[i]),
                 opt_converged=bool(res.opt_converged[i]),
                 opt_dist_theory=float(res.opt_dist_theory[i]),
+                opt_g=float(res.opt_g[i]),
+                opt_noise=float(res.opt_noise[i]),
                 rho_theory=float(res.rho_theory[i]),
                 excess_risk=float("nan") if diverged else family.excess_risk(r.config, covs[i], {k: v[i] for k, v in res.params.items()}),
             )
@@ -114,6 +117,7 @@ def run_bundle(runs: list[Run], device: torch.device | str = "cpu") -> BundleOut
                     subopt=float(c.subopt[j, i]),
                     dist_opt=float(c.dist_opt[j, i]),
                     dist_theory=float(c.dist_theory[j, i]),
+                    subopt_theory=float(c.subopt_theory[j, i]),
                 )
             )
         named = family.export({**res.params, **{f"{k}_opt": v for k, v in res.opt_params.items()}})

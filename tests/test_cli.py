@@ -52,7 +52,7 @@ BAD = [
     (edit(fixed__M=[]), "M"),
     (edit(fixed__lr=-1.0), "lr"),
     (edit(fixed__cov="diag", fixed__kappa=0.5), "kappa"),
-    (edit(fixed__steps=0), "steps"),
+    (edit(fixed__steps=-1), "steps"),
     (edit(seeds=0), "seeds"),
     (edit(seeds=[]), "seeds"),
     (edit(grid__N=[]), "grid.N"),

@@ -45,7 +45,8 @@ def test_cov_spec_string_form():
         (dict(lr=0.0), "lr"),
         (dict(cov="diag", kappa=0.5), "kappa"),
         (dict(kappa=4.0), "kappa"),  # identity has no kappa
-        (dict(steps=0), "steps"),
+        (dict(steps=-1), "steps"),
+        (dict(steps=0, param="full"), "steps"),
         (dict(family="nope"), "family"),
         (dict(model="nope"), "model"),
         (dict(estimators=["bayes", "nope"]), "estimators"),

@@ -247,3 +247,17 @@ def test_em_estimates_sigma_when_asked():
     z = torch.randn(32, 4, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     f = em.fit(p.x, p.y, em.init_beta(p.x, p.y, z), None, 200, 0.0)
     assert abs(float(f.sigma.median()) - 0.4) < 0.03
+
+
+def test_em_failure_is_the_share_of_fits_off_by_more_than_half_a_regressor():
+    """[J] claim 4's 'EM suffers from bad initialisations': one start fails often, more starts less."""
+    task = MORTask(d=4, K=2, snr=2.0, sigma=1.0, symmetric=True)
+    p = sample_prompts(task, _cov(task), 32, 128, seed=0, stream="eval")
+    pr = regressors.Prompts(32.0, p.x, p.y, p.xq, p.yq, p.betas, p.zq, task, _cov(task))
+    share = {}
+    for restarts in (1, 4):
+        ev = TrialConfig.from_flat({**BASE, **task.model_dump(), "B": 64, "M": [32], "em_restarts": restarts, "em_iters": 50}).eval
+        _, extra = regressors.em_estimator(ev)(pr)
+        torch.testing.assert_close(extra["param_failure"], (extra["param_error"] > task.radius / 2).double())
+        share[restarts] = float(extra["param_failure"].mean())
+    assert 0.2 < share[1] < 0.7 and share[4] < share[1] / 2, share

@@ -128,8 +128,8 @@ def test_same_seed_same_trained_parameters_and_metrics():
     cfg = TrialConfig.from_flat(dict(family="gmm", d=2, c=3, snr=1.0, N=10, B=256, lr=2.0, steps=20, log_every=10, M=[8, "inf"], n_eval=64))
     a, b = run_bundle([Run(cfg, 0), Run(cfg, 1)]), run_bundle([Run(cfg, 0), Run(cfg, 1)])
     assert [p["values"] for p in a.params] == [p["values"] for p in b.params]
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
-    assert strip(a.evals) == strip(b.evals) and strip(a.curves) == strip(b.curves)
+    strip = lambda rows: [repr({k: v for k, v in r.items() if k != "wall_s"}) for r in rows]  # noqa: E731  (repr: NaN equals NaN)
+    assert strip(a.evals) == strip(b.evals) and strip(a.curves) == strip(b.curves) and strip(a.trials) == strip(b.trials)
     assert a.params[0]["values"] != a.params[2]["values"]  # seeds 0 and 1 differ
 
 
@@ -179,3 +179,52 @@ def test_float32_training_matches_float64(family, param):
     assert single.trials[0]["status"] == double.trials[0]["status"] == "ok"
     assert single.trials[0]["final_train_loss"] == pytest.approx(double.trials[0]["final_train_loss"], rel=1e-5)
     assert len(single.evals) == len(double.evals)
+
+
+def test_the_quadratic_loss_gap_is_predicted_from_the_hessian_and_the_start():
+    """[J] claim 3: on the regression LSA's quadratic loss, GD's whole curve follows from the
+    initial error's components in the Hessian's eigenbasis (not only its slowest rate)."""
+    cfg = TrialConfig.from_flat(dict(family="mor", d=3, K=2, snr=2.0, sigma=0.5, N=8, B=2048, lr=0.3, steps=200, log_every=10, M=["inf"], n_eval=16, estimators=[]))
+    out = run_bundle([Run(cfg, 0)])
+    sub = np.array([c["subopt"] for c in out.curves])
+    pred = np.array([c["subopt_theory"] for c in out.curves])
+    above = sub > 1e-10  # float noise of a loss near 0.5 is about 1e-16
+    assert above.sum() >= 5 and np.abs(np.log(sub[above] / pred[above])).max() < 1e-6
+    slowest = float(out.trials[0]["rho_theory"]) ** (2 * np.array([c["step"] for c in out.curves]))
+    assert np.abs(np.log(sub[above] / (sub[0] * slowest[above]))).max() > 0.1  # the slowest mode alone would not do
+    from study.optimum import quadratic_subopt
+
+    wrong = quadratic_subopt(torch.eye(2), torch.ones(2), 0.5, [0, 1, 2])  # a known answer: 0.5 * 2 * 0.25^t
+    torch.testing.assert_close(wrong, torch.tensor([1.0, 0.25, 0.0625], dtype=torch.float64))
+    gmm_cfg = TrialConfig.from_flat(dict(family="gmm", d=2, snr=1.0, N=8, B=256, lr=1.0, steps=20, log_every=10, M=["inf"], n_eval=16))
+    assert all(math.isnan(c["subopt_theory"]) for c in run_bundle([Run(gmm_cfg, 0)]).curves)  # CE is not quadratic
+
+
+def test_no_gd_steps_give_the_empirical_minimiser_alone():
+    base = dict(family="gmm", d=2, c=3, snr=1.0, N=20, B=4096, lr=1.0, log_every=50, M=["inf"], n_eval=64, estimators=["bayes"])
+    newton = run_bundle([Run(TrialConfig.from_flat({**base, "steps": 0}), 0)])
+    long_gd = run_bundle([Run(TrialConfig.from_flat({**base, "steps": 3000}), 0)])
+    assert newton.curves == [] and newton.trials[0]["status"] == "ok" and newton.trials[0]["opt_converged"]
+    p = {r["name"]: np.array(r["values"]) for r in newton.params}
+    np.testing.assert_array_equal(p["W"], p["W_opt"])  # the run's model is the minimiser
+    q = {r["name"]: np.array(r["values"]) for r in long_gd.params}
+    np.testing.assert_allclose(q["W_opt"], p["W_opt"], atol=1e-10)  # the same minimiser as after GD
+    assert abs(long_gd.trials[0]["opt_g"] - newton.trials[0]["opt_g"]) < 1e-10
+    assert newton.trials[0]["final_dist_theory"] == newton.trials[0]["opt_dist_theory"]
+
+
+def test_the_signed_projection_and_its_residual():
+    """g and the residual split W/c'' into the target's line and the rest; the residual is the
+    finite-B sampling noise: it shrinks like 1/sqrt(B) (theory.md section 5)."""
+    from study.training import projection
+
+    task = GMMTask(d=3, c=2, snr=1.0, cov="diag", kappa=2.0)
+    prob = problem(task, N=20, B=64, lr=1.0)
+    W = prob.scale * (0.8 * prob.target + 0.05 * torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.float64))
+    g, resid = projection(W, prob)
+    T = prob.target[0]
+    off = 0.05 * torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.float64)  # orthogonal to diagonal T
+    assert float(g) == pytest.approx(-0.2) and float(resid) == pytest.approx(float(off.norm() / T.norm()))
+    base = dict(family="gmm", d=2, c=2, snr=1.0, N=50, lr=1.0, steps=0, M=["inf"], n_eval=16, estimators=["bayes"])
+    noise = {B: np.mean([t["opt_noise"] for t in run_bundle([Run(TrialConfig.from_flat({**base, "B": B}), s) for s in range(6)]).trials]) for B in (2048, 32768)}
+    assert 2.5 < noise[2048] / noise[32768] < 6.5, noise  # sqrt(16) = 4
