@@ -1,54 +1,63 @@
-"""The claims of theory.md as data, and their evaluation into rows of the `fits` table.
+"""The claims of theory.md as data: what each one measures, in which regime and window, and how it
+is judged. `analysis.verdicts` evaluates them against the store.
 
-Each claim names its family, the table and metric, the variable, the regime (a filter), the
-fields that name a group, the theory exponent and the law. A group is one value of every
-configuration field but x and the seed: the named fields always label it, any other field that
-varies in the data (lr, steps, em_iters, ...) is added, so no fit ever mixes configurations;
-`ignore` lists the fields a claim's metric does not depend on (EM's error does not depend on the
-training fields). `evaluate` fits every group the store has data for and says why it skips a claim
-it has no data for.
+A claim names its family, table and metric, its variable x, the fields that name a group, its
+kind and its numbers:
+
+- kind `bound`: an O() upper bound on an exponent (or, for a comparison, on a log ratio): verdict
+  `within | violated | inconclusive`, judged on the leading exponent of the law with its first
+  correction, y = A x^beta (1 + c x^-correction);
+- kind `equality`: a predicted value (an exponent, a GD rate, a whole training curve): verdict
+  `consistent | steeper | shallower | inconclusive`, an equivalence test. An exponent equality is
+  the plain log-log slope on a window where the corrections are small (noise against B: its
+  corrections are O(1/B); the context fluctuation from M = 32): a corrected law's extra parameter
+  would widen its interval past any useful tolerance.
+
+`tolerance` is the allowed departure (theory + tolerance for a bound, theory +- tolerance for an
+equality; for a rate on log rho / log rho_theory - 1); `limit` the interval half-width above which
+the verdict is `inconclusive`. The window of x is part of the definition, fixed here before the
+data: a window chosen after seeing the slopes is a fit to the answer. The report shows each
+exponent claim's local slope against the window's start, so a reader sees where the asymptote
+begins.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import uuid
+import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from analysis import fits
-from analysis.load import StoreReadError
 
 GMM_TASK = ("d", "c", "snr", "cov", "kappa", "symmetric", "B", "param")
 MOR_TASK = ("d", "K", "snr", "sigma", "components", "assignment", "cov", "kappa")
-GROUPS = {"gmm": GMM_TASK, "mor": MOR_TASK}
+GROUPS = {"gmm": GMM_TASK, "mor": MOR_TASK}  # the task fields that label a run (rates are per run)
 TRAIN_FIELDS = ("model", "param", "init_scale", "N", "B", "lr", "steps", "log_every", "dtype")
 EVAL_FIELDS = ("M", "n_eval", "estimators", "em_iters", "em_restarts", "em_tol", "em_sigma", "gem_steps")
+GD_FIELDS = ("lr", "steps", "log_every")  # the empirical minimiser does not depend on how GD approached it
 # columns that are results or bookkeeping, not configuration (evals' own M and shift are configuration)
 NOT_CONFIG = frozenset(
-    "run_id config_id bundle_id sweep seed status steps_done final_train_loss opt_loss opt_converged opt_dist_theory rho_theory "
-    "excess_risk error wall_s device created_at code_version schema_version family estimator metric value n_prompts stderr y "
-    "step train_loss subopt dist_opt dist_theory name shape values".split()
+    "run_id config_id bundle_id sweep seed status steps_done final_train_loss final_dist_theory opt_loss opt_converged "
+    "opt_dist_theory opt_g opt_noise rho_theory excess_risk error wall_s device created_at code_version schema_version family "
+    "estimator metric value n_prompts stderr y step train_loss subopt dist_opt dist_theory subopt_theory name shape values "
+    "regime M_per_d".split()
 )
+
+EXPONENT_LAWS = ("power", "excess")  # laws whose estimate is an exponent of x
 
 
 @dataclass(frozen=True)
 class Claim:
-    """One testable claim: `metric` of `table` against `x`, per group, in the regime `where`.
+    """One testable claim: `metric` of `table` against `x`, per group, in the regime `where` and
+    the window of x, judged as a `kind` with `tolerance` and inconclusive `limit`.
 
-    law: `power` (log-log slope), `floor` (power law with a floor), `excess` (log-log slope of the
-    excess over the value at x = inf, the floor measured per seed), `rate` (the per-run linear
-    rate of a training curve against the run's `rho_theory`; `theory` is then NaN: it is a column)
-    or `compare` (log of `estimator`'s metric over `baseline`'s, per test length; theory 0).
-    Verdicts compare exponents; for a rate `steeper` means faster (`fits.rate_verdict`); a
-    comparison is `consistent` or `worse` (`fits.verdict_compare`).
+    law: `power` (the leading exponent of y), `excess` (of y - y(x = inf), the floor measured per
+    seed), `monotone` (the largest step-to-step log increase of y along x: <= 0 for a curve that
+    does not rise), `rate` (per run: the linear rate of a training curve, against the run's
+    `rho_theory` or, with theory 1, against no contraction), `curve` (per run: a training curve
+    against its prediction `subopt_theory`) or `compare` (log of `estimator`'s metric over
+    `baseline`'s on the same prompts).
     """
 
     name: str
@@ -57,376 +66,153 @@ class Claim:
     table: str  # trials, evals or curves
     metric: str  # a column of trials or curves, or an evals metric
     x: str
-    theory: float
+    kind: str  # bound | equality
+    theory: float  # NaN for a rate against each run's own rho_theory
     group: tuple[str, ...]
+    law: str = "power"
+    tolerance: float = 0.05
+    limit: float = 0.15
+    correction: float | None = 1.0  # gamma of the first correction x^-gamma; None: the plain slope (too few x levels by design)
+    x_min: float | str = 0.0  # a field's name: x >= that field (M >= N)
+    x_max: float = math.inf
     estimator: str | None = None  # evals: whose rows
-    where: dict[str, Callable[[pd.Series], pd.Series]] = field(default_factory=dict)
-    x_min: float = 0.0
-    law: str = "power"  # power | floor | excess | rate | compare
     baseline: str | None = None  # compare: the estimator `estimator` is set against
+    where: dict[str, Callable[[pd.Series], pd.Series]] = field(default_factory=dict)
     ignore: tuple[str, ...] = ()  # configuration fields averaged over rather than grouped by
+    signed: bool = False  # the metric may be negative: its sign (that of the group's mean) is fitted out
+    needs: str = ""  # what a sweep must give for a fit, said when the claim is skipped
 
+    @property
+    def window(self) -> str:
+        lo = self.x_min if isinstance(self.x_min, str) else f"{self.x_min:g}"
+        hi = "" if math.isinf(self.x_max) else f" <= {self.x_max:g}"
+        return f"{self.x} >= {lo}{hi}" if lo != "0" or hi else f"all {self.x}"
+
+
+def snr_regime(df: pd.DataFrame) -> pd.Series:
+    """[K]'s regime of each (eta = snr, d, M) point of the symmetric two-component model: `low`
+    where eta <= (d/M)^(1/4), `high` where eta >= 1, `middle` between (NaN at M = inf)."""
+    eta, edge = df["snr"].astype(float), (df["d"] / df["M"]) ** 0.25
+    out = np.where(eta >= 1, "high", np.where(eta <= edge, "low", "middle"))
+    return pd.Series(np.where(np.isfinite(df["M"]), out, None), index=df.index)
+
+
+DERIVED: dict[str, Callable[[pd.DataFrame], pd.Series]] = {
+    "regime": snr_regime,
+    "M_per_d": lambda df: df["M"] / df["d"],
+}
 
 _inf = {"M": lambda s: np.isinf(s)}
 _finite = {"M": lambda s: np.isfinite(s)}
-_high, _low = (lambda s: s >= 2), (lambda s: s < 2)
 _reduced = {"param": lambda s: s == "reduced"}
+_converged = {"opt_converged": lambda s: s.astype(bool)}
+# [K]'s model: the symmetric two-component mixture with a component per example; N >= 16 d (EM at N ~ d is in neither regime)
+_kwon = {"symmetric": lambda s: s.astype(bool), "K": lambda s: s == 2, "assignment": lambda s: s == "sample", "M_per_d": lambda s: s >= 16}
+_regime = lambda r: {"regime": lambda s: s == r}  # noqa: E731
+
+_not_c = tuple(g for g in (*GMM_TASK, "N") if g != "c")
+_not_d = (*(g for g in MOR_TASK if g != "d"), "M")
+_not_B = tuple(g for g in (*GMM_TASK, "N") if g != "B")
 
 CLAIMS: tuple[Claim, ...] = (
     # gmm [S], theory.md section 2
     Claim(
-        "gmm-1-rate", "gmm", "GD converges linearly: log subopt falls like 2 t log rho, rho = max|1 - lr lambda(H)| at the optimum",
-        "curves", "subopt", "step", float("nan"), (), law="rate", ignore=EVAL_FIELDS,
+        "gmm-1-rate", "gmm", "GD converges linearly at rho = max|1 - lr lambda(H)| of the Hessian at the optimum (|log rho / log rho_H - 1| <= 2%)",
+        "curves", "subopt", "step", "equality", float("nan"), (), law="rate", tolerance=0.02, limit=0.02, ignore=EVAL_FIELDS,
+        needs="GD curves (steps > 0) with at least 3 logged points above float noise",
     ),
     Claim(
-        "gmm-2-optimum-vs-N", "gmm", "W*/c'' - Lam^-1 shrinks like 1/N (asymptotic window N >= 50)",
-        "trials", "opt_dist_theory", "N", -1.0, GMM_TASK, where={"opt_converged": lambda s: s.astype(bool)}, x_min=50, ignore=EVAL_FIELDS,
+        "gmm-2-optimum-vs-N", "gmm", "W* = c''(Lam^-1 + G) with G = O(1/N): the signed projection g_N of W_opt/c'' - Lam^-1 on Lam^-1, seed-averaged, is O(1/N)",
+        "trials", "opt_g", "N", "bound", -1.0, GMM_TASK, x_min=50, where=_converged, ignore=(*EVAL_FIELDS, *GD_FIELDS), signed=True,
+        needs="4 or more values of N >= 50 (theory.md: the asymptotic window)",
     ),
     Claim(
-        "gmm-2-optimum-vs-c", "gmm", "||G|| = O(c/N): W*/c - Lam^-1 grows at most like c at fixed N",
-        "trials", "opt_dist_theory", "c", 1.0, tuple(g for g in (*GMM_TASK, "N") if g != "c"), where={"opt_converged": lambda s: s.astype(bool)}, ignore=EVAL_FIELDS,
+        "gmm-2-noise-vs-B", "gmm", "the rest of W_opt/c'', off the line of Lam^-1 (opt_noise), is finite-B sampling noise: it falls like B^-1/2",
+        "trials", "opt_noise", "B", "equality", -0.5, _not_B, correction=None, x_min=1024, where=_converged, ignore=(*EVAL_FIELDS, *GD_FIELDS),
+        needs="4 or more values of B >= 1024 (the gmm-b-ladder sweep)",
     ),
     Claim(
-        "gmm-3-error-vs-N", "gmm", "tv_error of the trained LSA at M = inf falls like 1/N",
-        "evals", "tv_error", "N", -1.0, GMM_TASK, estimator="lsa", where=_inf,
+        "gmm-2-optimum-vs-c", "gmm", "||G|| = O(c/N): N g_N grows at most like c at fixed N",
+        "trials", "opt_g", "c", "bound", 1.0, _not_c, where=_converged, ignore=(*EVAL_FIELDS, *GD_FIELDS), signed=True,
+        needs="4 or more values of c at a fixed N (the gmm-c-scaling sweep)",
     ),
     Claim(
-        "gmm-3-error-vs-M", "gmm", "tv_error of the trained LSA falls like 1/sqrt(M) towards a floor at fixed large N (asymptotic window N >= 50, M >= 16)",
-        "evals", "tv_error", "M", -0.5, (*GMM_TASK, "N"), estimator="lsa", where={"N": lambda s: s >= 50, **_finite}, x_min=16, law="floor",
+        "gmm-3-error-vs-N", "gmm", "tv_error of the trained LSA at M = inf (no context noise) is O(1/N)",
+        "evals", "tv_error", "N", "bound", -1.0, GMM_TASK, estimator="lsa", x_min=50, where=_inf,
+        needs="M = inf in the M grid and 4 or more values of N >= 50",
     ),
     Claim(
-        "gmm-3-excess-vs-M", "gmm", "tv_error(M) - tv_error(inf) of the trained LSA falls like 1/sqrt(M) at fixed large N (the floor measured at M = inf, not fitted; N >= 50, M >= 16)",
-        "evals", "tv_error", "M", -0.5, (*GMM_TASK, "N"), estimator="lsa", where={"N": lambda s: s >= 50}, x_min=16, law="excess",
+        "gmm-3-excess-vs-M", "gmm", "tv_error(M) - tv_error(inf) of the trained LSA is O(1/sqrt(M)) at fixed N (the M = inf error measured per seed)",
+        "evals", "tv_error", "M", "bound", -0.5, (*GMM_TASK, "N"), estimator="lsa", law="excess", correction=0.5, x_min=32,
+        needs="M = inf and 4 or more finite M >= 32 in the M grid",
     ),
     Claim(
-        "gmm-3-fluctuation-vs-M", "gmm", "tv_limit (the trained LSA at M against itself at M = inf: the context's fluctuation, no bias) falls like 1/sqrt(M) (asymptotic window M >= 64)",
-        "evals", "tv_limit", "M", -0.5, (*GMM_TASK, "N"), estimator="lsa", where=_finite, x_min=64,
+        "gmm-3-fluctuation-vs-M", "gmm", "tv_limit (the trained LSA at M against itself at M = inf: the context's fluctuation, no bias) falls exactly like 1/sqrt(M)",
+        "evals", "tv_limit", "M", "equality", -0.5, (*GMM_TASK, "N"), estimator="lsa", correction=None, x_min=32, where=_finite,
+        needs="M = inf and 4 or more finite M >= 32 in the M grid",
     ),
     Claim(
         "gmm-3-error-vs-c", "gmm", "tv_error at M = inf is O(c^2/N): grows at most like c^2 at fixed N",
-        "evals", "tv_error", "c", 2.0, tuple(g for g in (*GMM_TASK, "N") if g != "c"), estimator="lsa", where=_inf,
-    ),
-    # mor [J], theory.md section 3
-    Claim(
-        "mor-1-em-vs-M-high-snr", "mor", "EM's parameter error falls like sqrt(d/M) at high SNR (snr >= 2)",
-        "evals", "param_error", "M", -0.5, MOR_TASK, estimator="em", where={"snr": _high, **_finite}, x_min=32, ignore=TRAIN_FIELDS,
+        "evals", "tv_error", "c", "bound", 2.0, _not_c, estimator="lsa", where=_inf,
+        needs="M = inf and 4 or more values of c at a fixed N (the gmm-c-scaling sweep)",
     ),
     Claim(
-        "mor-1-em-vs-M-low-snr", "mor", "EM's parameter error falls like (d/M)^(1/4) at low SNR (snr < 2)",
-        "evals", "param_error", "M", -0.25, MOR_TASK, estimator="em", where={"snr": _low, **_finite}, x_min=32, ignore=TRAIN_FIELDS,
+        "gmm-3-fluctuation-vs-c", "gmm", "the 1/sqrt(M) term is O(c^(3/2)/sqrt(M)): tv_limit grows at most like c^(3/2) at fixed N and M",
+        "evals", "tv_limit", "c", "bound", 1.5, (*_not_c, "M"), estimator="lsa", where=_finite,
+        needs="M = inf in the M grid and 4 or more values of c (the gmm-c-scaling sweep)",
     ),
     Claim(
-        "mor-1-em-vs-d-high-snr", "mor", "EM's parameter error grows like sqrt(d) at fixed M, high SNR",
-        "evals", "param_error", "d", 0.5, (*(g for g in MOR_TASK if g != "d"), "M"), estimator="em", where={"snr": _high, **_finite}, ignore=TRAIN_FIELDS,
+        "gmm-4-length-generalisation", "gmm", "the LSA normalises by the prompt length, so its tv_error does not rise for M beyond the training N (largest log increase <= 0.02)",
+        "evals", "tv_error", "M", "bound", 0.0, (*GMM_TASK, "N"), estimator="lsa", law="monotone", tolerance=0.02, limit=0.1, x_min="N", where=_finite,
+        needs="3 or more finite M >= N (the gmm-length sweep: M from N/4 to 16 N)",
+    ),
+    # mor [J], [K], theory.md section 3
+    *(
+        Claim(
+            f"mor-1-em-vs-M-{regime}", "mor", f"EM's parameter error is {rate} in [K]'s {regime}-SNR regime (symmetric K = 2, a component per example, M >= 16 d)",
+            "evals", "param_error", "M", "bound", -slope, MOR_TASK, estimator="em", correction=0.5, where={**_finite, **_kwon, **_regime(regime)}, ignore=TRAIN_FIELDS,
+            needs=f"[K]'s model (symmetric: true, K: 2, assignment: sample) with 4 or more M >= 16 d in the {regime} regime (the mor-em-regimes sweeps)",
+        )
+        for regime, rate, slope in (("low", "O((d/M)^(1/4))", 0.25), ("middle", "O(sqrt(d/M) / eta)", 0.5), ("high", "O(sqrt(d/M))", 0.5))
+    ),
+    *(
+        Claim(
+            f"mor-1-em-vs-d-{regime}", "mor", f"EM's parameter error grows at most like d^{slope:g} at fixed M in [K]'s {regime}-SNR regime (M >= 16 d; d spans too few values for a correction: the plain slope)",
+            "evals", "param_error", "d", "bound", slope, _not_d, estimator="em", correction=None, where={**_finite, **_kwon, **_regime(regime)}, ignore=TRAIN_FIELDS,
+            needs=f"[K]'s model with 3 or more d at a fixed M >= 16 d in the {regime} regime (the mor-em-regimes sweeps)",
+        )
+        for regime, slope in (("low", 0.25), ("middle", 0.5), ("high", 0.5))
     ),
     Claim(
-        "mor-1-em-vs-d-low-snr", "mor", "EM's parameter error grows like d^(1/4) at fixed M, low SNR",
-        "evals", "param_error", "d", 0.25, (*(g for g in MOR_TASK if g != "d"), "M"), estimator="em", where={"snr": _low, **_finite}, ignore=TRAIN_FIELDS,
+        "mor-2-excess-risk-vs-B", "mor", "the ERM-trained LSA's population excess risk over Gamma* is O(1/sqrt(B))",
+        "trials", "excess_risk", "B", "bound", -0.5, (*MOR_TASK, "N"), x_min=256, where=_reduced, ignore=EVAL_FIELDS,
+        needs="the reduced LSA at 4 or more values of B >= 256",
     ),
     Claim(
-        "mor-2-excess-risk-vs-B", "mor", "the ERM-trained LSA's population excess risk over Gamma* is O(1/sqrt(B)) (an upper bound)",
-        "trials", "excess_risk", "B", -0.5, (*MOR_TASK, "N"), where=_reduced, ignore=EVAL_FIELDS,
+        "mor-3-rate", "mor", "GD on the quadratic LSA loss follows the curve the Hessian predicts from the start (|log(subopt / predicted)| <= 1%)",
+        "curves", "subopt", "step", "equality", 0.0, (), law="curve", tolerance=0.01, limit=math.inf, where=_reduced, ignore=EVAL_FIELDS,
+        needs="GD curves of the reduced LSA (steps > 0) with at least 3 logged points above float noise",
     ),
     Claim(
-        "mor-3-rate", "mor", "GD on the quadratic LSA loss converges linearly to the global optimum at rho = max|1 - lr lambda(H)|",
-        "curves", "subopt", "step", float("nan"), (), law="rate", ignore=EVAL_FIELDS,
+        "mor-3-optimum-vs-B", "mor", "the empirical optimum approaches Gamma* like 1/sqrt(B) (finite-B noise only)",
+        "trials", "opt_dist_theory", "B", "equality", -0.5, (*MOR_TASK, "N"), correction=None, x_min=256, where={**_converged, **_reduced}, ignore=(*EVAL_FIELDS, *GD_FIELDS),
+        needs="the reduced LSA at 4 or more values of B >= 256",
     ),
     Claim(
-        "mor-3-optimum-vs-B", "mor", "the empirical optimum approaches Gamma* like 1/sqrt(B)",
-        "trials", "opt_dist_theory", "B", -0.5, (*MOR_TASK, "N"), where={"opt_converged": lambda s: s.astype(bool), **_reduced}, ignore=EVAL_FIELDS,
+        "mor-3-full-vs-B", "mor", "the full LSA trained by GD from the Zhang-Frei-Bartlett start reaches Gamma*: its final distance falls like 1/sqrt(B) (a stationary point elsewhere would leave a floor)",
+        "trials", "final_dist_theory", "B", "equality", -0.5, (*MOR_TASK, "N", "init_scale"), correction=None, x_min=256, where={"param": lambda s: s == "full"}, ignore=EVAL_FIELDS,
+        needs="the full LSA at 4 or more values of B >= 256 (the mor-full sweeps)",
     ),
     Claim(
-        "mor-4-lsa-vs-em", "mor", "the trained model matches or beats EM (mse, paired prompts), most of all at small M and low SNR",
-        "evals", "mse", "M", 0.0, (*MOR_TASK, "N", "B", "param"), estimator="lsa", baseline="em", where=_finite, law="compare",
+        "mor-3-full-vs-steps", "mor", "the full LSA's GD contracts to its limit point: dist_opt falls linearly in the step (the interval of rho below 1)",
+        "curves", "dist_opt", "step", "bound", 1.0, (), law="rate", tolerance=0.0, limit=0.05, where={"param": lambda s: s == "full"}, ignore=EVAL_FIELDS,
+        needs="GD curves of the full LSA with at least 3 logged points above float noise",
+    ),
+    Claim(
+        "mor-4-lsa-vs-em", "mor", "the trained LSA is not worse than EM: excess_mse over the oracle, paired by prompt, within a 10% margin (log ratio <= 0.1)",
+        "evals", "excess_mse", "M", "bound", 0.0, (*MOR_TASK, "N", "B", "param"), estimator="lsa", baseline="em", law="compare", tolerance=0.1, limit=1.0, where=_finite,
+        needs="rows of both lsa and em at finite M",
     ),
 )
 
-NOISE = 1e-12  # subopt below NOISE * max(1, |opt_loss|) is float noise: the rate window ends there
-EVALS_OWN = ("M", "shift")  # configuration columns of evals rows, absent from (or lists in) trials
-
-
-def _plain(v: Any) -> Any:
-    """A JSON-able scalar: numpy to Python, integral floats to int (2.0 and 2 label one group), NaN to None."""
-    v = v.item() if hasattr(v, "item") else v
-    if isinstance(v, float):
-        return None if np.isnan(v) else int(v) if v.is_integer() and abs(v) < 2**53 else v
-    return list(v) if isinstance(v, tuple) else v
-
-
-def _hashable(df: pd.DataFrame) -> pd.DataFrame:
-    """List-valued columns (pi, the trials' M grid, estimators) as tuples, so that they can be grouped."""
-    listy = lambda v: isinstance(v, (list, tuple, np.ndarray))  # noqa: E731
-    out = {c: df[c].map(lambda v: tuple(v) if listy(v) else v) for c in df.columns if df[c].dtype == object and df[c].map(listy).any()}
-    return df.assign(**out) if out else df
-
-
-def _regime(claim: Claim, df: pd.DataFrame, own_only: bool = False) -> pd.DataFrame:
-    """df restricted to the claim's family and regime (`own_only`: skip the filters on evals' own columns)."""
-    df = df[df["family"] == claim.family]
-    for column, test in claim.where.items():
-        if own_only and column in EVALS_OWN:
-            continue
-        if len(df):
-            df = df[test(df[column]).to_numpy()]
-    if claim.x in df and not (own_only and claim.x in EVALS_OWN) and len(df):
-        df = df[df[claim.x] >= claim.x_min]
-    return df
-
-
-def _select(claim: Claim, tables: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, str]:
-    """The claim's rows in its regime with the metric as column `y`, or no rows and the reason."""
-    df = tables.get(claim.table, pd.DataFrame())
-    if df.empty or "family" not in df:
-        return pd.DataFrame(), f"the store has no {claim.table} table"
-    needed = [claim.x, "status", "seed", "run_id", *claim.where, *claim.group]
-    needed += ["rho_theory", "opt_loss", "step"] if claim.law == "rate" else []
-    needed += ["metric", "estimator", "value"] if claim.table == "evals" else [claim.metric]
-    missing = sorted({c for c in needed if c not in df})
-    if missing:
-        return pd.DataFrame(), f"the {claim.table} table has no column {', '.join(missing)}"
-    if claim.table == "evals":
-        df = df[(df["metric"] == claim.metric) & df["estimator"].isin([claim.estimator, claim.baseline])]
-        df = df.assign(y=df["value"])
-    else:
-        df = df.assign(y=df[claim.metric])
-    df = _hashable(_regime(claim, df))
-    where = f" for {claim.estimator}" if claim.estimator else ""
-    return df, "" if len(df) else f"no {claim.family} rows of {claim.table}.{claim.metric}{where} in this regime"
-
-
-def varying(df: pd.DataFrame, skip: tuple[str, ...] | set[str] = ()) -> list[str]:
-    """The configuration columns of df (not results, not `skip`) that take more than one value."""
-    return [c for c in df.columns if c not in NOT_CONFIG and c not in skip and df[c].map(repr).nunique() > 1]
-
-
-def _group_fields(claim: Claim, df: pd.DataFrame, extra: tuple[str, ...] = ()) -> list[str]:
-    """The named group fields, then every other configuration column that varies in df."""
-    named = [g for g in claim.group if g in df]
-    return [*named, *extra, *sorted(varying(df, {claim.x, *claim.ignore, *named, *extra}))]
-
-
-def _excluded(claim: Claim, tables: dict[str, pd.DataFrame], group: list[str], used: pd.DataFrame) -> dict[tuple, int]:
-    """Runs of each group that gave no usable point: not `ok`, or a NaN, infinite or non-positive value.
-
-    Counted from `trials` (a diverged run has no `lsa` rows at all) over the group fields that
-    trials has; a group that also splits by test length counts its missing runs at every length.
-    """
-    trials = tables.get("trials", pd.DataFrame())
-    if trials.empty:
-        return {}
-    keys = [g for g in group if g in trials and g not in EVALS_OWN]
-    expected = _hashable(_regime(claim, trials, own_only=True))
-    expected = expected.groupby(keys, dropna=False)["run_id"].nunique() if keys else pd.Series({(): expected["run_id"].nunique()})
-    out = {}
-    for key, part in used.groupby(group, dropna=False, sort=False):
-        key = key if isinstance(key, tuple) else (key,)
-        sub = tuple(v for g, v in zip(group, key) if g in keys)
-        sub = sub if len(sub) != 1 else sub[0]
-        total = int(expected.get(sub, 0)) if keys else int(expected.iloc[0])
-        out[key] = max(0, total - part["run_id"].nunique())
-    return out
-
-
-def _labels(group: list[str], key: Any) -> dict[str, Any]:
-    key = key if isinstance(key, tuple) else (key,)
-    return {g: _plain(v) for g, v in zip(group, key)}
-
-
-def _verdict(claim: Claim, fit: fits.Estimate, theory: float) -> str:
-    if claim.law == "compare":
-        return fits.verdict_compare(fit.ci_low)
-    if claim.law == "rate":
-        return fits.rate_verdict(theory, fit.ci_low, fit.ci_high)
-    return fits.verdict(theory, fit.ci_low, fit.ci_high)
-
-
-def _row(claim: Claim, labels: dict[str, Any], fit: fits.Estimate, theory: float, excluded: int, window: str | None = None) -> dict[str, Any]:
-    return dict(
-        family=claim.family, claim=claim.name, x=claim.x, metric=claim.metric, group=json.dumps(labels, sort_keys=True),
-        estimate=fit.estimate, ci_low=fit.ci_low, ci_high=fit.ci_high, theory=theory, verdict=_verdict(claim, fit, theory),
-        window=window or f"{fit.window[0]:g}..{fit.window[1]:g}", n_points=fit.n_points, method=fit.method, excluded=excluded, r2=fit.r2,
-    )
-
-
-def _usable(df: pd.DataFrame) -> pd.Series:
-    return (df["status"] == "ok") & np.isfinite(df["y"].astype(float)) & (df["y"] > 0)
-
-
-def _evaluate_rate(claim: Claim, df: pd.DataFrame, rows: list, skipped: list) -> None:
-    """One row per training curve: the fitted rho beside the run's own `rho_theory`."""
-    first = df.sort_values("step").groupby("run_id", sort=True).head(1).set_index("run_id")
-    good = (first["status"] == "ok") & np.isfinite(first["rho_theory"]) & np.isfinite(first["opt_loss"])
-    too_fast = 0
-    for rid, part in df[df["run_id"].isin(first.index[good])].groupby("run_id", sort=True):
-        part = part.sort_values("step")
-        run = first.loc[rid]
-        try:
-            fit = fits.rate(part["step"], part["y"], floor=NOISE * max(1.0, abs(float(run["opt_loss"]))), squared=True)
-        except fits.FitError:
-            too_fast += 1
-            continue
-        labels = {"run_id": rid, **{g: _plain(run[g]) for g in ("seed", *GROUPS[claim.family], "N", "lr") if g in run}}
-        rows.append(_row(claim, labels, fit, float(run["rho_theory"]), 0))
-    if (~good).any():
-        skipped.append((claim.name, f"{int((~good).sum())} runs excluded: not ok, or no predicted rate or optimum"))
-    if too_fast:
-        skipped.append((claim.name, f"{too_fast} curves: fewer than 3 logged points above the float-noise floor (GD converged too fast for the logging interval; log more often)"))
-
-
-def _evaluate_compare(claim: Claim, df: pd.DataFrame, tables: dict[str, pd.DataFrame], rows: list, skipped: list) -> None:
-    """One row per group and test length: log(metric of estimator / metric of baseline), paired by seed."""
-    data = df[_usable(df)]
-    group = _group_fields(claim, data, extra=(claim.x,))
-    pairs = data.pivot_table(index=[*group, "seed"], columns="estimator", values="y", aggfunc="mean", dropna=False)
-    if claim.estimator not in pairs or claim.baseline not in pairs:
-        skipped.append((claim.name, f"needs rows of both {claim.estimator} and {claim.baseline}"))
-        return
-    pairs = pairs[[claim.estimator, claim.baseline]].dropna().reset_index()
-    runs = data[data["estimator"] == claim.estimator]
-    excluded = _excluded(claim, tables, group, runs)
-    reasons: dict[str, int] = {}
-    for key, part in pairs.groupby(group, sort=True, dropna=False):
-        labels = _labels(group, key)
-        try:
-            fit = fits.log_ratio(part[claim.estimator], part[claim.baseline], part["seed"])
-        except fits.FitError as err:
-            reasons[str(err)] = reasons.get(str(err), 0) + 1
-            continue
-        key = key if isinstance(key, tuple) else (key,)
-        rows.append(_row(claim, labels, fit, claim.theory, excluded.get(key, 0), window=f"{claim.x}={labels[claim.x]:g}"))
-    skipped.extend((claim.name, f"{n} group(s): {reason}") for reason, n in reasons.items())
-    if pairs.empty:
-        skipped.append((claim.name, f"no seed has usable rows of both {claim.estimator} and {claim.baseline}"))
-
-
-def _evaluate_law(claim: Claim, df: pd.DataFrame, tables: dict[str, pd.DataFrame], rows: list, skipped: list) -> None:
-    """One row per group: the exponent of `claim.law` against x, over the seeds."""
-    data = df[_usable(df)]
-    if data.empty:
-        skipped.append((claim.name, f"all {len(df)} rows excluded (runs not ok, or NaN or non-positive values)"))
-        return
-    group = _group_fields(claim, data)
-    excluded = _excluded(claim, tables, group, data) if group else {}
-    fit_law = fits.power_law_floor_slope if claim.law == "floor" else fits.power_law_slope
-    reasons: dict[str, list] = {}
-    for key, part in data.groupby(group, dropna=False, sort=True) if group else [((), data)]:
-        labels = _labels(group, key)
-        # one point per (seed, x): EM's rows repeat for every training configuration of its data
-        pts = part.groupby(["seed", claim.x], as_index=False)["y"].mean()
-        try:
-            if claim.law == "excess":  # the floor of each seed is its value at x = inf
-                floor = pts[np.isinf(pts[claim.x])].set_index("seed")["y"]
-                pts = pts[np.isfinite(pts[claim.x]) & pts["seed"].isin(floor.index)]
-                fit = fits.power_law_excess_slope(pts[claim.x], pts["y"], pts["seed"].map(floor), pts["seed"])
-            else:
-                fit = fit_law(pts[claim.x], pts["y"], pts["seed"])
-        except fits.FitError as err:
-            reasons.setdefault(str(err), []).append(labels)
-            continue
-        key = key if isinstance(key, tuple) else (key,)
-        rows.append(_row(claim, labels, fit, claim.theory, excluded.get(key, 0)))
-    for reason, groups in reasons.items():
-        skipped.append((claim.name, f"{len(groups)} group(s) against {claim.x}: {reason} (e.g. {json.dumps(groups[0])})"))
-
-
-def evaluate(tables: dict[str, pd.DataFrame], claims: tuple[Claim, ...] = CLAIMS) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-    """Rows of the `fits` table for every claim and group with data; (claim, reason) for the rest."""
-    rows: list[dict[str, Any]] = []
-    skipped: list[tuple[str, str]] = []
-    for claim in claims:
-        df, why = _select(claim, tables)
-        if df.empty:
-            skipped.append((claim.name, why))
-        elif claim.law == "rate":
-            _evaluate_rate(claim, df, rows, skipped)
-        elif claim.law == "compare":
-            _evaluate_compare(claim, df, tables, rows, skipped)
-        else:
-            _evaluate_law(claim, df, tables, rows, skipped)
-    return with_group_columns(pd.DataFrame(rows)), skipped
-
-
-def with_group_columns(rows: pd.DataFrame) -> pd.DataFrame:
-    """The fits rows with each group field also as a column of its own (null where a row's group
-    lacks it), after `group`: `fits[fits.d == 4]` works without parsing JSON."""
-    if rows.empty:
-        return rows
-    fields = pd.DataFrame([json.loads(g) for g in rows["group"]], index=rows.index)
-    fields = fields[[c for c in fields.columns if c not in rows.columns]]
-    at = list(rows.columns).index("group") + 1
-    return pd.concat([rows.iloc[:, :at], fields, rows.iloc[:, at:]], axis=1)
-
-
-VERDICTS = ("consistent", "steeper", "shallower", "worse")
-
-
-def contradicts(law: str, theory: float) -> str:
-    """The verdict that would contradict an O() upper bound (or a predicted rate, or 'matches or beats')."""
-    if law == "compare":
-        return "worse"
-    if law == "rate":
-        return "shallower"
-    return "shallower" if theory < 0 else "steeper"
-
-
-def verdict_table(fits: pd.DataFrame) -> pd.DataFrame:
-    """Per claim: the theory, how many fits gave each verdict, how many contradict the theory's
-    bound, and the median estimate."""
-    described = {c.name: c for c in CLAIMS}
-    out = []
-    for name, rows in fits.groupby("claim", sort=False):
-        claim = described.get(name)
-        law = claim.law if claim is not None else "power"
-        theory = {"rate": "rho_theory per run", "compare": "log ratio <= 0"}.get(law, f"{rows['theory'].iloc[0]:.4g}")
-        counts = rows["verdict"].value_counts()
-        against = int((rows["verdict"] == rows["theory"].map(lambda t: contradicts(law, t))).sum())
-        out.append(
-            {
-                "claim": name, "metric vs x": f"{rows['metric'].iloc[0]} vs {rows['x'].iloc[0]}", "theory": theory, "fits": len(rows),
-                **{v: int(counts.get(v, 0)) for v in VERDICTS}, "against the bound": against, "median estimate": f"{rows['estimate'].median():.4g}",
-            }
-        )
-    return pd.DataFrame(out)
-
-
-def write_fits(store: str | os.PathLike, rows: pd.DataFrame, skipped: list[tuple[str, str]]) -> list[Path]:
-    """Replace the store's `fits` table (one file per family) and its list of skipped claims.
-
-    Each file is written under a hidden name and moved into place; a family with no fits now loses
-    its old file once the new ones are in place. `fits/_skipped.parquet` is invisible to Parquet dataset readers (leading `_`).
-    """
-    root = Path(store) / "fits"
-    root.mkdir(parents=True, exist_ok=True)
-    written = []
-    families = set(rows["family"]) if len(rows) else set()
-    # one Arrow schema for every family's file (the union of the group columns, typed from all
-    # rows), so that a dataset reader sees every column whichever file it opens first
-    table = pa.Table.from_pandas(rows.drop(columns=["family"]), preserve_index=False) if len(rows) else None
-    for family in sorted(families):
-        directory = root / f"family={family}"
-        directory.mkdir(exist_ok=True)
-        part = table.filter(pa.array((rows["family"] == family).to_numpy()))
-        written.append(_replace(directory / "fits.parquet", part))
-    _replace(root / "_skipped.parquet", pd.DataFrame(skipped, columns=["claim", "reason"]))
-    for old in root.glob("family=*/fits.parquet"):  # after the new files are in place
-        if old.parent.name.split("=", 1)[1] not in families:
-            old.unlink()
-    return written
-
-
-def _replace(path: Path, data: pd.DataFrame | pa.Table) -> Path:
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    pq.write_table(data if isinstance(data, pa.Table) else pa.Table.from_pandas(data, preserve_index=False), tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def read_fits(store: str | os.PathLike) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-    """The `fits` table (with `family`) and the skipped claims, as `icl-study fit` last wrote them."""
-    root = Path(store) / "fits"
-    if not (root / "_skipped.parquet").is_file():
-        raise StoreReadError(f"{store}: no fits yet; run `icl-study fit --store {store}` first")
-    files = sorted(root.glob("family=*/fits.parquet"))
-    fits_table = pd.concat([pd.read_parquet(p).assign(family=p.parent.name.split("=", 1)[1]) for p in files], ignore_index=True) if files else pd.DataFrame()
-    skipped = pd.read_parquet(root / "_skipped.parquet")
-    return fits_table, list(zip(skipped["claim"], skipped["reason"]))
+BY_NAME = {c.name: c for c in CLAIMS}

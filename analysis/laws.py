@@ -10,9 +10,10 @@ def power_law(x: np.ndarray, log_a: float, b: float) -> np.ndarray:
     return np.exp(log_a) * np.asarray(x, dtype=float) ** b
 
 
-def power_law_floor(x: np.ndarray, a: float, b: float, floor: float) -> np.ndarray:
-    """y = a x^b + floor: a power law that levels off (e.g. tv_error against M at fixed N)."""
-    return a * np.asarray(x, dtype=float) ** b + floor
+def corrected_power_law(x: np.ndarray, log_a: float, b: float, c: float, gamma: float = 1.0) -> np.ndarray:
+    """y = exp(log_a) x^b (1 + c x^-gamma): a power law with its first correction (how a bound is judged)."""
+    x = np.asarray(x, dtype=float)
+    return np.exp(log_a) * x**b * (1 + c * x**-gamma)
 
 
 def linear_rate(t: np.ndarray, log_a: float, rho: float) -> np.ndarray:

@@ -16,7 +16,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-SCHEMA_VERSION = 2  # the store schema this analysis reads (pipelines.store.SCHEMA_VERSION)
+SCHEMA_VERSION = 3  # the store schema this analysis is written for (pipelines.store.SCHEMA_VERSION)
+READABLE = (2, 3)  # schema 2 lacks trials.opt_g, opt_noise, final_dist_theory and curves.subopt_theory
 TABLES = ("trials", "curves", "evals", "params")
 REQUIRED = ("run_id", "status", "seed", "sweep", "code_version", "schema_version")  # trials columns the analysis cannot do without
 
@@ -31,6 +32,7 @@ class Loaded:
 
     tables: dict[str, pd.DataFrame]
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. an older schema: what it cannot support
 
     def __getitem__(self, name: str) -> pd.DataFrame:
         return self.tables[name]
@@ -89,8 +91,15 @@ def load(store: str | os.PathLike, tables: tuple[str, ...] = TABLES, filters: di
     if missing:
         raise StoreReadError(f"{root}: the trials table has no column {', '.join(missing)}: not a store of icl-study schema {SCHEMA_VERSION}")
     versions = set(trials["schema_version"].dropna().astype(int))
+    if not versions <= set(READABLE):
+        raise StoreReadError(f"{root}: schema version {sorted(versions)}, this analysis reads versions {', '.join(map(str, READABLE))}")
+    notes = []
     if versions != {SCHEMA_VERSION}:
-        raise StoreReadError(f"{root}: schema version {sorted(versions)}, this analysis reads version {SCHEMA_VERSION}")
+        notes.append(
+            f"runs of schema version {', '.join(str(v) for v in sorted(versions - {SCHEMA_VERSION}))}: the claims that need the columns "
+            f"of schema {SCHEMA_VERSION} (trials.opt_g, opt_noise, final_dist_theory; curves.subopt_theory) are skipped; "
+            "re-fit with this version for the other claims' new verdicts, re-run the sweeps into a new --store for all of them"
+        )
     out = {"trials": trials}
     for name in tables:
         if name == "trials":
@@ -100,4 +109,4 @@ def load(store: str | os.PathLike, tables: tuple[str, ...] = TABLES, filters: di
             keys = trials.drop(columns=[c for c in trials.columns if c in frame.columns and c != "run_id"])
             frame = frame.merge(keys, on="run_id", how="inner")  # rows of uncommitted bundles drop out
         out[name] = frame
-    return Loaded(out, skipped)
+    return Loaded(out, skipped, notes)

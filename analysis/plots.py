@@ -20,7 +20,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from analysis.claims import CLAIMS, EVAL_FIELDS, NOT_CONFIG, TRAIN_FIELDS, varying  # noqa: E402
+from analysis.claims import BY_NAME, CLAIMS, EVAL_FIELDS, EXPONENT_LAWS, NOT_CONFIG, TRAIN_FIELDS, snr_regime  # noqa: E402
+from analysis.verdicts import local_slopes, varying  # noqa: E402
 
 MAX_LINES = 8
 BAND = ("ci", 95)
@@ -130,13 +131,14 @@ def gmm_estimators(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
 
 
 def gd_curves(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
-    """Claims [S] 1 and [J] 3: subopt against the step for a few runs, with the fitted and predicted rates."""
+    """Claims [S] 1 and [J] 3: subopt against the step for a few runs; gmm: the fitted rate (thick)
+    and the Hessian's local rate (dashed); mor: the curve predicted from the Hessian and the start (dashed)."""
     cu = tables.get("curves", pd.DataFrame())
-    rates = fits[fits["claim"].isin([c.name for c in CLAIMS if c.law == "rate"])] if len(fits) else pd.DataFrame()
-    if cu.empty or rates.empty:
+    per_run = fits[fits["claim"].isin(["gmm-1-rate", "mor-3-rate"])] if len(fits) else pd.DataFrame()
+    if cu.empty or per_run.empty:
         return None
-    rates = rates.assign(run_id=rates["group"].map(lambda g: json.loads(g)["run_id"]), seed=rates["group"].map(lambda g: json.loads(g)["seed"]))
-    first = rates[rates["seed"] == rates["seed"].min()].sort_values("theory")
+    per_run = per_run.assign(run_id=per_run["group"].map(lambda g: json.loads(g)["run_id"]), seed=per_run["group"].map(lambda g: json.loads(g)["seed"]))
+    first = per_run[per_run["seed"] == per_run["seed"].min()].sort_values(["theory", "estimate"])
     picks = {f: p.iloc[np.linspace(0, len(p) - 1, min(3, len(p))).astype(int)] for f, p in first.groupby("family")}  # fastest, middle, slowest
     fig, axes = plt.subplots(1, len(picks), figsize=(5.5 * len(picks), 3.8), squeeze=False)
     for ax, (family, part) in zip(axes[0], picks.items()):
@@ -146,12 +148,17 @@ def gd_curves(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
             lo, hi = (float(v) for v in fit["window"].split(".."))
             if not (curve["step"] >= lo).any():
                 continue  # the run's curve is no longer in the store
+            if fit["claim"] == "mor-3-rate":
+                ax.plot(curve["step"], curve["subopt"], color=color, lw=3, alpha=0.35, label=f"run {fit['run_id'][:6]}: largest |log(measured / predicted)| {abs(fit['estimate']):.1e}")
+                ax.plot(curve["step"], curve["subopt_theory"], "k--", lw=1)
+                continue
             ax.plot(curve["step"], curve["subopt"], color=color, lw=1.5, label=f"run {fit['run_id'][:6]}: fit {fit['estimate']:.4f}, theory {fit['theory']:.4f}")
             at = curve[curve["step"] >= lo].iloc[0]
             t = np.linspace(lo, hi, 20)
             ax.plot(t, at["subopt"] * fit["estimate"] ** (2 * (t - lo)), color=color, lw=3, alpha=0.35)
             ax.plot(t, at["subopt"] * fit["theory"] ** (2 * (t - lo)), "k--", lw=1)
-        ax.set(yscale="log", xlabel="GD step", ylabel="subopt", title=f"{family}: fitted (thick) and predicted (dashed) rates")
+        what = "measured (thick) and predicted (dashed) curves" if family == "mor" else "fitted (thick) and predicted (dashed) rates"
+        ax.set(yscale="log", xlabel="GD step", ylabel="subopt", title=f"{family}: {what}")
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -175,9 +182,13 @@ def mor_estimators(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
 
 
 def mor_em_vs_M(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
-    """Claim 1 of [J]: EM's parameter error against M; slope -1/2 (high SNR) and -1/4 (low SNR)."""
+    """Claim 1 of [J] in [K]'s model (symmetric K = 2, a component per example): EM's parameter
+    error against M per SNR eta, for M >= 16 d; dashed: slope -1/4 where [K]'s regime is low at most
+    points, -1/2 otherwise (the middle regime's sqrt(d/M)/eta and the high regime's sqrt(d/M))."""
     ev = _evals(tables, "mor", "param_error", ["em"])
-    ev = ev[np.isfinite(ev["M"])] if len(ev) else ev
+    if ev.empty or "symmetric" not in ev:
+        return None
+    ev = ev[np.isfinite(ev["M"]) & ev["symmetric"].astype(bool) & (ev["K"] == 2) & (ev["assignment"] == "sample") & (ev["M"] >= 16 * ev["d"])]
     if ev.empty:
         return None
     scalar = [c for c in ev.columns if c not in NOT_CONFIG and c not in TRAIN_FIELDS and not ev[c].map(lambda v: isinstance(v, (list, np.ndarray))).any()]
@@ -185,11 +196,34 @@ def mor_em_vs_M(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
     fig = _scaling(ev, "M", "value", None, "", "EM param_error", col="snr", ylabel="param_error", ignore=TRAIN_FIELDS)
     if fig is not None:
         for ax in fig.axes:
+            if "snr=" not in ax.get_title():
+                continue
             snr = float(ax.get_title().rsplit("snr=", 1)[1])  # each facet names its SNR
-            means = ev[np.isclose(ev["snr"], snr)].groupby("M")["value"].mean()
-            slope = -0.5 if snr >= 2 else -0.25
+            part = ev[np.isclose(ev["snr"], snr)]
+            slope = -0.25 if (snr_regime(part) == "low").mean() > 0.5 else -0.5
+            means = part.groupby("M")["value"].mean()
             _reference(ax, means.index, means.values, slope, f"theory: slope {slope:g}")
             ax.legend(fontsize=7)
+    return fig
+
+
+def mor_em_failure(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
+    """[J] claim 4's 'EM suffers from bad initialisations': the share of prompts whose EM estimate is
+    further than ||beta|| / 2 from the truth (param_failure), against M, by restarts and SNR eta."""
+    ev = _evals(tables, "mor", "param_failure", ["em"])
+    if ev.empty:
+        return None
+    ev = ev[np.isfinite(ev["M"])]
+    ev = ev.drop_duplicates(["seed", "M", "snr", "d", "K", "em_restarts", "symmetric", "sigma", "em_iters"])
+    etas = sorted(ev["snr"].unique())[:6]
+    fig, axes = plt.subplots(1, len(etas), figsize=(3.6 * len(etas), 3.2), squeeze=False, sharey=True)
+    for ax, eta in zip(axes[0], etas):
+        part = ev[ev["snr"] == eta].assign(restarts=lambda d: d["em_restarts"].astype(int).astype(str), dd=lambda d: "d=" + d["d"].astype(int).astype(str))
+        sns.lineplot(data=part, x="M", y="value", hue="restarts", style="dd", errorbar=BAND, marker="o", ax=ax, legend=ax is axes[0][-1])
+        ax.set(xscale="log", ylabel="share of failed fits", title=f"EM failures, snr={eta:g}")
+    if axes[0][-1].get_legend():
+        sns.move_legend(axes[0][-1], "center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
+    fig.tight_layout()
     return fig
 
 
@@ -203,9 +237,9 @@ def mor_excess_risk_vs_B(tables: Tables, fits: pd.DataFrame) -> plt.Figure | Non
 
 
 def mor_lsa_vs_em(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
-    """Claim 4 of [J]: log(mse of the trained LSA / mse of EM) by test length, training N and SNR
-    (the `mor-4-lsa-vs-em` fits, averaged over their other group fields; below 0, in blue, the
-    LSA wins)."""
+    """Claim 4 of [J]: log(excess_mse of the trained LSA / excess_mse of EM), paired by prompt, by
+    test length, training N and SNR (the `mor-4-lsa-vs-em` fits, averaged over their other group
+    fields; below 0, in blue, the LSA wins; the claim's margin is +0.1)."""
     rows = fits[fits["claim"] == "mor-4-lsa-vs-em"] if len(fits) else pd.DataFrame()
     if rows.empty:
         return None
@@ -218,32 +252,44 @@ def mor_lsa_vs_em(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
         table = rows[rows["snr"] == snr].pivot_table(index="N", columns="M", values="estimate", aggfunc="mean")
         table.columns = [f"{m:g}" for m in table.columns]
         sns.heatmap(table, annot=True, fmt=".2f", cmap="coolwarm", vmin=-bound, vmax=bound, ax=ax, cbar=ax is axes[0][-1])
-        ax.set(title=f"log(mse LSA / mse EM), snr={snr:g}", xlabel="test length M", ylabel="training N")
+        ax.set(title=f"log(excess LSA / excess EM), snr={snr:g}", xlabel="test length M", ylabel="training N")
     fig.tight_layout()
     return fig
 
 
+COLOURS = {"within": "tab:green", "consistent": "tab:green", "violated": "tab:red", "steeper": "tab:orange", "shallower": "tab:purple", "inconclusive": "tab:gray"}
+
+
 def verdicts(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
-    """Every exponent fit beside its theory value (left) and every fitted rate beside its prediction (right)."""
+    """Every exponent fit with its 95% interval, coloured by verdict, beside the theory (black tick)
+    and its tolerance (grey band: up to theory + tolerance for a bound, +- tolerance for an
+    equality); every fitted GD rate against its prediction (right)."""
     if fits.empty:
         return None
     law = fits["claim"].map({c.name: c.law for c in CLAIMS}).fillna("power")
-    exps, rates = fits[law.isin(["power", "floor", "excess"])], fits[law == "rate"]
+    exps, rates = fits[law.isin(EXPONENT_LAWS) & np.isfinite(fits["estimate"])], fits[law == "rate"]
     fig, axes = plt.subplots(1, 2, figsize=(11, max(3.5, 0.12 * len(exps) + 1.5)), gridspec_kw={"width_ratios": [3, 2]})
     ax = axes[0]
     if len(exps):
         exps = exps.sort_values(["claim", "group"]).reset_index(drop=True)
-        colors = {"consistent": "tab:green", "steeper": "tab:blue", "shallower": "tab:red"}
+        for claim, rows in exps.groupby("claim", sort=False):
+            th, tol = rows["theory"].iloc[0], rows["tolerance"].iloc[0]
+            lo = th - tol if rows["kind"].iloc[0] == "equality" else min(th - 1, rows["ci_low"].min())
+            ax.fill_betweenx([rows.index.min() - 0.5, rows.index.max() + 0.5], lo, th + tol, color="0.9", lw=0)
         for i, r in exps.iterrows():
-            ax.plot([r.ci_low, r.ci_high], [i, i], color=colors.get(r.verdict, "gray"), lw=2)
-            ax.plot(r.estimate, i, "o", color=colors.get(r.verdict, "gray"), ms=3)
+            colour = COLOURS.get(r.verdict, "gray")
+            ax.plot([r.ci_low, r.ci_high], [i, i], color=colour, lw=2)
+            ax.plot(r.estimate, i, "o", color=colour, ms=3)
             ax.plot(r.theory, i, "k|", ms=8)
         starts = exps.groupby("claim").head(1)
         ax.set_yticks(starts.index, starts["claim"], fontsize=7)
         ax.invert_yaxis()
-        ax.set(xlabel="exponent: fit and 95% CI (colour: verdict), theory (black tick)", title="exponent fits")
-    if len(rates):
-        sns.scatterplot(data=rates, x="theory", y="estimate", hue="family", s=12, ax=axes[1])
+        handles = [plt.Line2D([], [], color=c, lw=2, label=v) for v, c in COLOURS.items() if v in set(exps["verdict"])]
+        ax.legend(handles=handles, fontsize=7, loc="lower right")
+        ax.set(xlabel="leading exponent (bounds) or slope (equalities): fit and 95% CI, theory (black tick)", title="exponent fits")
+    if len(rates) and (rates["theory"] < 1).any():
+        rates = rates[rates["theory"] < 1]
+        sns.scatterplot(data=rates, x="theory", y="estimate", hue="verdict", palette=COLOURS, s=12, ax=axes[1])
         lims = [min(rates.theory.min(), rates.estimate.min()), max(rates.theory.max(), rates.estimate.max())]
         axes[1].plot(lims, lims, "k--", lw=1)
         axes[1].set(xlabel="predicted rho (Hessian at the optimum)", ylabel="fitted rho", title="GD rates, one point per run")
@@ -251,14 +297,74 @@ def verdicts(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
     return fig
 
 
+def local_slope(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
+    """Each exponent claim's plain log-log slope on [x_k, the largest x] against the start x_k, over
+    all the data in its regime (thin: each group; thick: the median), beside the theory (dashed) and
+    the claim's fixed window start (dotted): where the local slope settles, the asymptote begins."""
+    slopes = local_slopes(tables)
+    if slopes.empty:
+        return None
+    names = list(dict.fromkeys(slopes["claim"]))
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        part = slopes[slopes["claim"] == name]
+        for _, g in part.groupby("group"):
+            ax.plot(g["start"], g["slope"], color="tab:blue", lw=0.6, alpha=0.3)
+        med = part.groupby("start")["slope"].median()
+        ax.plot(med.index, med.values, color="tab:blue", lw=2.5, marker="o", ms=3)
+        ax.axhline(part["theory"].iloc[0], color="k", ls="--", lw=1)
+        ax.axvline(part["window_start"].iloc[0], color="k", ls=":", lw=1)
+        ax.set(xscale="log", title=name, xlabel=f"window start ({BY_NAME[name].x})", ylabel="local slope")
+        ax.title.set_fontsize(8)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def gmm_b_ladder(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
+    """[S] claim 2 on the population quantity: the leading N-exponent of the signed projection g_N
+    at each B (left: the corrected fit and its interval, the plain slope as crosses; the bound -1
+    dashed), and the residual off the line of Lam^-1 against B (right: finite-B noise, slope -1/2)."""
+    rows = fits[fits["claim"] == "gmm-2-optimum-vs-N"] if len(fits) else pd.DataFrame()
+    tr = tables.get("trials", pd.DataFrame())
+    if rows.empty or "B" not in rows or rows["B"].nunique() < 2 or tr.empty or "opt_noise" not in tr:
+        return None
+    rows = rows.assign(config=_label(rows[[k for k in ("d", "c", "snr", "N") if k in rows]]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for i, (config, part) in enumerate(rows.groupby("config")):
+        part = part.sort_values("B")
+        jitter = part["B"] * 1.04**i
+        axes[0].errorbar(jitter, part["estimate"], yerr=[part["estimate"] - part["ci_low"], part["ci_high"] - part["estimate"]], fmt="o-", ms=3, lw=1, label=config)
+        axes[0].plot(jitter, part["plain_slope"], "x", color=axes[0].lines[-1].get_color(), ms=4)
+    axes[0].axhline(-1, color="k", ls="--", lw=1)
+    axes[0].set(xscale="log", xlabel="B (training prompts)", ylabel="N-exponent of g_N", title="leading exponent (o) and plain slope (x)")
+    axes[0].legend(fontsize=6)
+    tr = tr[(tr["family"] == "gmm") & (tr["status"] == "ok") & np.isfinite(tr["opt_noise"]) & (tr["opt_noise"] > 0)]
+    if tr["B"].nunique() >= 2:
+        tr = tr.assign(config=_label(tr[[k for k in ("d", "c", "snr") if k in tr]]))
+        sns.lineplot(data=tr, x="B", y="opt_noise", hue="config", errorbar=BAND, marker="o", ax=axes[1], legend=False)
+        means = tr.groupby("B")["opt_noise"].mean()
+        _reference(axes[1], means.index, means.values, -0.5, "theory: slope -1/2")
+        axes[1].set(xscale="log", yscale="log", xlabel="B", ylabel="opt_noise", title="residual off Lam^-1 (all N)")
+        axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 FIGURES: dict[str, Callable[[Tables, pd.DataFrame], plt.Figure | None]] = {
     "verdicts": verdicts,
+    "local_slope": local_slope,
+    "gmm_b_ladder": gmm_b_ladder,
     "gmm_error_vs_N": gmm_error_vs_N,
     "gmm_error_vs_M": gmm_error_vs_M,
     "gmm_estimators": gmm_estimators,
     "gd_curves": gd_curves,
     "mor_estimators": mor_estimators,
     "mor_em_vs_M": mor_em_vs_M,
+    "mor_em_failure": mor_em_failure,
     "mor_lsa_vs_em": mor_lsa_vs_em,
     "mor_excess_risk_vs_B": mor_excess_risk_vs_B,
 }

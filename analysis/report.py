@@ -23,7 +23,9 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots
-from analysis.claims import CLAIMS, read_fits, verdict_table
+from analysis.claims import BY_NAME
+from analysis.fits import rate_ratio
+from analysis.verdicts import read_fits, verdict_table
 from analysis.load import load
 
 RATE_ROWS = 12  # rate claims have a row per run: the report shows a summary and this many rows
@@ -52,29 +54,43 @@ def _fmt(x: float, digits: int = 4) -> str:
 
 
 def claim_table(rows: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
-    """One claim's fits for display: group, estimate [CI], theory, verdict, window, points, excluded."""
+    """One claim's fits for display: group, estimate [CI], plain slope, theory, verdict, window, points, excluded, note."""
     fmt = lambda x: _fmt(x, digits)  # noqa: E731
-    return pd.DataFrame(
+    table = pd.DataFrame(
         {
             "group": _groups(rows).to_numpy(),
             "estimate": rows["estimate"].map(fmt).to_numpy(),
             "95% CI": [f"[{fmt(lo)}, {fmt(hi)}]" for lo, hi in zip(rows["ci_low"], rows["ci_high"])],
+            "plain slope": rows["plain_slope"].map(fmt).to_numpy(),
             "theory": rows["theory"].map(fmt).to_numpy(),
             "verdict": rows["verdict"].to_numpy(),
             "window": rows["window"].to_numpy(),
             "points": rows["n_points"].to_numpy(),
             "excluded": rows["excluded"].to_numpy(),
+            "note": rows["note"].fillna("").to_numpy(),
         }
     )
+    keep = [c for c in table.columns if c not in ("plain slope", "note") or (table[c] != "nan").any() and (table[c] != "").any()]
+    return table[keep]
 
 
-def rate_summary(rows: pd.DataFrame) -> str:
-    """A rate claim in one sentence: agreement of fitted and predicted log-rates over its runs."""
+def per_run_summary(rows: pd.DataFrame) -> str:
+    """A per-run claim in one sentence: a rate's agreement with its prediction, or a curve's."""
+    counts = ", ".join(f"{v} {n}" for v, n in rows["verdict"].value_counts().items())
+    if rows["claim"].iloc[0] == "mor-3-rate":
+        dev = rows["estimate"].abs()
+        return (
+            f"{len(rows)} curves ({counts}); the largest |log(measured / predicted subopt)| along a curve: median {dev.median():.2e}, "
+            f"largest {dev.max():.2e} (the prediction: the initial error's components in the Hessian's eigenbasis, each contracting by (1 - lr lambda)^2 per step)."
+        )
     ratio = np.log(rows["estimate"]) / np.log(rows["theory"])
+    if rows["theory"].ge(1).all():
+        return f"{len(rows)} curves ({counts}); fitted rho: median {rows['estimate'].median():.5f}, largest {rows['estimate'].max():.5f}; median R^2 {rows['r2'].median():.6f}."
+    width = pd.Series([np.subtract(*rate_ratio(t, hi, lo)) for t, lo, hi in zip(rows["theory"], rows["ci_low"], rows["ci_high"])])
     return (
-        f"{len(rows)} curves; fitted log rho / predicted log rho: median {ratio.median():.5f}, "
-        f"5-95% {ratio.quantile(0.05):.5f} to {ratio.quantile(0.95):.5f} (1 = the Hessian's local rate; "
-        f"> 1 = faster, as before the slowest direction dominates); median R^2 {rows['r2'].median():.6f}."
+        f"{len(rows)} curves ({counts}); fitted log rho / predicted log rho: median {ratio.median():.5f}, "
+        f"5-95% {ratio.quantile(0.05):.5f} to {ratio.quantile(0.95):.5f} (1 = the Hessian's local rate; > 1 faster), "
+        f"interval width median {width.abs().median():.1e}; median R^2 {rows['r2'].median():.6f}."
     )
 
 
@@ -102,7 +118,7 @@ def _write(path: Path, text: str) -> None:
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
 th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}code{background:#f5f5f5;padding:0 3px}
-.consistent{color:#1a7f37}.steeper{color:#0550ae}.shallower{color:#cf222e}"""
+.consistent,.within{color:#1a7f37}.steeper{color:#bc4c00}.shallower{color:#8250df}.violated{color:#cf222e;font-weight:bold}.inconclusive{color:#57606a}"""
 
 
 def build(store: str | os.PathLike, out: str | os.PathLike) -> Built:
@@ -113,7 +129,7 @@ def build(store: str | os.PathLike, out: str | os.PathLike) -> Built:
     loaded = load(store)
     fits, skipped = read_fits(store)
     trials = loaded["trials"]
-    notes = []
+    notes = list(loaded.notes)
     if len(fits):
         gone = sorted(set(fits["family"]) - set(trials["family"]))
         if gone:  # fitted, then the family's runs left the store
@@ -135,20 +151,23 @@ def build(store: str | os.PathLike, out: str | os.PathLike) -> Built:
 
     cov = coverage(trials)
     verdicts = verdict_table(fits) if len(fits) else pd.DataFrame()
-    described = {c.name: c for c in CLAIMS}
     versions = ", ".join(sorted(trials["code_version"].dropna().unique()))
     md = [f"# icl-study report: `{Path(store)}`", "", f"{len(trials)} runs; code {versions}.", "", *[f"**Note:** {n}.\n" for n in notes], "## Sweeps covered", "", cov.to_markdown(index=False), ""]
     body = [f"<h1>icl-study report: <code>{html.escape(str(store))}</code></h1>", f"<p>{len(trials)} runs; code {html.escape(versions)}.</p>"]
     body += [f"<p><b>Note:</b> {html.escape(n)}.</p>" for n in notes] + ["<h2>Sweeps covered</h2>", cov.to_html(index=False)]
     legend = (
-        "Verdicts compare the fitted exponent's 95% CI with the theory's: `consistent` (theory inside), "
-        "`steeper` (faster decay or growth, or faster convergence for a rate), `shallower` (slower). Most "
-        "claims are O() upper bounds: for a decay a `steeper` fit respects the bound and a `shallower` one "
-        "contradicts it; for a growth (in c or d) the other way round; a rate slower than the Hessian's "
-        "contradicts it. A comparison (log of the model's error over the baseline's) is `consistent` when "
-        "the model matches or beats the baseline and `worse` otherwise. `against the bound` counts the "
-        "fits that contradict. Runs that are not `ok` or gave NaN or non-positive values are left out of "
-        "a fit and counted in its `excluded` column."
+        "Each claim is a bound or an equality (theory.md section 5). A bound (an O() claim) is judged on "
+        "the leading exponent of y = A x^beta (1 + c x^-gamma), the law with its first correction, fitted "
+        "per group with a seed-bootstrap 95% interval: `within` when the whole interval is at or below the "
+        "theory + tolerance, `violated` when it lies wholly above, `inconclusive` when it straddles that "
+        "edge, is wider than the claim's limit, or the window has too few points for the corrected law "
+        "(the plain slope is then reported beside it). An equality (a predicted exponent, rate or curve) "
+        "is `consistent` when the whole interval lies within theory +- tolerance, `steeper` or "
+        "`shallower` when it lies wholly beyond one side, `inconclusive` otherwise. A GD rate is judged on "
+        "log rho / log rho_theory; a comparison on log(model / baseline) against a margin. `against the "
+        "bound` counts `violated` fits only. Windows are fixed in the registry before the data; the "
+        "`local_slope` figure shows where each claim's asymptote begins. Runs that are not `ok` or gave "
+        "NaN or non-positive values are left out of a fit and counted in its `excluded` column."
     )
     md += ["## Verdicts", "", legend, "", verdicts.to_markdown(index=False) if len(verdicts) else "No fits.", ""]
     body += ["<h2>Verdicts</h2>", f"<p>{html.escape(legend)}</p>", verdicts.to_html(index=False) if len(verdicts) else "<p>No fits.</p>"]
@@ -159,14 +178,14 @@ def build(store: str | os.PathLike, out: str | os.PathLike) -> Built:
     md += ["## Claims", ""]
     body += ["<h2>Claims</h2>"]
     for name, rows in fits.groupby("claim", sort=False) if len(fits) else []:
-        claim = described.get(name)
-        title = f"{name}: {claim.description}" if claim else name
-        rate = claim is not None and claim.law == "rate"
+        claim = BY_NAME.get(name)
+        title = f"{name} ({claim.kind}): {claim.description}" if claim else name
+        rate = claim is not None and claim.law in ("rate", "curve")
         table = claim_table(rows, digits=6 if rate else 4)  # rates agree to the 4th digit: show where they differ
         md += [f"### {title}", ""]
         body += [f"<h3>{html.escape(title)}</h3>"]
         if rate:
-            summary = rate_summary(rows)
+            summary = per_run_summary(rows)
             md += [summary, "", f"First {RATE_ROWS} of {len(rows)} rows (all in the `fits` table):", ""]
             body += [f"<p>{html.escape(summary)}</p>"]
             table_md = table.head(RATE_ROWS)

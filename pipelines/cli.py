@@ -141,8 +141,8 @@ def fit(store: Path = STORE) -> None:
     """Fit every claim the store has data for; write the `fits` table and print the verdicts."""
     import pandas as pd
 
-    from analysis.claims import evaluate, verdict_table, write_fits
     from analysis.load import StoreReadError, load
+    from analysis.verdicts import evaluate, verdict_table, write_fits
 
     try:
         loaded = load(store)
@@ -150,12 +150,14 @@ def fit(store: Path = STORE) -> None:
         raise _fail(str(err)) from None
     for message in loaded.skipped:
         typer.echo(f"skipped unreadable file {message}", err=True)
+    for note in loaded.notes:
+        typer.echo(f"note: {note}", err=True)
     rows, skipped = evaluate(loaded.tables)
     write_fits(store, rows, skipped)
     if rows.empty:
         typer.echo("no claim had enough data for a fit")
     else:
-        with pd.option_context("display.width", 200, "display.max_colwidth", 40):
+        with pd.option_context("display.width", 250, "display.max_colwidth", 40, "display.max_columns", 30):
             typer.echo(verdict_table(rows).to_string(index=False))
         typer.echo(f"{len(rows)} fits written to {Path(store) / 'fits'}")
     for name, reason in skipped:

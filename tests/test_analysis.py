@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import claims
+from analysis import claims, verdicts
 from analysis.load import SCHEMA_VERSION, StoreReadError, load
 from pipelines import store as store_mod
 from pipelines.runner import execute_bundle
@@ -71,30 +71,56 @@ def test_missing_empty_or_foreign_stores_are_errors(store, tmp_path):
         load(tmp_path / "old")
 
 
-def _synthetic(b, status="ok"):
+def _synthetic(b, status="ok", correction=0.0, seeds=6, levels=(25, 50, 100, 200, 400, 800)):
+    """trials rows of a gmm N sweep whose opt_g is -3 N^b (1 + correction / N) with seed noise."""
     rng = np.random.default_rng(0)
     rows = []
-    for seed in range(6):
-        for N in (50, 100, 200, 400, 800):
-            rows.append(dict(family="gmm", run_id=f"{status}-{seed}-{N}", seed=seed, N=N, d=2, c=2, snr=1.0, cov="identity", kappa=1.0, symmetric=False, B=100, param="reduced", status=status, opt_converged=True, opt_dist_theory=3 * N**b * np.exp(0.05 * rng.standard_normal())))
+    for seed in range(seeds):
+        for N in levels:
+            g = -3 * N**b * (1 + correction / N) * np.exp(0.02 * rng.standard_normal())
+            rows.append(dict(family="gmm", run_id=f"{status}-{seed}-{N}", seed=seed, N=N, d=2, c=2, snr=1.0, cov="identity", kappa=1.0, symmetric=False, B=100, param="reduced", status=status, opt_converged=True, opt_g=g))
     return pd.DataFrame(rows)
 
 
 def test_claims_fit_known_exponents_and_say_what_they_skip():
-    trials = pd.concat([_synthetic(-1.0), _synthetic(-1.0, status="diverged").assign(seed=lambda d: d.seed + 10)])
-    rows, skipped = claims.evaluate({"trials": trials, "evals": pd.DataFrame()})
+    trials = pd.concat([_synthetic(-1.0, correction=-25.0), _synthetic(-1.0, status="diverged").assign(seed=lambda d: d.seed + 10)])
+    rows, skipped = verdicts.evaluate({"trials": trials, "evals": pd.DataFrame()})
     (row,) = rows.to_dict("records")
-    assert row["claim"] == "gmm-2-optimum-vs-N" and row["verdict"] == "consistent" and row["theory"] == -1.0
-    assert row["excluded"] == 30 and row["n_points"] == 5 and row["window"] == "50..800"
+    assert row["claim"] == "gmm-2-optimum-vs-N" and row["kind"] == "bound" and row["theory"] == -1.0
+    assert row["verdict"] == "within" and abs(row["estimate"] + 1) < 0.05 and row["plain_slope"] > -0.9  # the bend is the correction's
+    assert row["excluded"] == 30 and row["n_points"] == 5 and row["window"] == "50..800"  # the fixed window: N >= 50
     assert json.loads(row["group"])["d"] == 2
     names = {name for name, _ in skipped}
-    assert {"gmm-3-error-vs-N", "mor-1-em-vs-M-high-snr"} <= names  # no evals: said, not faked
-    shallow, _ = claims.evaluate({"trials": _synthetic(-0.5), "evals": pd.DataFrame()})
-    assert shallow.verdict.tolist() == ["shallower"]
+    assert {"gmm-3-error-vs-N", "mor-1-em-vs-M-high"} <= names  # no evals: said, not faked
+    slow, _ = verdicts.evaluate({"trials": _synthetic(-0.5), "evals": pd.DataFrame()})
+    assert slow.verdict.tolist() == ["violated"]
+    two, _ = verdicts.evaluate({"trials": _synthetic(-1.0, seeds=2).assign(opt_g=lambda d: d.opt_g * np.exp(0.2 * np.sin(d.N + d.seed))), "evals": pd.DataFrame()})
+    assert two.verdict.tolist() == ["inconclusive"]
+
+
+def test_a_window_that_excludes_all_data_and_a_sweep_too_small_are_said():
+    small = _synthetic(-1.0, levels=(10, 20, 40))
+    rows, skipped = verdicts.evaluate({"trials": small, "evals": pd.DataFrame()})
+    why = dict(skipped)["gmm-2-optimum-vs-N"]
+    assert rows.empty and "no rows in the window N >= 50 (the data has N = 10, 20, 40)" in why and "needs 4 or more values of N >= 50" in why
+    few = _synthetic(-1.0, levels=(50, 100, 200))
+    (row,) = verdicts.evaluate({"trials": few, "evals": pd.DataFrame()})[0].to_dict("records")
+    assert row["verdict"] == "inconclusive" and np.isnan(row["estimate"]) and "the corrected law needs 4" in row["note"]
+    assert abs(row["plain_slope"] + 1) < 0.05  # said beside it
+
+
+def test_the_sign_of_a_signed_metric_is_fitted_out():
+    neg, pos = _synthetic(-1.0), _synthetic(-1.0).assign(opt_g=lambda d: -d.opt_g)
+    a = verdicts.evaluate({"trials": neg, "evals": pd.DataFrame()})[0]
+    b = verdicts.evaluate({"trials": pos, "evals": pd.DataFrame()})[0]
+    assert a["estimate"].iloc[0] == pytest.approx(b["estimate"].iloc[0]) and a["verdict"].iloc[0] == "within"
+    noise = _synthetic(-1.0).assign(opt_g=lambda d: 0.01 * np.sin(7 * d.index))  # no sign to speak of
+    rows, skipped = verdicts.evaluate({"trials": noise, "evals": pd.DataFrame()})
+    assert rows.empty and any("not positive" in r or "resamples" in r for n, r in skipped if n == "gmm-2-optimum-vs-N")
 
 
 def test_claims_run_on_a_real_store(store):
-    rows, skipped = claims.evaluate(load(store).tables)
+    rows, skipped = verdicts.evaluate(load(store).tables)
     assert isinstance(rows, pd.DataFrame) and skipped  # a tiny store: mostly too few points, each said why
     assert all(reason for _, reason in skipped)
 
@@ -111,13 +137,13 @@ def test_fit_verb_writes_the_fits_table(store, tmp_path):
     trials = pd.read_parquet(copy / "trials")
     extra = _synthetic(-1.0).assign(family=None)  # enough points for one real fit, in its own file
     extra = extra.reindex(columns=[c for c in trials.columns if c != "family"]).assign(
-        run_id=lambda d: "syn-" + d.index.astype(str), status="ok", schema_version=SCHEMA_VERSION, opt_converged=True, opt_dist_theory=_synthetic(-1.0).opt_dist_theory
+        run_id=lambda d: "syn-" + d.index.astype(str), status="ok", schema_version=SCHEMA_VERSION, opt_converged=True, opt_g=_synthetic(-1.0).opt_g
     )
     extra.to_parquet(copy / "trials" / "family=gmm" / "part-synthetic.parquet", index=False, schema=None)
     result = CliRunner().invoke(app, ["fit", "--store", str(copy)])
     assert result.exit_code == 0, result.output
     fits_table = pd.read_parquet(copy / "fits")
-    assert {"claim", "estimate", "ci_low", "ci_high", "theory", "verdict", "window", "n_points", "method", "group", "family"} <= set(fits_table.columns)
+    assert {"claim", "kind", "estimate", "ci_low", "ci_high", "theory", "tolerance", "verdict", "window", "n_points", "method", "group", "family", "plain_slope", "note"} <= set(fits_table.columns)
     row = fits_table[fits_table.claim == "gmm-2-optimum-vs-N"].iloc[0]
     assert row["d"] == json.loads(row["group"])["d"] == 2  # group fields are columns too
     assert "skipped" in result.output
@@ -138,28 +164,42 @@ def _curves(rho_true, rho_theory, runs=3, status="ok", steps=300, every=10, floo
     return trials, pd.DataFrame(curves).merge(trials, on="run_id")
 
 
-def test_rate_claim_sets_the_fitted_rate_beside_the_predicted_one():
-    rate_claim = tuple(c for c in claims.CLAIMS if c.name == "mor-3-rate")
+def test_rate_claim_judges_the_ratio_of_log_rates():
+    rate_claim = tuple(c for c in claims.CLAIMS if c.name == "gmm-1-rate")
     good_t, good_c = _curves(0.96, 0.96)
     slow_t, slow_c = _curves(0.98, 0.96)  # slower than predicted: what would contradict the theory
     bad_t, bad_c = _curves(0.96, 0.96, runs=2, status="diverged")
     fast_t, fast_c = _curves(0.5, 0.5, runs=1)  # at the floor within 3 logged points
-    rows, skipped = claims.evaluate({"trials": pd.concat([good_t, slow_t, bad_t, fast_t]), "curves": pd.concat([good_c, slow_c, bad_c, fast_c])}, rate_claim)
-    assert len(rows) == 6 and ("mor-3-rate", "2 runs excluded: not ok, or no predicted rate or optimum") in skipped
-    verdicts = rows.set_index(rows["group"].map(lambda g: json.loads(g)["run_id"]))["verdict"]
-    assert (verdicts[verdicts.index.str.startswith("ok-0.96")] == "consistent").all()
-    assert (verdicts[verdicts.index.str.startswith("ok-0.98")] == "shallower").all()
+    data = {"trials": pd.concat([good_t, slow_t, bad_t, fast_t]).assign(family="gmm"), "curves": pd.concat([good_c, slow_c, bad_c, fast_c]).assign(family="gmm")}
+    rows, skipped = verdicts.evaluate(data, rate_claim)
+    assert len(rows) == 6 and ("gmm-1-rate", "2 runs excluded: not ok, or no predicted rate or optimum") in skipped
+    verdict = rows.set_index(rows["group"].map(lambda g: json.loads(g)["run_id"]))["verdict"]
+    assert (verdict[verdict.index.str.startswith("ok-0.96")] == "consistent").all()
+    assert (verdict[verdict.index.str.startswith("ok-0.98")] == "shallower").all()  # log rate 49% of the prediction
     good = rows[rows["theory"] == 0.96].iloc[0]
     assert abs(good["estimate"] - 0.96) < 1e-3 and good["r2"] > 0.99 and good["window"].startswith("1")
     assert any("1 curves: fewer than 3 logged points" in reason for _, reason in skipped)
 
 
+def test_curve_claim_sets_each_curve_beside_its_prediction():
+    claim = tuple(c for c in claims.CLAIMS if c.name == "mor-3-rate")
+    trials, curves = _curves(0.96, 0.96)
+    trials, curves = trials.assign(param="reduced"), curves.assign(param="reduced")
+    exact = curves.assign(subopt_theory=curves["subopt"])
+    off = curves.assign(subopt_theory=curves["subopt"] * 0.9)  # the measured curve 11% above its prediction
+    rows, _ = verdicts.evaluate({"trials": trials, "curves": exact}, claim)
+    assert (rows["verdict"] == "consistent").all() and (rows["estimate"].abs() < 1e-12).all()
+    rows, _ = verdicts.evaluate({"trials": trials, "curves": off}, claim)
+    assert (rows["verdict"] == "shallower").all() and rows["estimate"].iloc[0] == pytest.approx(np.log(1 / 0.9))
+
+
 def test_missing_columns_are_said_not_crashed_on(store, tmp_path):
-    trials = _synthetic(-1.0).drop(columns=["opt_dist_theory"])
-    rows, skipped = claims.evaluate({"trials": trials, "evals": pd.DataFrame()})
-    assert rows.empty and ("gmm-2-optimum-vs-N", "the trials table has no column opt_dist_theory") in skipped
-    rows, skipped = claims.evaluate({"trials": _synthetic(-1.0).drop(columns=["opt_converged", "B"]), "evals": pd.DataFrame()})
-    assert rows.empty and ("gmm-2-optimum-vs-N", "the trials table has no column B, opt_converged") in skipped  # never fitted unfiltered
+    trials = _synthetic(-1.0).drop(columns=["opt_g"])
+    rows, skipped = verdicts.evaluate({"trials": trials, "evals": pd.DataFrame()})
+    why = dict(skipped)["gmm-2-optimum-vs-N"]
+    assert rows.empty and why.startswith("the trials table has no column opt_g (a store written before schema 3: re-run the sweep")
+    rows, skipped = verdicts.evaluate({"trials": _synthetic(-1.0).drop(columns=["opt_converged", "B"]), "evals": pd.DataFrame()})
+    assert rows.empty and dict(skipped)["gmm-2-optimum-vs-N"].startswith("the trials table has no column B, opt_converged")  # never fitted unfiltered
     import pyarrow.parquet as pq
 
     src = next((store / "trials").glob("family=gmm/part-*.parquet"))
@@ -169,26 +209,73 @@ def test_missing_columns_are_said_not_crashed_on(store, tmp_path):
         load(tmp_path / "bare")
 
 
+def test_a_schema_2_store_is_read_with_its_migration_path(store, tmp_path):
+    """A store written before schema 3 still fits the claims it can, and says what re-fitting and
+    re-running give; `run` refuses to add to it."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    old = tmp_path / "old"
+    shutil.copytree(store, old)
+    for path in (old / "trials").glob("family=*/part-*.parquet"):
+        t = pq.read_table(path).drop(["opt_g", "opt_noise", "final_dist_theory"])
+        pq.write_table(t.set_column(t.schema.get_field_index("schema_version"), "schema_version", pa.array([2] * t.num_rows, pa.int64())), path)
+    loaded = load(old)
+    assert "re-run the sweeps into a new --store" in loaded.notes[0]
+    result = CliRunner().invoke(app, ["fit", "--store", str(old)])
+    assert result.exit_code == 0 and "schema version 2" in result.output and "a store written before schema 3" in result.output
+    from pipelines.store import Store, StoreError
+
+    with pytest.raises(StoreError, match="run the sweep into a new --store"):
+        Store(old).done_runs()
+
+
+def test_fits_of_an_earlier_version_ask_for_a_refit(rich_store, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    store = tmp_path / "s"
+    shutil.copytree(rich_store, store)
+    assert CliRunner().invoke(app, ["fit", "--store", str(store)]).exit_code == 0
+    for path in (store / "fits").glob("family=*/fits.parquet"):
+        pd.read_parquet(path).drop(columns=["kind", "tolerance"]).to_parquet(path)
+    result = CliRunner().invoke(app, ["report", "--store", str(store)])
+    assert result.exit_code == 2 and "run `icl-study fit" in result.output
+
+
 def test_nan_values_are_excluded_and_counted():
     trials = _synthetic(-1.0)
-    trials.loc[trials.index[:3], "opt_dist_theory"] = np.nan
-    (row,) = claims.evaluate({"trials": trials, "evals": pd.DataFrame()})[0].to_dict("records")
-    assert row["excluded"] == 3 and row["verdict"] == "consistent"
-    trials["opt_dist_theory"] = np.nan
-    rows, skipped = claims.evaluate({"trials": trials, "evals": pd.DataFrame()})
-    assert rows.empty and ("gmm-2-optimum-vs-N", "all 30 rows excluded (runs not ok, or NaN or non-positive values)") in skipped
+    trials.loc[trials.index[trials.N >= 50][:3], "opt_g"] = np.nan  # in the window
+    (row,) = verdicts.evaluate({"trials": trials, "evals": pd.DataFrame()})[0].to_dict("records")
+    assert row["excluded"] == 3 and row["verdict"] == "within"
+    trials["opt_g"] = np.nan
+    rows, skipped = verdicts.evaluate({"trials": trials, "evals": pd.DataFrame()})
+    assert rows.empty and dict(skipped)["gmm-2-optimum-vs-N"] == "all 30 rows excluded (runs not ok, or NaN or non-positive values)"
 
 
 @pytest.fixture(scope="module")
 def rich_store(tmp_path_factory):
     """A small store with data for every figure: N, M and B levels, both families, logged curves."""
-    gmm = {"family": "gmm", "fixed": {"d": 2, "snr": 1.0, "lr": 2.0, "steps": 30, "log_every": 2, "B": 256, "M": [4, 16, 64, "inf"], "n_eval": 64}, "grid": {"N": [5, 20, 80]}}
+    gmm = {"family": "gmm", "fixed": {"d": 2, "snr": 1.0, "lr": 2.0, "steps": 30, "log_every": 2, "M": [4, 16, 64, "inf"], "n_eval": 64}, "grid": {"N": [5, 50, 100, 200], "B": [256, 512]}}
+    kwon = {  # [K]'s model, EM only: the minimiser alone (steps 0) keeps the LSA cheap
+        "family": "mor",
+        "fixed": {"d": 2, "K": 2, "symmetric": True, "sigma": 1.0, "lr": 0.1, "steps": 0, "N": 5, "B": 64, "M": [32, 64, 128], "n_eval": 32, "estimators": ["em"], "em_iters": 5},
+        "grid": {"snr": [0.5, 4.0], "em_restarts": [1, 4]},
+    }
     mor = {
         "family": "mor",
         "fixed": {"d": 2, "snr": 2.0, "sigma": 0.5, "lr": 0.1, "steps": 30, "log_every": 2, "N": 5, "M": [4, 8, 16, "inf"], "n_eval": 32, "em_iters": 5},
         "grid": {"B": [64, 128, 256]},
     }
-    return _execute(tmp_path_factory.mktemp("rich"), {"name": "rich", "seeds": 2, "parts": [gmm, mor]})
+    return _execute(tmp_path_factory.mktemp("rich"), {"name": "rich", "seeds": 2, "parts": [gmm, mor, kwon]})
 
 
 def test_report_builds_every_figure_from_a_small_store(rich_store, tmp_path):
@@ -236,19 +323,19 @@ def test_comparison_claim_pairs_the_model_with_the_baseline_by_seed():
         for M, factor in ((8, 0.5), (512, 1.5)):  # the model wins at small M and loses at large M
             base = float(np.exp(rng.standard_normal()))
             for est, v in (("em", base), ("lsa", base * factor * np.exp(0.02 * rng.standard_normal()))):
-                rows.append(dict(run_id=f"r{seed}", estimator=est, metric="mse", M=float(M), value=v, **config, seed=seed))
+                rows.append(dict(run_id=f"r{seed}", estimator=est, metric="excess_mse", M=float(M), value=v, **config, seed=seed))
     evals = pd.DataFrame(rows)
     trials = evals.drop_duplicates("run_id").drop(columns=["estimator", "metric", "M", "value"])
     trials = pd.concat([trials, trials.iloc[:1].assign(run_id="diverged", seed=99, status="diverged")])
     claim = tuple(c for c in claims.CLAIMS if c.name == "mor-4-lsa-vs-em")
-    out, skipped = claims.evaluate({"evals": evals, "trials": trials}, claim)
-    assert not skipped and out.set_index("window")["verdict"].to_dict() == {"M=8": "consistent", "M=512": "worse"}
+    out, skipped = verdicts.evaluate({"evals": evals, "trials": trials}, claim)
+    assert not skipped and out.set_index("window")["verdict"].to_dict() == {"M=8": "within", "M=512": "violated"}  # margin: log ratio 0.1
     assert out.set_index("window").loc["M=512", "estimate"] == pytest.approx(np.log(1.5), abs=0.02)
     assert (out["n_points"] == 6).all() and (out["excluded"] == 1).all()  # the diverged run, at each M
     group = json.loads(out["group"].iloc[0])
     assert group["snr"] == 1 and "lr" not in group  # 1.0 -> 1; constant fields beyond the named ones left out
     lr = evals.assign(lr=np.where(evals.seed < 3, 0.1, 0.2))  # a second configuration: its own groups, never mixed
-    split, _ = claims.evaluate({"evals": lr, "trials": trials}, claim)
+    split, _ = verdicts.evaluate({"evals": lr, "trials": trials}, claim)
     assert len(split) == 4 and sorted(json.loads(g)["lr"] for g in split["group"]) == [0.1, 0.1, 0.2, 0.2]
-    alone, why = claims.evaluate({"evals": evals[evals.estimator == "lsa"], "trials": trials}, claim)
+    alone, why = verdicts.evaluate({"evals": evals[evals.estimator == "lsa"], "trials": trials}, claim)
     assert alone.empty and "needs rows of both lsa and em" in why[0][1]
