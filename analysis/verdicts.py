@@ -145,7 +145,7 @@ def _excluded(claim: Claim, tables: dict[str, pd.DataFrame], group: list[str], u
         return {}
     keys = [g for g in group if g in trials and g not in EVALS_OWN]
     expected = _hashable(_in_regime(claim, trials, own_only=True))
-    if claim.table == "trials":
+    if claim.x not in EVALS_OWN:  # a window on a run's own field (N, B, c) also bounds the runs expected
         expected = _in_window(claim, expected)
     expected = expected.groupby(keys, dropna=False)["run_id"].nunique() if keys else pd.Series({(): expected["run_id"].nunique()})
     out = {}

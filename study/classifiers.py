@@ -1,6 +1,7 @@
 """Estimators of family `gmm`, all with one call signature: `estimator(prompts) -> probs [P, c]`.
 
-Only `bayes` reads the hidden task; `lsa_limit`, `lda_plugin`, `lda_pooled` and `logreg` see the
+Only `bayes` reads the hidden task; `lsa_projected` (the trained LSA's W projected on the line
+of Lam^-1, its B -> inf limit), `lsa_limit`, `lda_plugin`, `lda_pooled` and `logreg` see the
 context (and `lda_plugin` the true Lam, as theory.md defines it); the trained LSA is built by
 `lsa_estimator` and called the same way, so evaluation never branches on the kind of model.
 At M = inf every context statistic is its exact expectation: the plug-in and pooled LDA then
@@ -87,6 +88,17 @@ def lsa_estimator(params: dict[str, torch.Tensor]) -> Estimator:
 
     predict.needs_within = "W" not in params  # the full form reads the context's Gram matrix
     return predict
+
+
+def projected_W(W: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """W projected on the line of Lam^-1: <W, Lam^-1> / ||Lam^-1||_F^2 Lam^-1 = c''(1 + g) Lam^-1.
+
+    By the O(d) invariance of the whitened problem the population minimiser is exactly a multiple of
+    Lam^-1 (theory.md section 5), so the projection keeps the trained model's G and drops its
+    finite-B sampling noise off that line: the B -> inf limit of the trained LSA.  Shapes: [d, d].
+    """
+    inv = inv.to(W)
+    return (W * inv).sum() / (inv * inv).sum() * inv
 
 
 def lsa_limit(pr: Prompts) -> torch.Tensor:

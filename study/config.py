@@ -264,7 +264,7 @@ class TrialConfig(BaseModel):
     eval: Eval
 
     ESTIMATORS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "gmm": ("bayes", "lsa_limit", "lda_plugin", "lda_pooled", "logreg"),
+        "gmm": ("bayes", "lsa_projected", "lsa_limit", "lda_plugin", "lda_pooled", "logreg"),
         "mor": ("oracle", "ols", "ridge", "lsa_opt", "em", "gradient_em"),
     }
 

@@ -40,11 +40,16 @@ class GMM:
 
     @staticmethod
     def member_estimators(cfg: TrialConfig, cov: Covariance, params: dict[str, torch.Tensor] | None) -> dict[str, Any]:
-        return {} if params is None else {cfg.model.model: classifiers.lsa_estimator(params)}
+        if params is None:
+            return {}
+        out = {cfg.model.model: classifiers.lsa_estimator(params)}
+        if "lsa_projected" in cfg.estimators and "W" in params:  # the run's own W, reduced form
+            out["lsa_projected"] = classifiers.lsa_estimator({"W": classifiers.projected_W(params["W"], cov.inv)})
+        return out
 
     @staticmethod
     def evaluate(cfg: TrialConfig, cov: Covariance, seed: int, estimators: dict[str, Any], device: Any) -> list[dict[str, Any]]:
-        shared = {name: classifiers.get(name) for name in cfg.estimators}
+        shared = {name: classifiers.get(name) for name in cfg.estimators if name != "lsa_projected"}
         ests = {**shared, **estimators}
         within = any(getattr(e, "needs_within", False) for e in ests.values())
         batches = evaluation.gmm_batches(cfg.task, cov, seed, cfg.eval, within, device)

@@ -119,3 +119,25 @@ def test_tv_limit_compares_each_estimator_with_itself_at_M_inf():
         assert 2.5 < lim.loc[est, 16.0] / lim.loc[est, 256.0] < 6  # sqrt(256 / 16) = 4
     none = pd.DataFrame(run_bundle([Run(TrialConfig.from_flat({**base, "M": [16, 256]}), 0)]).evals)
     assert "tv_limit" not in set(none.metric)
+
+
+def test_the_projected_lsa_keeps_g_and_drops_the_noise_off_the_line_of_lam_inv():
+    """lsa_projected: the trained W on the line of Lam^-1, c''(1 + g) Lam^-1, the population
+    minimiser's form (theory.md section 5); its M = inf error has no finite-B floor."""
+    from study.classifiers import projected_W
+    from study.config import TrialConfig
+    from study.covariance import covariance
+    from study.trial import Run, run_bundle
+
+    cov = covariance("diag", 3, 2.0)
+    off = torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.float64)
+    torch.testing.assert_close(projected_W(1.7 * cov.inv + 0.3 * off, cov.inv), 1.7 * cov.inv)
+    base = dict(family="gmm", d=4, c=2, snr=1.0, N=400, lr=1.0, steps=0, M=["inf"], n_eval=2048, estimators=["lsa_projected"])
+    tv = {}
+    for B in (16384, 131072):
+        out = run_bundle([Run(TrialConfig.from_flat({**base, "B": B}), s) for s in range(2)])
+        rows = [r for r in out.evals if r["metric"] == "tv_error"]
+        tv[B] = {e: np.mean([r["value"] for r in rows if r["estimator"] == e]) for e in ("lsa", "lsa_projected")}
+        assert tv[B]["lsa_projected"] < tv[B]["lsa"]  # the noise off the line only adds error
+    drop = {e: tv[16384][e] / tv[131072][e] for e in tv[16384]}
+    assert drop["lsa"] > 1.5 and drop["lsa_projected"] < drop["lsa"] / 1.3, drop  # the floor falls with B; the projection had less to lose
