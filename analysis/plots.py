@@ -223,8 +223,8 @@ def mor_em_failure(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
     etas = sorted(ev["snr"].unique())[:6]
     fig, axes = plt.subplots(1, len(etas), figsize=(3.6 * len(etas), 3.2), squeeze=False, sharey=True)
     for ax, eta in zip(axes[0], etas):
-        part = ev[ev["snr"] == eta].assign(restarts=lambda d: d["em_restarts"].astype(int).astype(str), dd=lambda d: "d=" + d["d"].astype(int).astype(str))
-        sns.lineplot(data=part, x="M", y="value", hue="restarts", style="dd", errorbar=BAND, marker="o", ax=ax, legend=ax is axes[0][-1])
+        part = ev[ev["snr"] == eta].assign(restarts=lambda d: d["em_restarts"].astype(int).astype(str), dimension=lambda d: "d=" + d["d"].astype(int).astype(str))
+        sns.lineplot(data=part, x="M", y="value", hue="restarts", style="dimension", errorbar=BAND, marker="o", ax=ax, legend=ax is axes[0][-1])
         ax.set(xscale="log", ylabel="share of failed fits", title=f"EM failures, snr={eta:g}")
     if axes[0][-1].get_legend():
         sns.move_legend(axes[0][-1], "center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)

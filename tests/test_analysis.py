@@ -318,7 +318,7 @@ def test_report_builds_every_figure_from_a_small_store(rich_store, tmp_path):
 def test_comparison_claim_pairs_the_model_with_the_baseline_by_seed():
     rng = np.random.default_rng(7)
     rows = []
-    config = dict(family="mor", status="ok", d=4, K=2, snr=1.0, sigma=0.5, components="fresh", assignment="sample", cov="identity", kappa=1.0, N=10, B=64, param="reduced", lr=0.1)
+    config = dict(family="mor", status="ok", d=4, K=2, snr=1.0, sigma=0.5, components="fresh", assignment="sample", symmetric=False, cov="identity", kappa=1.0, N=10, B=64, param="reduced", lr=0.1)
     for seed in range(6):
         for M, factor in ((8, 0.5), (512, 1.5)):  # the model wins at small M and loses at large M
             base = float(np.exp(rng.standard_normal()))
@@ -339,3 +339,27 @@ def test_comparison_claim_pairs_the_model_with_the_baseline_by_seed():
     assert len(split) == 4 and sorted(json.loads(g)["lr"] for g in split["group"]) == [0.1, 0.1, 0.2, 0.2]
     alone, why = verdicts.evaluate({"evals": evals[evals.estimator == "lsa"], "trials": trials}, claim)
     assert alone.empty and "needs rows of both lsa and em" in why[0][1]
+
+
+def test_kwon_regimes_label_each_point_and_are_fitted_apart():
+    """[J] claim 1 in [K]'s model: low where eta <= (d/M)^(1/4), high where eta >= 1, middle between;
+    each regime gets its own fit, and a rate slower than the regime's bound is violated."""
+    pts = pd.DataFrame({"snr": [0.1, 0.5, 0.5, 4.0, 4.0], "d": [4, 4, 4, 4, 4], "M": [64.0, 64.0, 128.0, 64.0, np.inf]})
+    regime = claims.snr_regime(pts)
+    assert regime[:4].tolist() == ["low", "low", "middle", "high"] and pd.isna(regime[4])  # M = inf: no regime
+    rng = np.random.default_rng(11)
+    rows = []
+    for eta, law in ((0.1, lambda d, M: (d / M) ** 0.25), (4.0, lambda d, M: (d / M) ** 0.5), (8.0, lambda d, M: (d / M) ** 0.3)):
+        for seed in range(6):
+            for M in (64, 128, 256, 512, 1024):
+                config = dict(family="mor", status="ok", d=4, K=2, snr=eta, sigma=1.0, components="fresh", assignment="sample", symmetric=True, cov="identity", kappa=1.0)
+                rows.append(dict(run_id=f"{eta}-{seed}", estimator="em", metric="param_error", M=float(M), value=law(4, M) * np.exp(0.01 * rng.standard_normal()), seed=seed, **config))
+    evals = pd.DataFrame(rows)
+    trials = evals.drop_duplicates("run_id").drop(columns=["estimator", "metric", "M", "value"])
+    kinds = tuple(c for c in claims.CLAIMS if c.name.startswith("mor-1-em-vs-M"))
+    out, skipped = verdicts.evaluate({"evals": evals, "trials": trials}, kinds)
+    got = {(r["claim"], r["snr"]): r["verdict"] for r in out.to_dict("records")}
+    assert got == {("mor-1-em-vs-M-low", 0.1): "within", ("mor-1-em-vs-M-high", 4): "within", ("mor-1-em-vs-M-high", 8): "violated"}
+    assert "mor-1-em-vs-M-middle" in dict(skipped)  # no point in the middle regime: said
+    asym = evals.assign(symmetric=False)  # outside [K]'s model: not fitted
+    assert verdicts.evaluate({"evals": asym, "trials": trials.assign(symmetric=False)}, kinds)[0].empty
