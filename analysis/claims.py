@@ -58,8 +58,8 @@ class Claim:
     seed), `monotone` (the largest step-to-step log increase of y along x: <= 0 for a curve that
     does not rise), `rate` (per run: the linear rate of a training curve, against the run's
     `rho_theory` or, with theory 1, against no contraction), `curve` (per run: a training curve
-    against its prediction `subopt_theory`) or `compare` (log of `estimator`'s metric over
-    `baseline`'s on the same prompts).
+    against its prediction `subopt_theory`) or `compare` (log of `estimator`'s seed-mean metric
+    over `baseline`'s on the same prompts).
     """
 
     name: str
@@ -74,7 +74,7 @@ class Claim:
     law: str = "power"
     tolerance: float | None = None  # default: a bound max(0.05, 0.1 |theory|) (10% of the exponent), an equality 0.05
     limit: float | None = None  # default: max(0.15, 1.5 tolerance)
-    correction: float | None = 1.0  # gamma of the first correction x^-gamma; None: the plain slope (too few x levels by design)
+    correction: float | None = 1.0  # gamma of the first correction x^-gamma; None: the plain slope (an equality, or too few x levels by design)
     x_min: float | str = 0.0  # a field's name: x >= that field (M >= N)
     x_max: float = math.inf
     estimator: str | None = None  # evals: whose rows
@@ -217,8 +217,8 @@ CLAIMS: tuple[Claim, ...] = (
         needs="GD curves of the full LSA with at least 3 logged points above float noise",
     ),
     Claim(
-        "mor-4-lsa-vs-em", "mor", "the trained LSA is not worse than EM: excess_mse over the oracle, paired by prompt, within a 10% margin (log ratio <= 0.1); not in the symmetric model, where every prediction metric is degenerate ([J] claim 5)",
-        "evals", "excess_mse", "M", "bound", 0.0, (*MOR_TASK, "N", "B", "param"), estimator="lsa", baseline="em", law="compare", tolerance=0.1, limit=1.0,
+        "mor-4-lsa-vs-em", "mor", "the trained LSA is not worse than EM: its excess_mse over the oracle, on the same prompts, at most 10% above EM's (log ratio of the seed means <= 0.1; intervals up to +-2, a factor 7 either way, decide); not in the symmetric model, where every prediction metric is degenerate ([J] claim 5)",
+        "evals", "excess_mse", "M", "bound", 0.0, (*MOR_TASK, "N", "B", "param"), estimator="lsa", baseline="em", law="compare", tolerance=0.1, limit=2.0,
         where={**_finite, "symmetric": lambda s: ~s.astype(bool)},
         needs="rows of both lsa and em at finite M",
     ),

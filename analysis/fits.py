@@ -9,7 +9,8 @@ Estimates (each with a 95% interval from a bootstrap that resamples seeds, the i
   that should not rise).
 - `rate`: log y_t = a + t log rho on the window where the curve is above its noise floor.
 - `curve_deviation`: a measured training curve against its prediction, point by point.
-- `log_ratio`: a model's error against a baseline's on the same prompts (paired by seed).
+- `log_ratio`: a model's error against a baseline's on the same prompts (paired by seed), as the
+  log ratio of their seed means.
 
 Verdicts by kind of claim: a bound (`within | violated | inconclusive`) or an equality
 (`consistent | steeper | shallower | inconclusive`), each with a stated tolerance and an
@@ -178,7 +179,8 @@ def exponent(x, y, seed, correction: float | None = 1.0, floor=None, rng: np.ran
     """The leading exponent beta of y = A x^beta (1 + c x^-correction) on the seed-averaged curve,
     with a seed-bootstrap CI, and the plain log-log slope beside it (`plain`).
 
-    `correction` None fits the plain slope alone (a claim whose x has too few levels by design).
+    `correction` None fits the plain slope alone (an equality on a window where the corrections are
+    small, or an x with too few levels by design).
     With fewer than `MIN_CORRECTED` levels the estimate is NaN (no verdict can rest on it) and the
     note says so. `floor` (per point, e.g. each seed's value at x = inf) is subtracted first.
     """
@@ -266,17 +268,21 @@ def curve_deviation(steps, measured, predicted, floor: float = 1e-13) -> Estimat
     return Estimate(float(r[np.argmax(np.abs(r))]), float(r.min()), float(r.max()), len(t), (float(t[0]), float(t[-1])), "log-ratio-to-prediction")
 
 
-def log_ratio(a, b, seed) -> Estimate:
-    """Mean over seeds of log(a / b) for paired values (same seed, same prompts), with the
-    t-interval of a mean (the seeds are independent)."""
+def log_ratio(a, b, seed, rng: np.random.Generator | None = None) -> Estimate:
+    """log(mean a / mean b) over the seeds for paired values (same seed, same prompts), with the
+    seed-bootstrap t interval (the pairs resampled together).
+
+    The ratio of means, not the mean of per-seed ratios: an excess error near 0 (EM at large M,
+    close to the oracle) is noisy and may be negative for a seed, where a per-seed log ratio would
+    explode or be undefined; a resample whose mean is not positive counts as a failed resample.
+    """
     a, b, seed = (np.asarray(v, dtype=float) for v in (a, b, seed))
     if len(np.unique(seed)) < 2:
         raise FitError("needs at least 2 seeds for an interval")
-    if np.any(a <= 0) or np.any(b <= 0):
-        raise FitError("a log ratio needs positive values")
-    r = np.log(a / b)
-    half = stats.t.ppf((1 + LEVEL) / 2, len(r) - 1) * r.std(ddof=1) / np.sqrt(len(r))
-    return Estimate(float(r.mean()), float(r.mean() - half), float(r.mean() + half), len(r), (float("nan"), float("nan")), "paired-log-ratio+t")
+    table = np.stack([a, b], axis=1)  # [seeds, 2]: the pair stays together in every resample
+    ratio = lambda means: _log(means[:, 0]) - _log(means[:, 1])  # noqa: E731
+    est, lo, hi = _bootstrapped(ratio, table, rng)
+    return Estimate(est, lo, hi, len(table), (float("nan"), float("nan")), "log-ratio-of-seed-means+seed-bootstrap-t")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -157,7 +157,7 @@ def build(store: str | os.PathLike, out: str | os.PathLike) -> Built:
     body += [f"<p><b>Note:</b> {html.escape(n)}.</p>" for n in notes] + ["<h2>Sweeps covered</h2>", cov.to_html(index=False)]
     legend = (
         "Each claim is a bound or an equality (theory.md section 5). A bound (an O() claim) is judged on "
-        "the leading exponent of y = A x^beta (1 + c x^-gamma), the law with its first correction, fitted "
+        "the leading exponent of y = A x^beta (1 + c/x), the law with its first correction (|c| / x_min <= 1), fitted "
         "per group with a seed-bootstrap 95% interval: `within` when the whole interval is at or below the "
         "theory + tolerance, `violated` when it lies wholly above, `inconclusive` when it straddles that "
         "edge, is wider than the claim's limit, or the window has too few points for the corrected law "

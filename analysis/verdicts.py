@@ -215,8 +215,9 @@ def _evaluate_per_run(claim: Claim, df: pd.DataFrame, rows: list, skipped: list)
 
 
 def _evaluate_compare(claim: Claim, df: pd.DataFrame, tables: dict[str, pd.DataFrame], rows: list, skipped: list) -> None:
-    """One row per group and test length: log(metric of estimator / metric of baseline), paired by seed."""
-    data = df[_usable(df)]
+    """One row per group and test length: log(seed mean of estimator's metric / baseline's), paired
+    by seed. An excess may be negative for a seed (noise), so every finite value is kept."""
+    data = df[(df["status"] == "ok") & np.isfinite(df["y"].astype(float))]
     group = _group_fields(claim, data, extra=(claim.x,))
     pairs = data.pivot_table(index=[*group, "seed"], columns="estimator", values="y", aggfunc="mean", dropna=False)
     if claim.estimator not in pairs or claim.baseline not in pairs:

@@ -220,7 +220,7 @@ def test_too_little_data_is_an_error_not_a_made_up_interval():
         fits.rate([0, 1, 2, 3], [1, 1e-20, 1e-20, 1e-20], floor=1e-13)
 
 
-def test_log_ratio():
+def test_log_ratio_of_seed_means():
     rng = np.random.default_rng(6)
     seed = np.arange(10)
     base = np.exp(rng.standard_normal(10))
@@ -228,5 +228,8 @@ def test_log_ratio():
     assert better.ci_high < 0 and abs(better.estimate - np.log(0.5)) < 0.05
     worse = fits.log_ratio(2 * base, base, seed)
     assert worse.estimate == pytest.approx(np.log(2)) and fits.bound_verdict(0.0, worse.estimate, worse.ci_low, worse.ci_high, 0.1, 1.0) == "violated"
+    near_zero = np.array([-0.01, 0.03, 0.0001, 0.05])  # a baseline at the oracle: its excess is noise around 0
+    far = fits.log_ratio(np.full(4, 0.2), near_zero, np.arange(4))
+    assert far.estimate == pytest.approx(np.log(0.2 / near_zero.mean()))  # one ratio of means, no seed dropped
     with pytest.raises(fits.FitError, match="2 seeds"):
         fits.log_ratio([1.0], [2.0], [0])
