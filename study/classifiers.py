@@ -98,7 +98,7 @@ def projected_W(W: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     finite-B sampling noise off that line: the B -> inf limit of the trained LSA.  Shapes: [d, d].
     """
     inv = inv.to(W)
-    return (W * inv).sum() / (inv * inv).sum() * inv
+    return lsa.line_coefficient(W, inv) * inv
 
 
 def lsa_limit(pr: Prompts) -> torch.Tensor:

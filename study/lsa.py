@@ -47,6 +47,11 @@ def full_grad(g: torch.Tensor, P: torch.Tensor, G: torch.Tensor, xq: torch.Tenso
     return dP, dK
 
 
+def line_coefficient(W: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """<W, T>_F / ||T||_F^2: W's projection on the line of T is this times T.  Shapes: [..., d, d] -> [...]."""
+    return (W * T).sum((-2, -1)) / (T * T).sum((-2, -1))
+
+
 def block_init(d: int, n_label: int, S: int = 1, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """W_PV = [[0,0],[0,I_c']] and W_KQ = 0: the full LSA at the reduced model's W = 0."""
     D = d + n_label

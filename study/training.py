@@ -190,11 +190,10 @@ def projection(W: torch.Tensor, prob: Problem) -> tuple[torch.Tensor, torch.Tens
     By the O(d) invariance of the whitened gmm problem the population minimiser is exactly a multiple
     of Lam^-1, so g measures G and the residual is the finite-B sampling noise alone.
     """
-    A, T = (W / prob.scale).flatten(1).double(), prob.target.flatten(1).double()
-    tt = (T * T).sum(1)
-    g = (A * T).sum(1) / tt - 1
-    resid = (A - (1 + g)[:, None] * T).norm(dim=1) / tt.sqrt()
-    return g, resid
+    A, T = (W / prob.scale).double(), prob.target.double()
+    a = lsa.line_coefficient(A, T)
+    resid = (A - a[:, None, None] * T).flatten(1).norm(dim=1) / T.flatten(1).norm(dim=1)
+    return a - 1, resid
 
 
 def train(prob: Problem, param: str, steps: int, log_every: int, init: dict[str, torch.Tensor] | None = None) -> TrainResult:
