@@ -173,9 +173,10 @@ def run_sweep(
             )
 
     space = [
-        {"bundle_id": b.bundle_id, "bundle": b.to_payload(), "store": str(store.root), "sweep": sweep.name, "code": code, "device": device, "threads": max(1, int(cpus_per_trial))}
+        {"bundle_id": b.bundle_id, "bundle": b.to_payload(), "store": store.uri, "sweep": sweep.name, "code": code, "device": device, "threads": max(1, int(cpus_per_trial))}
         for b in bundles
     ]
+    storage_path, storage_fs = store.tune_storage()
     resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
     tuner = tune.Tuner(
         tune.with_resources(trainable, resources),
@@ -185,7 +186,8 @@ def run_sweep(
         ),
         run_config=tune.RunConfig(
             name=f"{sweep.name}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}",
-            storage_path=str(store.root / "_tune"),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=tune.FailureConfig(max_failures=2),
             callbacks=[Progress()],
             verbose=0,

@@ -156,6 +156,15 @@ class Store:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).absolute()
 
+    @property
+    def uri(self) -> str:
+        """The store's address as workers receive it (a local absolute path here)."""
+        return str(self.root)
+
+    def tune_storage(self) -> tuple[str, Any]:
+        """Ray Tune's `storage_path` and `storage_filesystem` for this store (its `_tune` folder)."""
+        return str(self.root / "_tune"), None
+
     def table_dir(self, table: str, family: str) -> Path:
         return self.root / table / f"family={family}"
 
