@@ -10,12 +10,14 @@ before any trial starts.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import typer
 
 from pipelines import sweep as sweeps
+from pipelines.runner import CHUNK_TRIALS
 from pipelines.store import Store, StoreError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Simulation studies of in-context learning: sweeps, store, fits.")
@@ -35,30 +37,73 @@ def _load(spec: str) -> sweeps.Sweep:
         raise _fail(str(err)) from None
 
 
-def _plan(sw: sweeps.Sweep, store: Store) -> tuple[list[sweeps.Bundle], set[str]]:
+TRIAL_S = typer.Option(sweeps.TRIAL_S, "--trial-seconds", min=0.0, help="estimated compute a Ray trial should carry; stacks are packed up to it")
+MIN_TRIALS = typer.Option(sweeps.MIN_TRIALS, "--min-trials", min=1, help="spread the sweep over at least this many trials where it has the stacks")
+
+
+def _plan(sw: sweeps.Sweep, store: Store, cal, trial_s: float, min_trials: int) -> tuple[list[sweeps.Bundle], set[str]]:
     done = store.done_runs() & {r.run_id for r in sw.runs}
-    return sw.bundles(skip=done), done
+    return sw.bundles(skip=done, seconds=cal.seconds, trial_s=trial_s, min_trials=min_trials), done
+
+
+def _calibration(kind: str, threads: int = 1, refresh: bool = False):
+    """The calibration of a device kind ('cpu' or 'cuda'): measured here, or cached from elsewhere."""
+    from pipelines import cost
+
+    if kind == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            return cost.calibration("cuda", threads, refresh)
+        known = [c for c in cost.cached().values() if c.device.startswith("cuda")]
+        if known:
+            return known[-1]
+    return cost.calibration("cpu", threads, refresh)
 
 
 @app.command()
-def plan(sweep: str = typer.Argument(..., help="sweep file or shipped sweep name"), store: Path = STORE) -> None:
-    """Validate a sweep and count what it would run; runs nothing."""
+def plan(
+    sweep: str = typer.Argument(..., help="sweep file or shipped sweep name"),
+    store: Path = STORE,
+    trial_s: float = TRIAL_S,
+    min_trials: int = MIN_TRIALS,
+    chunk_trials: int = typer.Option(CHUNK_TRIALS, "--chunk-trials", min=1, help="trials per Tuner run"),
+    calibrate: bool = typer.Option(False, "--calibrate", help="measure this machine's rates again instead of using the cache"),
+) -> None:
+    """Validate a sweep and count what it would run, with chunks and estimated seconds; runs nothing."""
+    from pipelines import cost
+
     sw = _load(sweep)
     st = Store(store)
+    cal = _calibration("cpu", refresh=calibrate)
     try:
-        bundles, done = _plan(sw, st)
+        bundles, done = _plan(sw, st, cal, trial_s, min_trials)
     except StoreError as err:
         raise _fail(str(err)) from None
-    todo = sum(len(b.runs) for b in bundles)
-    flops = sum(sweeps.estimate_flops(r) for b in bundles for r in b.runs)
+    todo = [r for b in bundles for r in b.runs]
+    chunks = -(-len(bundles) // chunk_trials)
     typer.echo(f"sweep {sw.name} ({sw.path})")
     typer.echo(f"  configurations  {len(sw.configs)}")
     typer.echo(f"  seeds           {len(sw.seeds)}")
     typer.echo(f"  runs            {len(sw.runs)}")
     typer.echo(f"  already done    {len(done)}  (in {st.root})")
-    typer.echo(f"  to run          {todo}")
-    typer.echo(f"  bundles         {len(bundles)}  (Ray trials)")
-    typer.echo(f"  compute         ~{flops:.2g} flop to run (training, optimum, estimators; rough)")
+    typer.echo(f"  to run          {len(todo)}")
+    typer.echo(f"  bundles         {len(bundles)}  (Ray trials, {chunks} chunk{'s' * (chunks != 1)} of at most {chunk_trials})")
+    typer.echo(f"  compute         ~{sum(cost.flops(r) for r in todo):.2g} flop to run (training, optimum, estimators; rough)")
+    kinds = {cal.device: cal, **{c.device: c for c in cost.cached().values() if c.device != cal.device}}
+    for i, c in enumerate(kinds.values()):
+        secs = sum(c.seconds(r) for r in todo)
+        source = f"calibrated in {c.took_s:.1f}s" if c is cal and calibrate else "cached calibration"
+        label = "  estimate        " if i == 0 else " " * 18
+        typer.echo(f"{label}{c.device} ({c.threads} thread{'s' * (c.threads != 1)}): ~{_seconds(secs)} of trial compute ({source}, code {c.code})")
+    cpus = os.cpu_count() or 1
+    typer.echo(f"  here            ~{_seconds(sum(cal.seconds(r) for r in todo) / cpus)} of wall on this machine's {cpus} CPUs, one trial per CPU, plus Ray's start")
+
+
+def _seconds(s: float) -> str:
+    from pipelines.progress import duration
+
+    return f"{s:.0f} s" if s < 600 else f"{s:.0f} s ({duration(s)})"
 
 
 @app.command()
@@ -71,6 +116,9 @@ def run(
     max_concurrent: int = typer.Option(None, "--max-concurrent", min=1, help="cap on trials in flight"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     num_cpus: int = typer.Option(None, "--num-cpus", min=1, help="CPUs of the embedded local Ray (default: all)"),
+    trial_s: float = TRIAL_S,
+    min_trials: int = MIN_TRIALS,
+    chunk_trials: int = typer.Option(CHUNK_TRIALS, "--chunk-trials", min=1, help="trials per Tuner run (bounds the driver's memory)"),
 ) -> None:
     """Run what the store lacks of a sweep, one Ray Tune trial per bundle."""
     if device not in ("auto", "cpu", "cuda"):
@@ -85,7 +133,9 @@ def run(
     try:
         st.check_writable()
         with st.lock():
-            s = _run_locked(sw, st, address, cpus_per_trial, gpus_per_trial, max_concurrent, device, num_cpus)
+            kind = "cuda" if device == "cuda" or (device == "auto" and gpus_per_trial > 0) else "cpu"
+            cal = _calibration(kind, max(1, int(cpus_per_trial)))
+            s = _run_locked(sw, st, cal, trial_s, min_trials, address, cpus_per_trial, gpus_per_trial, max_concurrent, device, num_cpus, chunk_trials)
     except StoreError as err:
         raise _fail(str(err)) from None
     if s is None:
@@ -100,12 +150,12 @@ def run(
         raise typer.Exit(1)
 
 
-def _run_locked(sw: sweeps.Sweep, st: Store, *args):
+def _run_locked(sw: sweeps.Sweep, st: Store, cal, trial_s: float, min_trials: int, *args):
     from pipelines.runner import run_sweep
 
     leftovers = st.recover()
     retried = st.forget_failed()
-    bundles, done = _plan(sw, st)
+    bundles, done = _plan(sw, st, cal, trial_s, min_trials)
     todo = sum(len(b.runs) for b in bundles)
     typer.echo(f"sweep {sw.name}: {len(sw.runs)} runs, {len(done)} already in {st.root}, {todo} to run in {len(bundles)} bundles")
     if leftovers or retried:
@@ -113,7 +163,7 @@ def _run_locked(sw: sweeps.Sweep, st: Store, *args):
     if not bundles:
         typer.echo("nothing to run")
         return None
-    return run_sweep(sw, st, bundles, *args)
+    return run_sweep(sw, st, bundles, *args, cost=lambda b: sum(cal.seconds(r) for r in b.runs))
 
 
 @app.command()

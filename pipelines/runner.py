@@ -1,7 +1,8 @@
 """The Ray adapter: one Ray Tune trial per bundle, each writing its own files to the store.
 
 `execute_bundle` is the whole job of a trial and needs no Ray (tests call it directly);
-`trainable` wraps it for Tune; `run_sweep` plans, launches and summarises. Tune only schedules:
+`pipelines.trainable.BundleTrial` wraps it for Tune on reused workers; `run_sweep` launches the
+bundles in chunks of Tuner runs, shows progress and summarises. Tune only schedules:
 trials report a few scalars, the data goes to Parquet. On a multi-node cluster the store must be
 a path every node sees (NFS or similar).
 """
@@ -9,6 +10,7 @@ a path every node sees (NFS or similar).
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import logging
 import os
 import subprocess
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pipelines.progress import Progress
 from pipelines.store import SCHEMA_VERSION, Store, to_table
 from pipelines.sweep import Bundle, Sweep
 
@@ -29,6 +32,7 @@ TUNE_ENV = {
     "TUNE_RESULT_BUFFER_LENGTH": "1",
     "RAY_AIR_NEW_OUTPUT": "0",
 }
+CHUNK_TRIALS = 1000  # trials per Tuner.fit(): Tune's driver keeps every finished trial of a fit
 
 
 def code_version() -> str:
@@ -82,17 +86,17 @@ def _provenance(bundle: Bundle, sweep: str, code: str) -> dict[str, dict[str, An
 
 
 def execute_bundle(payload: list[list[Any]], store: str, sweep: str, code: str, device: str = "cpu") -> dict[str, Any]:
-    """Train, evaluate and store one bundle; returns a summary (counts and rows written)."""
+    """Train, evaluate and store one bundle (its stacks in turn, one commit); returns a summary."""
     from study.trial import run_bundle
 
     bundle = Bundle.from_payload(payload)
     dev = pick_device(device)
-    out = run_bundle(list(bundle.runs), dev)
+    outs = [run_bundle(stack, dev) for stack in bundle.stacks()]
     base = _provenance(bundle, sweep, code)
-    trials = [{**base[row["run_id"]], **row, "device": _device_name(dev)} for row in out.trials]
+    trials = [{**base[row["run_id"]], **row, "device": _device_name(dev)} for out in outs for row in out.trials]
     tables = {"trials": to_table("trials", trials)}
     for name in ("curves", "evals", "params"):
-        tables[name] = to_table(name, getattr(out, name))
+        tables[name] = to_table(name, [row for out in outs for row in getattr(out, name)])
     rows = Store(store).write_bundle(bundle.family, bundle.bundle_id, tables)
     status = [t["status"] for t in trials]
     return {"runs": len(trials), "ok": status.count("ok"), "diverged": status.count("diverged"), "rows": rows, "wall_s": sum(t["wall_s"] for t in trials)}
@@ -102,17 +106,6 @@ def record_failure(bundle: Bundle, store: Store, sweep: str, code: str, error: s
     base = _provenance(bundle, sweep, code)
     rows = [{**row, "status": "failed", "steps_done": 0, "error": error[-2000:]} for row in base.values()]
     store.write_failed(bundle.family, bundle.bundle_id, to_table("trials", rows))
-
-
-def trainable(config: dict[str, Any]) -> None:
-    """Ray Tune function trainable: one bundle per trial."""
-    import torch
-    from ray import tune
-
-    torch.set_num_threads(max(1, int(config["job"]["threads"])))
-    job = config["job"]
-    summary = execute_bundle(job["bundle"], job["store"], job["sweep"], job["code"], job["device"])
-    tune.report(summary)
 
 
 @dataclass
@@ -138,12 +131,23 @@ def run_sweep(
     max_concurrent: int | None = None,
     device: str = "auto",
     num_cpus: int | None = None,
-    progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+    chunk_trials: int = CHUNK_TRIALS,
+    cost: Callable[[Bundle], float] = lambda b: float(len(b.runs)),
+    progress: Progress | None = None,
+    execute: Callable[..., dict[str, Any]] = execute_bundle,
 ) -> Summary:
-    """Run the bundles as Ray Tune trials (embedded local Ray unless `address` is given)."""
+    """Run the bundles as Ray Tune trials (embedded local Ray unless `address` is given).
+
+    The bundles go to Tune in chunks of at most `chunk_trials`, one `Tuner.fit()` each, so that
+    the driver's memory (Tune keeps every finished trial of a run) stays flat however long the
+    sweep. Workers are reused across the trials of a chunk. `cost` estimates a bundle's compute
+    for the ETA; `execute` is the trial's work (`execute_bundle`; a benchmark may pass another).
+    """
     os.environ.update(TUNE_ENV)
     import ray
     from ray import tune
+
+    from pipelines.trainable import BundleTrial, ProgressCallback
 
     # with the default loggers off, the result grid cannot re-read metrics from disk and says so
     # once per trial; the metrics it needs are in memory
@@ -160,54 +164,57 @@ def run_sweep(
             ray.init(address=address, **kwargs)
         else:
             ray.init(num_cpus=num_cpus, **kwargs)
+    costs = {b.bundle_id: cost(b) for b in bundles}
+    progress = progress or Progress(len(bundles), sum(len(b.runs) for b in bundles), sum(costs.values()))
     by_id = {b.bundle_id: b for b in bundles}
-    done_count = [0]
 
-    class Progress(tune.Callback):
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            done_count[0] += 1
-            b = by_id[trial.config["job"]["bundle_id"]]
-            progress(
-                f"[{done_count[0]}/{len(bundles)}] bundle {b.bundle_id[:8]}: {result['runs']} runs "
-                f"({result['ok']} ok, {result['diverged']} diverged) in {result['wall_s']:.1f}s"
-            )
-
-    space = [
-        {"bundle_id": b.bundle_id, "bundle": b.to_payload(), "store": store.uri, "sweep": sweep.name, "code": code, "device": device, "threads": max(1, int(cpus_per_trial))}
-        for b in bundles
-    ]
     storage_path, storage_fs = store.tune_storage()
-    resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, resources),
-        param_space={"job": tune.grid_search(space)},
-        tune_config=tune.TuneConfig(
-            max_concurrent_trials=max_concurrent, reuse_actors=False, trial_dirname_creator=lambda t: t.trial_id, trial_name_creator=lambda t: t.trial_id
-        ),
-        run_config=tune.RunConfig(
-            name=f"{sweep.name}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}",
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=tune.FailureConfig(max_failures=2),
-            callbacks=[Progress()],
-            verbose=0,
-        ),
-    )
+    trainable = tune.with_resources(tune.with_parameters(BundleTrial, execute=execute), {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+    stamp = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
+    chunks = [bundles[i : i + chunk_trials] for i in range(0, len(bundles), chunk_trials)]
     try:
-        results = tuner.fit()
-        for res in results:
-            b = by_id[res.config["job"]["bundle_id"]]
-            if res.error is not None:
-                record_failure(b, store, sweep.name, code, repr(res.error))
-                summary.failed += len(b.runs)
-                summary.errors.append(f"bundle {b.bundle_id[:8]}: {res.error!r}"[:500])
-            elif res.metrics:
-                for k in ("runs", "ok", "diverged", "rows"):
-                    setattr(summary, k, getattr(summary, k) + int(res.metrics.get(k, 0)))
-                summary.compute_s += float(res.metrics.get("wall_s", 0.0))
+        for k, chunk in enumerate(chunks):
+            space = [
+                {"bundle_id": b.bundle_id, "bundle": b.to_payload(), "store": store.uri, "sweep": sweep.name, "code": code, "device": device, "threads": max(1, int(cpus_per_trial))}
+                for b in chunk
+            ]
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"job": tune.grid_search(space)},
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=max_concurrent, reuse_actors=True, trial_dirname_creator=lambda t: t.trial_id, trial_name_creator=lambda t: t.trial_id
+                ),
+                run_config=tune.RunConfig(
+                    name=f"{sweep.name}-{stamp}" + (f"-chunk{k:04d}" if len(chunks) > 1 else ""),
+                    storage_path=storage_path,
+                    storage_filesystem=storage_fs,
+                    failure_config=tune.FailureConfig(max_failures=2),
+                    checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
+                    callbacks=[ProgressCallback(progress, {b.bundle_id: (len(b.runs), costs[b.bundle_id]) for b in bundles})],
+                    verbose=0,
+                ),
+            )
+            _collect(tuner.fit(), by_id, store, sweep, code, summary)
+            del tuner, space
+            gc.collect()
     finally:
+        progress.close()
         if started_here:
             ray.shutdown()
     summary.runs += summary.failed
     summary.wall_s = time.perf_counter() - t0
     return summary
+
+
+def _collect(results: Any, by_id: dict[str, Bundle], store: Store, sweep: Sweep, code: str, summary: Summary) -> None:
+    """Add a chunk's results to the summary; record the bundles whose trial failed for good."""
+    for res in results:
+        b = by_id[res.config["job"]["bundle_id"]]
+        if res.error is not None:
+            record_failure(b, store, sweep.name, code, repr(res.error))
+            summary.failed += len(b.runs)
+            summary.errors.append(f"bundle {b.bundle_id[:8]}: {res.error!r}"[:500])
+        elif res.metrics:
+            for k in ("runs", "ok", "diverged", "rows"):
+                setattr(summary, k, getattr(summary, k) + int(res.metrics.get(k, 0)))
+            summary.compute_s += float(res.metrics.get("wall_s", 0.0))

@@ -6,15 +6,15 @@
             M: [16, 64, 256, inf], n_eval: 4096}
     grid: {d: [4, 8], c: [2, 3], snr: [1.0, 2.0], N: [25, 50, 100, 200, 400]}
     seeds: 4            # a count (seeds 0..3) or a list of seeds
-    bundle_size: 32     # optional: at most this many runs per Ray trial
+    bundle_size: 32     # optional: at most this many runs train as one stack
 
 Instead of family/fixed/grid, `parts:` may list several {family, fixed, grid, bundle_size}
 mappings (e.g. one per family); the configurations are the union of the parts', and a part's
 bundle_size overrides the sweep's for its runs.
 
 Every configuration is validated before anything runs; the first bad one raises `SweepError`
-naming the file, the field and what is allowed. Runs that share shapes are bundled into one Ray
-trial (one vectorised training stack).
+naming the file, the field and what is allowed. Runs that share shapes train as one vectorised
+stack; stacks are packed into Ray trials (bundles) that each carry seconds of estimated compute.
 """
 
 from __future__ import annotations
@@ -23,17 +23,20 @@ import itertools
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
+from pipelines.cost import bundle_bytes, flops
 from study.config import ConfigError, TrialConfig, canonical_json, stable_hash
 from study.trial import Run, shape_key
 
 PART_KEYS = ("family", "fixed", "grid", "bundle_size")
 TOP_LEVEL = {"name", "description", "seeds", "bundle_size", "parts", *PART_KEYS}
 DEFAULT_BUNDLE_SIZE = 32
-BUNDLE_BYTES = 1 << 30  # training tensors of one bundle stay under about 1 GiB
+STACK_BYTES = 1 << 30  # training tensors of one stack stay under about 1 GiB
+TRIAL_S = 10.0  # estimated compute a Ray trial should carry (seconds)
+MIN_TRIALS = 32  # ... unless the sweep then spreads over fewer trials than this
 
 
 class SweepError(ValueError):
@@ -42,9 +45,16 @@ class SweepError(ValueError):
 
 @dataclass(frozen=True)
 class Bundle:
-    """Runs that train as one stack in one Ray trial."""
+    """The runs of one Ray trial and one commit to the store: one or more stacks, run in turn."""
 
     runs: tuple[Run, ...]
+
+    def stacks(self) -> list[list[Run]]:
+        """The runs grouped by shape, in order: each group trains as one vectorised stack."""
+        groups: dict[tuple, list[Run]] = {}
+        for r in self.runs:
+            groups.setdefault(shape_key(r.config), []).append(r)
+        return list(groups.values())
 
     @property
     def bundle_id(self) -> str:
@@ -76,30 +86,51 @@ class Sweep:
     def runs(self) -> list[Run]:
         return [Run(c, s) for c in self.configs for s in self.seeds]
 
-    def bundles(self, skip: set[str] = frozenset()) -> list[Bundle]:
-        """Bundles of the runs whose ids are not in `skip`.
+    def stacks(self, skip: set[str] = frozenset()) -> list[tuple[Run, ...]]:
+        """Stacks of the runs whose ids are not in `skip`: runs of one shape that train together.
 
-        Runs are grouped by shape; inside a group, runs that share evaluation prompts sit next to
-        each other so that one bundle evaluates them in one pass.
+        A stack holds at most `bundle_size` runs (a part's own where it sets one) and about
+        `STACK_BYTES` of training tensors. Inside a shape, runs that share evaluation prompts sit
+        next to each other so that one stack evaluates them in one pass.
         """
         groups: dict[tuple, list[Run]] = {}
         for r in self.runs:
             if r.run_id not in skip:
                 groups.setdefault(shape_key(r.config), []).append(r)
+        sizes = dict(self.part_sizes)
         out = []
         for runs in groups.values():
             runs.sort(key=lambda r: (canonical_json([r.config.task.data_key(), r.config.eval.model_dump()]), r.seed))
-            sizes = dict(self.part_sizes)
             wanted = min(sizes.get(r.config.config_id, self.bundle_size) for r in runs)
-            size = max(1, min(wanted, BUNDLE_BYTES // _bytes_per_run(runs[0].config)))
-            out += [Bundle(tuple(runs[i : i + size])) for i in range(0, len(runs), size)]
+            size = max(1, min(wanted, STACK_BYTES // bundle_bytes(runs[0].config)))
+            out += [tuple(runs[i : i + size]) for i in range(0, len(runs), size)]
         return out
 
+    def bundles(self, skip: set[str] = frozenset(), seconds: Callable[[Run], float] | None = None, trial_s: float = TRIAL_S, min_trials: int = MIN_TRIALS) -> list[Bundle]:
+        """The Ray trials of the runs not in `skip`: stacks packed until a trial carries `trial_s`.
 
-def _bytes_per_run(cfg: TrialConfig) -> int:
-    d, c = cfg.task.d, cfg.task.n_label
-    per_prompt = (c + 1) * d + (d + c) ** 2 * (cfg.model.param == "full")
-    return 8 * cfg.train.B * per_prompt * 3  # data, logits and gradients in flight
+        `seconds` estimates a run's compute (`pipelines.cost`; by default a flop count at a nominal
+        1 Gflop/s). Consecutive stacks are packed into one trial until its estimate reaches
+        min(trial_s, total / min_trials): each trial carries seconds of work, which amortises
+        Tune's per-trial cost, while a sweep with enough stacks still spreads over at least
+        `min_trials` trials for the workers of a cluster. A stack is never split. The trials come
+        largest first, so that the last ones to start are the short ones.
+        """
+        seconds = seconds or (lambda r: flops(r) * 1e-9)
+        stacks = self.stacks(skip)
+        cost = [sum(seconds(r) for r in s) for s in stacks]
+        target = min(trial_s, sum(cost) / max(1, min_trials))
+        out, runs, acc = [], [], 0.0
+        for stack, c in zip(stacks, cost):
+            runs += stack
+            acc += c
+            if acc >= target:
+                out.append((acc, Bundle(tuple(runs))))
+                runs, acc = [], 0.0
+        if runs:
+            out.append((acc, Bundle(tuple(runs))))
+        out.sort(key=lambda x: -x[0])
+        return [b for _, b in out]
 
 
 def shipped() -> dict[str, Path]:
@@ -210,24 +241,3 @@ def _seeds(value: Any, where: str) -> tuple[int, ...]:
     if isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value):
         return tuple(dict.fromkeys(value))
     raise _fail(where, "seeds", f"a count >= 1 or a non-empty list of integers >= 0, got {value!r}")
-
-
-def estimate_flops(run: Run) -> float:
-    """A rough count of the floating-point work of one run (training, optimum, evaluation)."""
-    cfg = run.config
-    t, tr, ev = cfg.task, cfg.train, cfg.eval
-    d, c1, B = t.d, t.n_label, tr.B
-    D = d + c1
-    if cfg.model.param == "reduced":
-        train = 4 * B * c1 * d * d * tr.steps + 15 * 2 * B * c1 * d**4
-    else:
-        train = 4 * B * (D * D + 2 * D * d) * tr.steps * 10 + 2 * B * tr.N * D * D
-    m_max = max(ev.finite_M, default=0)
-    per_prompt = m_max * d * (c1 + d)
-    if "logreg" in cfg.estimators:
-        k = t.c * (d + 1)
-        per_prompt += sum(10 * m * k * k for m in ev.finite_M)
-    for name in ("em", "gradient_em"):
-        if name in cfg.estimators:
-            per_prompt += sum(4 * ev.em_iters * ev.em_restarts * t.K * m * d * d for m in ev.finite_M)
-    return float(train + ev.n_eval * per_prompt)

@@ -1,0 +1,175 @@
+"""What a run costs: a flop count from its configuration, and seconds from a calibration.
+
+`flops(run)` is a rough count of the floating-point work of training, the optimum and the
+evaluation. Counts alone do not give seconds: a 2-core CPU runs small kernels far below its peak,
+a GPU far below its own. `calibrate(device)` times a few small bundles of each family on that
+device and fits, per family, seconds = a * runs + b * flops (a fixed cost per run, a cost per
+flop); `Calibration.seconds(run)` applies it. Calibrations are cached per device kind, thread
+count and code version in `$XDG_CACHE_HOME/icl-study/calibration.json` (or `~/.cache/...`), so
+`plan` answers in seconds and can show every device kind it has calibrated, including ones of
+other machines whose cache file was copied in.
+
+The planner packs runs into Ray trials by these estimates (`pipelines.sweep.Sweep.bundles`) and
+the progress line's ETA scales by them, so only their ratios need be right within a family.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from study.config import TrialConfig
+from study.trial import Run
+
+CALIBRATION_FORMAT = 1
+
+
+def flops(run: Run) -> float:
+    """A rough count of the floating-point work of one run (training, optimum, evaluation)."""
+    cfg = run.config
+    t, tr, ev = cfg.task, cfg.train, cfg.eval
+    d, c1, B = t.d, t.n_label, tr.B
+    D = d + c1
+    if cfg.model.param == "reduced":
+        train = 4 * B * c1 * d * d * tr.steps + 15 * 2 * B * c1 * d**4
+    else:
+        train = 4 * B * (D * D + 2 * D * d) * tr.steps * 10 + 2 * B * tr.N * D * D
+    m_max = max(ev.finite_M, default=0)
+    per_prompt = m_max * d * (c1 + d)
+    if "logreg" in cfg.estimators:
+        k = t.c * (d + 1)
+        per_prompt += sum(10 * m * k * k for m in ev.finite_M)
+    for name in ("em", "gradient_em"):
+        if name in cfg.estimators:
+            per_prompt += sum(4 * ev.em_iters * ev.em_restarts * t.K * m * d * d for m in ev.finite_M)
+    return float(train + ev.n_eval * per_prompt)
+
+
+def bundle_bytes(cfg: TrialConfig) -> int:
+    """Memory of one run's training tensors in a stack: data, logits and gradients in flight."""
+    d, c = cfg.task.d, cfg.task.n_label
+    per_prompt = (c + 1) * d + (d + c) ** 2 * (cfg.model.param == "full")
+    return 8 * cfg.train.B * per_prompt * 3
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Seconds per run on one device kind: a per family (fixed), b per family (per flop)."""
+
+    device: str
+    threads: int
+    code: str
+    per_run_s: dict[str, float]
+    per_flop_s: dict[str, float]
+    took_s: float
+
+    def seconds(self, run: Run) -> float:
+        fam = run.config.task.family
+        return self.per_run_s[fam] + self.per_flop_s[fam] * flops(run)
+
+
+# small bundles that span the shapes of the shipped sweeps: (flat config, runs); two sizes per
+# family separate the fixed cost from the cost per flop
+_PROBES: list[tuple[dict[str, Any], int]] = [
+    (dict(family="gmm", d=4, c=3, snr=1.0, N=50, B=1024, steps=30, lr=1.0, M=[16, 64, "inf"], n_eval=128), 4),
+    (dict(family="gmm", d=8, c=3, snr=1.0, N=50, B=2048, steps=60, lr=1.0, M=[16, 64, "inf"], n_eval=256), 4),
+    (dict(family="mor", d=4, K=2, snr=2.0, N=20, B=512, steps=30, lr=0.2, M=[16, "inf"], n_eval=64, em_iters=20), 4),
+    (dict(family="mor", d=8, K=2, snr=2.0, N=40, B=2048, steps=60, lr=0.2, M=[32, 128, "inf"], n_eval=96, em_iters=30), 4),
+]
+
+
+def device_name(device: str) -> str:
+    """A device kind: the CPU model or the CUDA device's name."""
+    if device.startswith("cuda"):
+        import torch
+
+        return f"cuda:{torch.cuda.get_device_name(torch.device(device))}"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return "cpu:" + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu:" + (platform.processor() or platform.machine())
+
+
+def calibrate(device: str = "cpu", threads: int = 1) -> Calibration:
+    """Time the probe bundles on `device` with `threads` torch threads (a few seconds on a CPU)."""
+    import numpy as np
+    import torch
+
+    from pipelines.runner import code_version
+    from study.trial import run_bundle
+
+    t0 = time.perf_counter()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runs = {flat["family"]: [] for flat, _ in _PROBES}
+        for i, (flat, n) in enumerate(_PROBES):
+            bundle = [Run(TrialConfig.from_flat(flat), seed) for seed in range(n)]
+            if i == 0:
+                run_bundle(bundle[:1], device)  # warm-up: lazy initialisation, first-call costs
+            t = time.perf_counter()
+            run_bundle(bundle, device)
+            runs[flat["family"]].append((n, sum(flops(r) for r in bundle), time.perf_counter() - t))
+    finally:
+        torch.set_num_threads(before)
+    per_run, per_flop = {}, {}
+    for fam, points in runs.items():
+        a = np.array([[n, f] for n, f, _ in points], dtype=float)
+        coef = np.linalg.lstsq(a, np.array([s for *_, s in points]), rcond=None)[0]
+        # two probes give an exact fit; keep both parts non-negative (noise can push one below 0)
+        per_flop[fam] = max(float(coef[1]), 1e-15)
+        per_run[fam] = max(float(coef[0]), 0.0)
+    return Calibration(device_name(device), threads, code_version().replace(".dirty", ""), per_run, per_flop, time.perf_counter() - t0)
+
+
+def cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "icl-study" / "calibration.json"
+
+
+def _key(device: str, threads: int, code: str) -> str:
+    return f"{device} | threads {threads} | icl-study {code} | format {CALIBRATION_FORMAT}"
+
+
+def cached() -> dict[str, Calibration]:
+    """Every calibration in the cache, by key (unreadable or old-format entries are ignored)."""
+    try:
+        raw = json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for key, value in raw.items() if isinstance(raw, dict) else []:
+        try:
+            out[key] = Calibration(**value)
+        except TypeError:
+            continue
+    return {k: v for k, v in out.items() if k.endswith(f"format {CALIBRATION_FORMAT}")}
+
+
+def calibration(device: str = "cpu", threads: int = 1, refresh: bool = False) -> Calibration:
+    """The cached calibration of this device kind, or a new one (then cached)."""
+    from pipelines.runner import code_version
+
+    key = _key(device_name(device), threads, code_version().replace(".dirty", ""))
+    known = cached()
+    if key in known and not refresh:
+        return known[key]
+    cal = calibrate(device, threads)
+    known[key] = cal
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({k: asdict(v) for k, v in known.items()}, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: the calibration is simply not cached
+    return cal
