@@ -16,6 +16,7 @@ the progress line's ETA scales by them, so only their ratios need be right withi
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -36,7 +37,9 @@ def flops(run: Run) -> float:
     d, c1, B = t.d, t.n_label, tr.B
     D = d + c1
     if cfg.model.param == "reduced":
-        train = 4 * B * c1 * d * d * tr.steps + 15 * 2 * B * c1 * d**4
+        # small steps are bound by per-prompt elementwise work, not the d^2 products: the 36 is
+        # that work in flop-equivalents (measured on a 2-core CPU: d = 2 costs a third of d = 6)
+        train = 4 * B * (c1 * d * d + 36) * tr.steps + 15 * 2 * B * c1 * d**4
     else:
         train = 4 * B * (D * D + 2 * D * d) * tr.steps * 10 + 2 * B * tr.N * D * D
     m_max = max(ev.finite_M, default=0)
@@ -55,6 +58,25 @@ def bundle_bytes(cfg: TrialConfig) -> int:
     d, c = cfg.task.d, cfg.task.n_label
     per_prompt = (c + 1) * d + (d + c) ** 2 * (cfg.model.param == "full")
     return 8 * cfg.train.B * per_prompt * 3
+
+
+GPU_CONTEXT_BYTES = 1 << 30  # per trial on a GPU: the CUDA context, the allocator's slack, evaluation chunks
+GPU_USABLE = 0.9  # of a GPU's memory, the share trials may plan to fill
+MAX_TRIALS_PER_GPU = 16
+
+
+def gpu_fraction(stack_bytes: int, gpu_bytes: int) -> float:
+    """The GPU share a trial asks Ray for, so that as many trials share a GPU as its memory allows.
+
+    Ray does not isolate GPU memory: k trials on one GPU each hold their largest stack's tensors
+    plus a CUDA context, and k is the most for which that fits in GPU_USABLE of the memory (at
+    most MAX_TRIALS_PER_GPU). The share is 1/k rounded down to Ray's resolution of 1e-4.
+    """
+    need = stack_bytes + GPU_CONTEXT_BYTES
+    k = min(MAX_TRIALS_PER_GPU, int(GPU_USABLE * gpu_bytes // need))
+    if k < 1:
+        raise ValueError(f"a stack needs about {need / 2**30:.1f} GiB and does not fit on a GPU of {gpu_bytes / 2**30:.1f} GiB; lower the sweep's bundle_size or B")
+    return math.floor(1e4 / k) / 1e4
 
 
 @dataclass(frozen=True)

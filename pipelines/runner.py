@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,71 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return v
+
+
+class LaunchError(RuntimeError):
+    """Bad input found when the sweep is launched: no cluster at the address, no GPU to size for."""
+
+
+ADDRESS_TIMEOUT_S = 10.0
+
+
+def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> str:
+    """The host:port of a running Ray cluster at `address` ('auto' finds the local one), or LaunchError.
+
+    Ray's own connect retries for a minute or more against an address that does not answer; this
+    asks the cluster's GCS port for a TCP connection and gives up after `timeout` seconds.
+    """
+    import socket
+
+    from ray._private.services import canonicalize_bootstrap_address
+
+    target = address.removeprefix("ray://")
+    try:
+        hostport = canonicalize_bootstrap_address(target)
+    except (ConnectionError, ValueError) as err:
+        raise LaunchError(f"--address {address}: {err}") from None
+    if hostport is None:
+        raise LaunchError(f"--address {address}: no running Ray cluster found (start one with `ray start --head` or `ray up`)")
+    host, _, port = hostport.rpartition(":")
+    where = f"{hostport}" if hostport.startswith(target.split(":")[0]) else f"{hostport} ({target})"
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise LaunchError(f"--address {address}: no Ray cluster answers at {where} within {timeout:.0f} s ({err.strerror or err})") from None
+    failure: list[BaseException] = []
+
+    def ask_gcs() -> None:  # something answers on the port: is it a Ray GCS?
+        try:
+            import ray._raylet
+
+            ray._raylet.GcsClient(address=hostport)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            failure.append(err)
+
+    probe = threading.Thread(target=ask_gcs, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    if probe.is_alive() or failure:
+        why = f"{type(failure[0]).__name__}: {str(failure[0]).splitlines()[0][:200]}" if failure else "no answer"
+        raise LaunchError(f"--address {address}: no Ray cluster answers at {where} within {timeout:.0f} s ({why})")
+    return hostport
+
+
+def gpu_memory(timeout: float = 120.0) -> int:
+    """The memory of one of the cluster's GPUs, asked of the GPU itself by a one-GPU Ray task."""
+    import ray
+
+    if not ray.cluster_resources().get("GPU"):
+        raise LaunchError("--gpus-per-trial auto: the Ray cluster has no GPU; give --gpus-per-trial 0 to run on CPUs")
+
+    @ray.remote(num_gpus=1)
+    def probe() -> int:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory
+
+    return int(ray.get(probe.remote(), timeout=timeout))
 
 
 def pick_device(device: str) -> Any:
@@ -118,6 +184,7 @@ class Summary:
     rows: int = 0
     compute_s: float = 0.0
     wall_s: float = 0.0
+    gpus_per_trial: float | None = None  # what `auto` chose
     errors: list[str] = field(default_factory=list)
 
 
@@ -127,7 +194,7 @@ def run_sweep(
     bundles: list[Bundle],
     address: str | None = None,
     cpus_per_trial: float = 1,
-    gpus_per_trial: float = 0,
+    gpus_per_trial: float | None = 0,
     max_concurrent: int | None = None,
     device: str = "auto",
     num_cpus: int | None = None,
@@ -137,6 +204,9 @@ def run_sweep(
     execute: Callable[..., dict[str, Any]] = execute_bundle,
 ) -> Summary:
     """Run the bundles as Ray Tune trials (embedded local Ray unless `address` is given).
+
+    `gpus_per_trial=None` sizes the GPU share from the largest stack's memory and the cluster's
+    GPU memory (`pipelines.cost.gpu_fraction`).
 
     The bundles go to Tune in chunks of at most `chunk_trials`, one `Tuner.fit()` each, so that
     the driver's memory (Tune keeps every finished trial of a run) stays flat however long the
@@ -164,15 +234,25 @@ def run_sweep(
             ray.init(address=address, **kwargs)
         else:
             ray.init(num_cpus=num_cpus, **kwargs)
-    costs = {b.bundle_id: cost(b) for b in bundles}
-    progress = progress or Progress(len(bundles), sum(len(b.runs) for b in bundles), sum(costs.values()))
-    by_id = {b.bundle_id: b for b in bundles}
-
-    storage_path, storage_fs = store.tune_storage()
-    trainable = tune.with_resources(tune.with_parameters(BundleTrial, execute=execute), {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
-    stamp = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
-    chunks = [bundles[i : i + chunk_trials] for i in range(0, len(bundles), chunk_trials)]
+    progress_made = progress is None
     try:
+        if gpus_per_trial is None:
+            from pipelines.cost import bundle_bytes, gpu_fraction
+
+            largest = max(sum(bundle_bytes(r.config) for r in stack) for b in bundles for stack in b.stacks())
+            try:
+                gpus_per_trial = gpu_fraction(largest, gpu_memory())
+            except ValueError as err:
+                raise LaunchError(f"--gpus-per-trial auto: {err}") from None
+            summary.gpus_per_trial = gpus_per_trial
+        costs = {b.bundle_id: cost(b) for b in bundles}
+        progress = progress or Progress(len(bundles), sum(len(b.runs) for b in bundles), sum(costs.values()))
+        callback = ProgressCallback(progress, {b.bundle_id: (len(b.runs), costs[b.bundle_id]) for b in bundles})
+        by_id = {b.bundle_id: b for b in bundles}
+        storage_path, storage_fs = store.tune_storage()
+        trainable = tune.with_resources(tune.with_parameters(BundleTrial, execute=execute), {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+        stamp = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
+        chunks = [bundles[i : i + chunk_trials] for i in range(0, len(bundles), chunk_trials)]
         for k, chunk in enumerate(chunks):
             space = [
                 {"bundle_id": b.bundle_id, "bundle": b.to_payload(), "store": store.uri, "sweep": sweep.name, "code": code, "device": device, "threads": max(1, int(cpus_per_trial))}
@@ -190,7 +270,7 @@ def run_sweep(
                     storage_filesystem=storage_fs,
                     failure_config=tune.FailureConfig(max_failures=2),
                     checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
-                    callbacks=[ProgressCallback(progress, {b.bundle_id: (len(b.runs), costs[b.bundle_id]) for b in bundles})],
+                    callbacks=[callback],
                     verbose=0,
                 ),
             )
@@ -198,7 +278,8 @@ def run_sweep(
             del tuner, space
             gc.collect()
     finally:
-        progress.close()
+        if progress_made and progress is not None:
+            progress.close()
         if started_here:
             ray.shutdown()
     summary.runs += summary.failed

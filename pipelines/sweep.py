@@ -112,23 +112,27 @@ class Sweep:
         `seconds` estimates a run's compute (`pipelines.cost`; by default a flop count at a nominal
         1 Gflop/s). Consecutive stacks are packed into one trial until its estimate reaches
         min(trial_s, total / min_trials): each trial carries seconds of work, which amortises
-        Tune's per-trial cost, while a sweep with enough stacks still spreads over at least
-        `min_trials` trials for the workers of a cluster. A stack is never split. The trials come
+        Tune's per-trial cost, while the sweep still spreads over at least min(min_trials,
+        stacks) trials for the workers of a cluster. A stack is never split. The trials come
         largest first, so that the last ones to start are the short ones.
         """
         seconds = seconds or (lambda r: flops(r) * 1e-9)
         stacks = self.stacks(skip)
         cost = [sum(seconds(r) for r in s) for s in stacks]
         target = min(trial_s, sum(cost) / max(1, min_trials))
-        out, runs, acc = [], [], 0.0
-        for stack, c in zip(stacks, cost):
-            runs += stack
-            acc += c
-            if acc >= target:
+        while True:
+            out, runs, acc = [], [], 0.0
+            for stack, c in zip(stacks, cost):
+                runs += stack
+                acc += c
+                if acc >= target:
+                    out.append((acc, Bundle(tuple(runs))))
+                    runs, acc = [], 0.0
+            if runs:
                 out.append((acc, Bundle(tuple(runs))))
-                runs, acc = [], 0.0
-        if runs:
-            out.append((acc, Bundle(tuple(runs))))
+            if len(out) >= min(min_trials, len(stacks)) or target <= 0:
+                break
+            target /= 2  # uneven stacks packed into too few trials: pack less
         out.sort(key=lambda x: -x[0])
         return [b for _, b in out]
 

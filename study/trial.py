@@ -57,19 +57,13 @@ def _yq(yq: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> tor
     return yq.to(device, dtype) if yq.is_floating_point() else yq.to(device)
 
 
-def run_bundle(runs: list[Run], device: torch.device | str = "cpu") -> BundleOutput:
-    """Train and evaluate every run of a bundle; a diverged run is a result, not an error."""
-    keys = {shape_key(r.config) for r in runs}
-    if len(keys) != 1:
-        raise ValueError(f"a bundle's runs must share their shapes, got {sorted(keys)}")
-    t0 = time.perf_counter()
+def stack_problem(runs: list[Run], covs: list[Any], device: torch.device | str = "cpu") -> tuple[Problem, dict[str, torch.Tensor] | None]:
+    """The training problem of a stack of runs (one shape) on `device`, and the full form's initial point."""
     cfg0 = runs[0].config
     dtype = getattr(torch, cfg0.train.dtype)
     param = cfg0.model.param
     family = FAMILIES[cfg0.task.family]
-    covs = [_cov(r.config) for r in runs]
     targets = [family.target(r.config, c) for r, c in zip(runs, covs)]
-
     stats = [family.sample_train(r.config, c, r.seed) for r, c in zip(runs, covs)]
     prob = Problem(
         V=torch.stack([s.V for s in stats]).to(device, dtype),
@@ -85,8 +79,21 @@ def run_bundle(runs: list[Run], device: torch.device | str = "cpu") -> BundleOut
     if param == "full":
         gens = [generator({"data": r.config.task.data_key(), "seed": r.seed}, "init") for r in runs]
         init = init_params(prob, "full", cfg0.model.init_scale, gens)
-    res = train(prob, param, cfg0.train.steps, cfg0.train.log_every, init)
-    del prob, stats
+    return prob, init
+
+
+def run_bundle(runs: list[Run], device: torch.device | str = "cpu") -> BundleOutput:
+    """Train and evaluate a stack (runs of one shape); a diverged run is a result, not an error."""
+    keys = {shape_key(r.config) for r in runs}
+    if len(keys) != 1:
+        raise ValueError(f"a stack's runs must share their shapes, got {sorted(keys)}")
+    t0 = time.perf_counter()
+    cfg0 = runs[0].config
+    family = FAMILIES[cfg0.task.family]
+    covs = [_cov(r.config) for r in runs]
+    prob, init = stack_problem(runs, covs, device)
+    res = train(prob, cfg0.model.param, cfg0.train.steps, cfg0.train.log_every, init)
+    del prob
 
     out = BundleOutput()
     for i, r in enumerate(runs):

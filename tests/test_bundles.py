@@ -1,0 +1,61 @@
+"""Packing stacks into Ray trials, and the progress line's ETA."""
+
+import io
+
+import pytest
+
+from pipelines.progress import Progress, duration
+from pipelines.sweep import parse
+
+DOC = {
+    "name": "pack",
+    "family": "gmm",
+    "fixed": {"snr": 1.0, "lr": 1.0, "steps": 50, "B": 512, "M": [8, "inf"], "n_eval": 32},
+    "grid": {"d": [2, 3, 4], "c": [2, 3], "N": [5, 10, 20, 40, 80]},
+    "seeds": 4,
+    "bundle_size": 4,
+}
+
+
+def seconds(run):  # a made-up cost: larger d costs more
+    return 0.1 * run.config.task.d**2
+
+
+@pytest.mark.parametrize("trial_s, min_trials", [(0.0, 32), (5.0, 1), (5.0, 8), (1e9, 8), (1e9, 1)])
+def test_packing_keeps_every_run_once_and_never_splits_a_stack(trial_s, min_trials):
+    sw = parse(DOC)
+    stacks = sw.stacks()
+    bundles = sw.bundles(seconds=seconds, trial_s=trial_s, min_trials=min_trials)
+    runs = [r.run_id for b in bundles for r in b.runs]
+    assert sorted(runs) == sorted(r.run_id for r in sw.runs)  # each run in exactly one trial
+    of = {r.run_id: i for i, s in enumerate(stacks) for r in s}
+    members = {}  # stack -> the trials holding its runs: exactly one
+    for k, b in enumerate(bundles):
+        for r in b.runs:
+            members.setdefault(of[r.run_id], set()).add(k)
+    assert all(len(v) == 1 for v in members.values())
+    assert len(bundles) >= min(min_trials, len(stacks))
+    cost = [sum(seconds(r) for r in b.runs) for b in bundles]
+    assert cost == sorted(cost, reverse=True)  # largest first
+
+
+def test_packing_amortises_small_stacks_up_to_the_target():
+    sw = parse(DOC)
+    n_stacks = len(sw.stacks())  # 30 stacks of 4 runs (6 shapes x 20 runs)
+    total = sum(seconds(r) for r in sw.runs)
+    bundles = sw.bundles(seconds=seconds, trial_s=total / 10, min_trials=1)
+    assert len(bundles) < n_stacks / 2
+    assert all(sum(seconds(r) for r in b.runs) >= total / 10 for b in bundles[:-1])
+    assert len(sw.bundles(seconds=seconds, trial_s=0)) == n_stacks  # trial_s 0: one stack a trial
+
+
+def test_eta_scales_the_elapsed_time_by_the_estimated_work_left():
+    out = io.StringIO()
+    p = Progress(bundles=3, runs=30, cost=10.0, stream=out, tty=False, every=0)
+    p.t0 -= 4.0  # 4 s have passed
+    p.finished("a" * 16, 10, 2.0, "10 runs")
+    assert p.eta() == pytest.approx(4.0 * 8.0 / 2.0, rel=0.01)
+    p.finished("b" * 16, 10, 3.0, "boom", failed=True)
+    line = out.getvalue().splitlines()[-1]
+    assert line.startswith("[2/3 bundles] 20/30 runs, 10 failed, ETA ") and "bundle bbbbbbbb: boom" in line
+    assert duration(59) == "59s" and duration(61) == "1m01s" and duration(7500) == "2h05m" and duration(float("nan")) == "?"

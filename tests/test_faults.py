@@ -1,0 +1,142 @@
+"""Faults through Ray: a node lost mid-sweep, the driver killed ten times, a write that fails.
+
+Each ends the same way: the store holds every run exactly once, every table agrees with `trials`,
+and nothing half-written is visible.
+"""
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipelines import sweep as sweeps
+from pipelines.cli import app
+from pipelines.store import Store
+
+pytestmark = pytest.mark.ray
+
+BASE = {"d": 2, "snr": 1.5, "lr": 0.5, "log_every": 10, "B": 256, "M": [8, "inf"], "n_eval": 64, "estimators": ["bayes", "lda_plugin"]}
+
+
+def _doc(name, steps, grid, bundle_size=2):
+    return {"name": name, "family": "gmm", "fixed": {**BASE, "steps": steps}, "grid": grid, "seeds": 2, "bundle_size": bundle_size}
+
+
+def assert_exactly_once(store, runs):
+    trials = pd.read_parquet(store / "trials")
+    assert len(trials) == runs and trials.run_id.is_unique, "a run is missing or stored twice"
+    assert set(trials.status) == {"ok"}
+    steps = trials.set_index("run_id").steps_done // BASE["log_every"] + 1
+    curves = pd.read_parquet(store / "curves")
+    assert set(curves.run_id) == set(trials.run_id)
+    assert (curves.groupby("run_id").size() == steps.loc[curves.run_id.unique()]).all(), "a curve was stored twice"
+    for table in ("evals", "params"):
+        assert set(pd.read_parquet(store / table).run_id) == set(trials.run_id)
+    assert not list(store.rglob(".tmp-*")), "a temporary was left visible"
+    assert not list(store.glob("trials/*/failed-*")), "a failure record was left"
+
+
+def _ray_stop():
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop", "--force"], capture_output=True)
+
+
+def test_ten_driver_kills_then_a_rerun_store_every_run_once(tmp_path):
+    doc = _doc("killed-ten", 200, {"c": [2, 3], "N": [5, 10, 20, 40], "snr": [1.0, 2.0]})
+    path, store = tmp_path / "sweep.yaml", tmp_path / "store"
+    path.write_text(yaml.safe_dump(doc))
+    cmd = [sys.executable, "-c", "from pipelines.cli import app; app()", "run", str(path), "--store", str(store), "--num-cpus", "2", "--trial-seconds", "0"]
+    rng = random.Random(9)
+    done = []
+    for _ in range(10):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(rng.uniform(1.0, 9.0))  # import, Ray's start, mid-trial or mid-write: anywhere
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, Ray and every worker at once
+        proc.wait()
+        _ray_stop()
+        done.append(len(Store(store).done_runs()) if store.exists() else 0)
+    assert done[-1] < 32, "the sweep finished between kills: the test no longer kills mid-sweep"
+
+    result = CliRunner().invoke(app, ["run", str(path), "--store", str(store), "--num-cpus", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"{done[-1]} already in" in result.output
+    assert_exactly_once(store, 32)
+
+
+def test_a_write_that_fails_mid_bundle_is_retried_and_leaves_nothing_half_written(tmp_path):
+    """The second Parquet write of the first attempt of every bundle raises ENOSPC (a full disk)."""
+    from pipelines.runner import execute_bundle, run_sweep
+
+    attempts = tmp_path / "attempts"
+    attempts.mkdir()
+
+    def full_disk_once(payload, store, sweep, code, device):
+        import pyarrow.parquet as pq
+
+        bundle = sweeps.Bundle.from_payload(payload)
+        mark = attempts / bundle.bundle_id
+        first = not mark.exists()
+        mark.write_text(mark.read_text() + "x" if mark.exists() else "x")
+        real, calls = pq.write_table, []
+
+        def write_table(*args, **kwargs):
+            calls.append(1)
+            if first and len(calls) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(*args, **kwargs)
+
+        pq.write_table = write_table
+        try:
+            return execute_bundle(payload, store, sweep, code, device)
+        finally:
+            pq.write_table = real
+
+    sw = sweeps.parse(_doc("full-disk", 20, {"c": [2, 3], "N": [5, 20]}))
+    store = Store(tmp_path / "store")
+    bundles = sw.bundles(trial_s=0)
+    summary = run_sweep(sw, store, bundles, num_cpus=2, execute=full_disk_once)
+    assert summary.failed == 0 and summary.ok == 8, summary
+    assert sorted(p.read_text() for p in attempts.iterdir()) == ["xx"] * len(bundles), "each bundle: one failed attempt, one retry"
+    store.recover()  # what the next `run` does first: the failed attempts' temporaries go
+    assert_exactly_once(store.root, 8)
+
+
+def test_a_node_lost_mid_sweep_costs_retries_not_runs(tmp_path):
+    """A three-node cluster (ray.cluster_utils) loses a worker node while trials run on it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipelines.runner import run_sweep
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    store = Store(tmp_path / "store")
+    sw = sweeps.parse(_doc("node-loss", 200, {"c": [2, 3], "N": [5, 10, 20, 40], "snr": [1.0, 2.0]}))
+    bundles = sw.bundles(trial_s=0)
+
+    def remove_when_committed():
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(store.root.glob("trials/*/part-*.parquet")):
+            time.sleep(0.2)
+        cluster.remove_node(workers[0])  # its running trial dies with it
+
+    killer = threading.Thread(target=remove_when_committed)
+    try:
+        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+        killer.start()
+        summary = run_sweep(sw, store, bundles)
+        killer.join()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert summary.failed == 0 and summary.ok == 32, summary
+    assert_exactly_once(store.root, 32)
