@@ -25,7 +25,8 @@ from report import emit
 
 from study.config import TrialConfig
 from study.training import init_params, step
-from study.trial import Run, _cov, run_bundle, stack_problem
+from study.config import Run
+from study.trial import _cov, run_bundle, stack_problem
 
 GMM = dict(family="gmm", c=3, snr=1.0, N=100, lr=1.0, log_every=10, M=[16, 64, "inf"], n_eval=512, estimators=["bayes", "lda_plugin"])
 CASES = {

@@ -24,8 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from study.config import TrialConfig
-from study.trial import Run
+from study.config import Run, TrialConfig
 
 CALIBRATION_FORMAT = 1
 
@@ -33,6 +32,15 @@ CALIBRATION_FORMAT = 1
 def flops(run: Run) -> float:
     """A rough count of the floating-point work of one run (training, optimum, evaluation)."""
     cfg = run.config
+    if cfg.config_id not in _FLOPS:
+        _FLOPS[cfg.config_id] = _flops(cfg)
+    return _FLOPS[cfg.config_id]
+
+
+_FLOPS: dict[str, float] = {}  # by config id: a plan asks for each run's count several times
+
+
+def _flops(cfg: TrialConfig) -> float:
     t, tr, ev = cfg.task, cfg.train, cfg.eval
     d, c1, B = t.d, t.n_label, tr.B
     D = d + c1

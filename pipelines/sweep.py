@@ -19,6 +19,7 @@ stack; stacks are packed into Ray trials (bundles) that each carry seconds of es
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from importlib import resources
@@ -28,8 +29,7 @@ from typing import Any, Callable
 import yaml
 
 from pipelines.cost import bundle_bytes, flops
-from study.config import ConfigError, TrialConfig, canonical_json, stable_hash
-from study.trial import Run, shape_key
+from study.config import ConfigError, Run, TrialConfig, canonical_json, stable_hash, shape_key
 
 PART_KEYS = ("family", "fixed", "grid", "bundle_size")
 TOP_LEVEL = {"name", "description", "seeds", "bundle_size", "parts", *PART_KEYS}
@@ -82,9 +82,9 @@ class Sweep:
     bundle_size: int  # the sweep's default
     part_sizes: tuple[tuple[str, int], ...] = ()  # (config_id, bundle size) where a part sets its own
 
-    @property
-    def runs(self) -> list[Run]:
-        return [Run(c, s) for c in self.configs for s in self.seeds]
+    @functools.cached_property
+    def runs(self) -> tuple[Run, ...]:
+        return tuple(Run(c, s) for c in self.configs for s in self.seeds)
 
     def stacks(self, skip: set[str] = frozenset()) -> list[tuple[Run, ...]]:
         """Stacks of the runs whose ids are not in `skip`: runs of one shape that train together.
@@ -98,9 +98,10 @@ class Sweep:
             if r.run_id not in skip:
                 groups.setdefault(shape_key(r.config), []).append(r)
         sizes = dict(self.part_sizes)
+        prompts = {c.config_id: canonical_json([c.task.data_key(), c.eval.model_dump()]) for c in self.configs}
         out = []
         for runs in groups.values():
-            runs.sort(key=lambda r: (canonical_json([r.config.task.data_key(), r.config.eval.model_dump()]), r.seed))
+            runs.sort(key=lambda r: (prompts[r.config.config_id], r.seed))
             wanted = min(sizes.get(r.config.config_id, self.bundle_size) for r in runs)
             size = max(1, min(wanted, STACK_BYTES // bundle_bytes(runs[0].config)))
             out += [tuple(runs[i : i + size]) for i in range(0, len(runs), size)]

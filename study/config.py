@@ -7,10 +7,12 @@ Parquet columns. `TrialConfig.from_flat(d)` is the one way in; `to_flat()` the o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -323,9 +325,9 @@ class TrialConfig(BaseModel):
         out["estimators"] = list(out["estimators"])
         return out
 
-    @property
+    @functools.cached_property
     def config_id(self) -> str:
-        return stable_hash(self.to_flat())
+        return stable_hash(self.to_flat())  # cached: a sweep asks for it once per run and more
 
     def run_id(self, seed: int) -> str:
         return stable_hash({"config_id": self.config_id, "seed": int(seed)})
@@ -353,3 +355,21 @@ def canonical_json(obj: Any) -> str:
 def stable_hash(obj: Any, n: int = 16) -> str:
     """Hex digest of the canonical JSON of `obj` (stable across processes and machines)."""
     return hashlib.blake2b(canonical_json(obj).encode(), digest_size=n // 2).hexdigest()
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run: a configuration and a seed."""
+
+    config: TrialConfig
+    seed: int
+
+    @functools.cached_property
+    def run_id(self) -> str:
+        return self.config.run_id(self.seed)
+
+
+def shape_key(cfg: TrialConfig) -> tuple:
+    """Runs with equal keys can train in one stack."""
+    t, m, tr = cfg.task, cfg.model, cfg.train
+    return (t.family, m.model, m.param, m.init_scale, t.d, t.n_label, tr.B, tr.steps, tr.log_every, tr.dtype)

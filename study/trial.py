@@ -14,27 +14,11 @@ from typing import Any
 
 import torch
 
-from study.config import TrialConfig, canonical_json
+from study.config import Run, TrialConfig, canonical_json, shape_key
 from study.covariance import covariance
 from study.families import FAMILIES
 from study.rng import generator
 from study.training import Problem, init_params, train
-
-
-@dataclass(frozen=True)
-class Run:
-    config: TrialConfig
-    seed: int
-
-    @property
-    def run_id(self) -> str:
-        return self.config.run_id(self.seed)
-
-
-def shape_key(cfg: TrialConfig) -> tuple:
-    """Runs with equal keys can train in one stack."""
-    t, m, tr = cfg.task, cfg.model, cfg.train
-    return (t.family, m.model, m.param, m.init_scale, t.d, t.n_label, tr.B, tr.steps, tr.log_every, tr.dtype)
 
 
 @dataclass

@@ -109,7 +109,8 @@ def test_tv_limit_compares_each_estimator_with_itself_at_M_inf():
     import pandas as pd
 
     from study.config import TrialConfig
-    from study.trial import Run, run_bundle
+    from study.config import Run
+    from study.trial import run_bundle
 
     base = dict(family="gmm", d=2, c=2, snr=1.0, N=40, B=512, lr=2.0, steps=20, log_every=10, n_eval=512)
     ev = pd.DataFrame(run_bundle([Run(TrialConfig.from_flat({**base, "M": [16, 256, "inf"]}), 0)]).evals)
@@ -127,7 +128,8 @@ def test_the_projected_lsa_keeps_g_and_drops_the_noise_off_the_line_of_lam_inv()
     from study.classifiers import projected_W
     from study.config import TrialConfig
     from study.covariance import covariance
-    from study.trial import Run, run_bundle
+    from study.config import Run
+    from study.trial import run_bundle
 
     cov = covariance("diag", 3, 2.0)
     off = torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.float64)

@@ -13,7 +13,8 @@ import torch
 
 from pipelines.cost import gpu_fraction
 from study.config import TrialConfig
-from study.trial import Run, run_bundle
+from study.config import Run
+from study.trial import run_bundle
 
 RTOL, ATOL = 1e-6, 1e-9
 

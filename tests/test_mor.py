@@ -118,7 +118,8 @@ import math  # noqa: E402
 
 from study import regressors  # noqa: E402
 from study.config import TrialConfig  # noqa: E402
-from study.trial import Run, run_bundle  # noqa: E402
+from study.config import Run
+from study.trial import run_bundle  # noqa: E402
 
 BASE = dict(family="mor", d=2, K=2, snr=2.0, sigma=0.5, components="pool", N=8, B=40000, lr=0.2, steps=300, log_every=100, M=[1, 4, "inf"], n_eval=256)
 

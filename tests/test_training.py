@@ -9,7 +9,8 @@ from study.covariance import covariance
 from study.gmm import sample_train
 from study.optimum import empirical_optimum
 from study.training import Problem, gd, init_params, train
-from study.trial import Run, run_bundle
+from study.config import Run
+from study.trial import run_bundle
 
 
 def problem(task, N, B, lr, seeds=(0,), gram=False, cov=None):
