@@ -1,7 +1,8 @@
 """The report: one self-contained HTML page and a Markdown summary, built from the store alone.
 
-    from analysis.report import build
+    from analysis.report import build, default_out
     built = build("results", "results/report")   # reads the tables and the `fits` table
+    built = build("s3://bucket/prefix", default_out("s3://bucket/prefix"))   # ./report-bucket-prefix
 
 Sections: the sweeps covered, the verdict table, every claim's fits (fitted value, interval and
 theory side by side), the claims skipped and why, and the figures of `analysis.plots` (PNG files
@@ -26,7 +27,7 @@ from analysis import plots
 from analysis.claims import BY_NAME
 from analysis.fits import rate_ratio
 from analysis.verdicts import read_fits, verdict_table
-from analysis.load import load
+from analysis.load import list_files, load, open_store
 
 RATE_ROWS = 12  # rate claims have a row per run: the report shows a summary and this many rows
 
@@ -121,13 +122,25 @@ th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}code{background:#
 .consistent,.within{color:#1a7f37}.steeper{color:#bc4c00}.shallower{color:#8250df}.violated{color:#cf222e;font-weight:bold}.inconclusive{color:#57606a}"""
 
 
+def default_out(store: str | os.PathLike) -> Path:
+    """Where the report goes by default: `<store>/report` for a local store; for an object store a
+    local folder in the working directory named after it (`s3://bkt/runs/a` -> `report-bkt-runs-a`)."""
+    loc = open_store(store)
+    if loc.local:
+        return Path(loc.path) / "report"
+    return Path("report-" + loc.path.replace("/", "-")).absolute()
+
+
 def build(store: str | os.PathLike, out: str | os.PathLike) -> Built:
     """Write `<out>/report.html`, `<out>/report.md` and `<out>/figures/*.png`; returns their paths.
 
+    The store may be local or on an object store; the report is always written to a local folder.
+
     Raises analysis.load.StoreReadError for a store that cannot be analysed or has no fits yet.
     """
-    loaded = load(store)
-    fits, skipped = read_fits(store)
+    loc = open_store(store)
+    loaded = load(loc)
+    fits, skipped = read_fits(loc)
     trials = loaded["trials"]
     notes = list(loaded.notes)
     if len(fits):
@@ -135,9 +148,9 @@ def build(store: str | os.PathLike, out: str | os.PathLike) -> Built:
         if gone:  # fitted, then the family's runs left the store
             fits = fits[~fits["family"].isin(gone)]
             notes.append(f"fits of {', '.join(gone)} left out: the store has no such runs now")
-    newest = max((p.stat().st_mtime for p in (Path(store) / "trials").glob("family=*/*.parquet")), default=0.0)
-    if newest > (Path(store) / "fits" / "_skipped.parquet").stat().st_mtime:
-        notes.append(f"the store has runs newer than its fits: run `icl-study fit --store {store}` again")
+    newest = max((i.mtime_ns for i in list_files(loc, "trials")), default=0)
+    if newest > loc.fs.get_file_info(loc.join("fits", "_skipped.parquet")).mtime_ns:
+        notes.append(f"the store has runs newer than its fits: run `icl-study fit --store {loc.uri}` again")
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     figures: dict[str, Path] = {}
@@ -152,8 +165,8 @@ def build(store: str | os.PathLike, out: str | os.PathLike) -> Built:
     cov = coverage(trials)
     verdicts = verdict_table(fits) if len(fits) else pd.DataFrame()
     versions = ", ".join(sorted(trials["code_version"].dropna().unique()))
-    md = [f"# icl-study report: `{Path(store)}`", "", f"{len(trials)} runs; code {versions}.", "", *[f"**Note:** {n}.\n" for n in notes], "## Sweeps covered", "", cov.to_markdown(index=False), ""]
-    body = [f"<h1>icl-study report: <code>{html.escape(str(store))}</code></h1>", f"<p>{len(trials)} runs; code {html.escape(versions)}.</p>"]
+    md = [f"# icl-study report: `{loc.uri}`", "", f"{len(trials)} runs; code {versions}.", "", *[f"**Note:** {n}.\n" for n in notes], "## Sweeps covered", "", cov.to_markdown(index=False), ""]
+    body = [f"<h1>icl-study report: <code>{html.escape(loc.uri)}</code></h1>", f"<p>{len(trials)} runs; code {html.escape(versions)}.</p>"]
     body += [f"<p><b>Note:</b> {html.escape(n)}.</p>" for n in notes] + ["<h2>Sweeps covered</h2>", cov.to_html(index=False)]
     legend = (
         "Each claim is a bound or an equality (theory.md section 5). A bound (an O() claim) is judged on "

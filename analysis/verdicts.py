@@ -16,17 +16,17 @@ import json
 import math
 import os
 import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from analysis import fits
 from analysis.claims import CLAIMS, DERIVED, EXPONENT_LAWS, GROUPS, NOT_CONFIG, Claim
-from analysis.load import StoreReadError
+from analysis.load import Location, StoreReadError, list_files, open_store
 
 NOISE = 1e-12  # a loss gap below NOISE * max(1, |opt_loss|) is float noise: a rate window ends there
 DIST_NOISE = 1e-10  # a parameter distance below DIST_NOISE * max(1, its start) likewise
@@ -367,46 +367,59 @@ def verdict_table(fits_table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def write_fits(store: str | os.PathLike, rows: pd.DataFrame, skipped: list[tuple[str, str]]) -> list[Path]:
+def write_fits(store: str | os.PathLike | Location, rows: pd.DataFrame, skipped: list[tuple[str, str]]) -> list[str]:
     """Replace the store's `fits` table (one file per family) and its list of skipped claims.
 
-    Each file is written under a hidden name and moved into place; a family with no fits now loses
-    its old file once the new ones are in place. `fits/_skipped.parquet` is invisible to Parquet dataset readers (leading `_`).
+    Each file is written under a hidden name and moved into place (on an object store: uploaded
+    whole to its key); a family with no fits now loses its old file once the new ones are in place.
+    `fits/_skipped.parquet` is invisible to Parquet dataset readers (leading `_`). Returns the paths.
     """
-    root = Path(store) / "fits"
-    root.mkdir(parents=True, exist_ok=True)
+    loc = open_store(store)
+    root = loc.join("fits")
     written = []
     families = set(rows["family"]) if len(rows) else set()
     # one Arrow schema for every family's file (the union of the group columns, typed from all
     # rows), so that a dataset reader sees every column whichever file it opens first
     table = pa.Table.from_pandas(rows.drop(columns=["family"]), preserve_index=False) if len(rows) else None
     for family in sorted(families):
-        directory = root / f"family={family}"
-        directory.mkdir(exist_ok=True)
         part = table.filter(pa.array((rows["family"] == family).to_numpy()))
-        written.append(_replace(directory / "fits.parquet", part))
-    _replace(root / "_skipped.parquet", pd.DataFrame(skipped, columns=["claim", "reason"]))
-    for old in root.glob("family=*/fits.parquet"):  # after the new files are in place
-        if old.parent.name.split("=", 1)[1] not in families:
-            old.unlink()
+        written.append(_replace(loc, f"{root}/family={family}/fits.parquet", part))
+    _replace(loc, f"{root}/_skipped.parquet", pd.DataFrame(skipped, columns=["claim", "reason"]))
+    for old in _fits_files(loc):  # after the new files are in place
+        if old.rsplit("/", 2)[-2].split("=", 1)[1] not in families:
+            loc.fs.delete_file(old)
     return written
 
 
-def _replace(path: Path, data: pd.DataFrame | pa.Table) -> Path:
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    pq.write_table(data if isinstance(data, pa.Table) else pa.Table.from_pandas(data, preserve_index=False), tmp)
+def _fits_files(loc: Location) -> list[str]:
+    return [i.path for i in list_files(loc, "fits") if i.base_name == "fits.parquet"]
+
+
+def _replace(loc: Location, path: str, data: pd.DataFrame | pa.Table) -> str:
+    table = data if isinstance(data, pa.Table) else pa.Table.from_pandas(data, preserve_index=False)
+    if not loc.local:  # one upload of the whole file: the object appears complete or not at all
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        with loc.fs.open_output_stream(path) as out:
+            out.write(sink.getvalue())
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{os.path.dirname(path)}/.tmp-{uuid.uuid4().hex}-{os.path.basename(path)}"
+    pq.write_table(table, tmp)
     os.replace(tmp, path)
     return path
 
 
-def read_fits(store: str | os.PathLike) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+def read_fits(store: str | os.PathLike | Location) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """The `fits` table (with `family`) and the skipped claims, as `icl-study fit` last wrote them."""
-    root = Path(store) / "fits"
-    if not (root / "_skipped.parquet").is_file():
-        raise StoreReadError(f"{store}: no fits yet; run `icl-study fit --store {store}` first")
-    files = sorted(root.glob("family=*/fits.parquet"))
-    fits_table = pd.concat([pd.read_parquet(p).assign(family=p.parent.name.split("=", 1)[1]) for p in files], ignore_index=True) if files else pd.DataFrame()
+    loc = open_store(store)
+    skipped_path = loc.join("fits", "_skipped.parquet")
+    if loc.fs.get_file_info(skipped_path).type != pafs.FileType.File:
+        raise StoreReadError(f"{loc.uri}: no fits yet; run `icl-study fit --store {loc.uri}` first")
+    files = _fits_files(loc)
+    frames = [pq.read_table(p, filesystem=loc.fs).to_pandas().assign(family=p.rsplit("/", 2)[-2].split("=", 1)[1]) for p in files]
+    fits_table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if len(fits_table) and not {"kind", "tolerance"} <= set(fits_table.columns):
-        raise StoreReadError(f"{store}: its fits were written by an earlier icl-study (verdicts without a kind of claim); run `icl-study fit --store {store}` again")
-    skipped = pd.read_parquet(root / "_skipped.parquet")
+        raise StoreReadError(f"{loc.uri}: its fits were written by an earlier icl-study (verdicts without a kind of claim); run `icl-study fit --store {loc.uri}` again")
+    skipped = pq.read_table(skipped_path, filesystem=loc.fs).to_pandas()
     return fits_table, list(zip(skipped["claim"], skipped["reason"]))

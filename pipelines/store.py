@@ -1,42 +1,56 @@
-"""The Parquet store: one hive-partitioned dataset per table, one file per bundle, atomic writes.
+"""The Parquet store: one hive-partitioned dataset per table, one file per bundle, atomic writes,
+in a local or network directory or under an object-store prefix (S3, GCS).
 
-    store/
+    <store>/
       trials/family=gmm/part-<bundle_id>.parquet     one row per run (the commit record)
       curves/family=gmm/part-<bundle_id>.parquet     the training curve of each run
       evals/family=gmm/part-<bundle_id>.parquet      metrics per estimator, test length and metric
       params/family=gmm/part-<bundle_id>.parquet     final (and optimal) parameters of each run
       trials/family=gmm/failed-<bundle_id>.parquet   runs whose bundle raised; retried by `run`
+      _tune/                                         Ray Tune's own experiment state
+      .lock                                          the lease of the run writing the store
 
-A bundle's files are written under hidden temporary names, then moved into place with
-`os.replace`, its `trials` file last: a run exists when its `trials` row does. An interrupted
-bundle leaves at most hidden temporaries (ignored by every Parquet reader) or complete files of
-other tables without their `trials` file; `Store.recover` deletes both, so a rerun recomputes
-exactly the runs that have no `trials` row. `pandas.read_parquet(store / "evals")` works with no
-project code.
+A store is a path (`results`, `/mnt/nfs/results`) or `s3://bucket/prefix` (`gs://bucket/prefix`),
+resolved by pipelines.location to a pyarrow file system; S3 takes the standard AWS variables.
+
+A run exists when its `trials` row does; a bundle's `trials` file is written last, and no reader
+ever sees a half-written file:
+- in a directory, each file is written under a hidden temporary name, fsynced, and moved into place
+  with `os.replace` (atomic on POSIX and within one NFS directory);
+- on an object store, each file goes straight to its final key in one upload: a single-object PUT
+  (a multipart upload past 5 MB) is atomic on S3 and GCS, the object appears whole or not at all.
+  The file is serialised in memory first, so no error can cut an upload short.
+An interrupted bundle leaves at most hidden temporaries (ignored by every Parquet reader) or complete
+files of other tables without their `trials` file; `Store.recover` deletes both, so a rerun
+recomputes exactly the runs that have no `trials` row. `pandas.read_parquet("<store>/evals")` works
+with no project code (docs/store.md: object stores). `Store.lock` keeps a second run out.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import time
 import types
 import typing
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines.lease import Lease, LeaseError
+from pipelines.location import LocationError, check_bucket, explain, locate
 from study.config import FAMILIES, MODELS, Eval, Train
 
 SCHEMA_VERSION = 3  # 3: trials.final_dist_theory, opt_g, opt_noise; curves.subopt_theory
 TABLES = ("trials", "curves", "evals", "params")
 DONE = ("ok", "diverged")
+READERS = 16  # files read at once where a store is listed file by file
 
 
 class StoreError(OSError):
@@ -131,16 +145,6 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def to_table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
     """Rows to an Arrow table of the table's schema; missing columns are null, extra ones an error."""
     schema = SCHEMAS[name]
@@ -151,48 +155,116 @@ def to_table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
 
 
 class Store:
-    """A directory of Parquet tables (see the module docstring for the layout and protocol)."""
+    """The Parquet tables of a store at a local path or an object-store prefix (see the module docstring).
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).absolute()
+    `Store("results")`, `Store("/mnt/nfs/results")`, `Store("s3://bucket/prefix")`; `filesystem`
+    replaces the pyarrow file system the address implies (tests inject write faults so). An unknown
+    scheme raises StoreError naming the allowed ones.
+    """
+
+    def __init__(self, uri: str | os.PathLike, filesystem: pafs.FileSystem | None = None):
+        try:
+            self.loc = locate(uri, filesystem)
+        except LocationError as err:
+            raise StoreError(str(err)) from None
+        self.fs, self.local = self.loc.fs, self.loc.local
+        self._bucket_checked = False
 
     @property
     def uri(self) -> str:
-        """The store's address as workers receive it (a local absolute path here)."""
-        return str(self.root)
+        """The store's address as workers receive it: an absolute local path, or `s3://bucket/prefix`."""
+        return self.loc.uri
+
+    @property
+    def root(self) -> Path | str:
+        """The store's directory for a local store; for an object store its URI (for messages only)."""
+        return Path(self.loc.path) if self.local else self.loc.uri
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri!r})"
 
     def tune_storage(self) -> tuple[str, Any]:
         """Ray Tune's `storage_path` and `storage_filesystem` for this store (its `_tune` folder)."""
-        return str(self.root / "_tune"), None
+        if self.local:
+            return str(Path(self.loc.path) / "_tune"), None
+        return self.loc.join("_tune"), self.fs
 
-    def table_dir(self, table: str, family: str) -> Path:
-        return self.root / table / f"family={family}"
+    def _path(self, table: str, family: str, name: str) -> str:
+        return self.loc.join(table, f"family={family}", name)
+
+    def check_bucket(self) -> None:
+        """An object store's bucket exists and answers with these credentials (StoreError if not); once per Store."""
+        if not self._bucket_checked:
+            try:
+                check_bucket(self.loc)
+            except LocationError as err:
+                raise StoreError(str(err)) from None
+            self._bucket_checked = True
+
+    def _error(self, err: OSError, doing: str) -> StoreError:
+        if self.local:
+            return StoreError(f"store {self.uri}: {doing}: {err.strerror or err}")
+        return StoreError(f"store {self.uri}: {doing}: {explain(err, self.loc.scheme)}")
+
+    def exists(self) -> bool:
+        """Whether the store's directory (an object store: any object under its prefix) exists."""
+        self.check_bucket()
+        try:
+            return self.fs.get_file_info(self.loc.path).type == pafs.FileType.Directory
+        except OSError as err:
+            raise self._error(err, "cannot look it up") from None
 
     def check_writable(self) -> None:
-        """Create the store if needed and prove that a file can be written and removed there."""
+        """Create the store if needed and prove that a file can be written and removed there.
+
+        On an object store: the bucket exists and the credentials may PUT and DELETE under the prefix.
+        """
+        probe = self.loc.join(f".probe-{uuid.uuid4().hex}")
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f".probe-{uuid.uuid4().hex}"
-            probe.write_bytes(b"")
-            probe.unlink()
+            if self.local:
+                Path(self.loc.path).mkdir(parents=True, exist_ok=True)
+            else:
+                self.check_bucket()
+            with self.fs.open_output_stream(probe) as out:
+                out.write(b"")
+            self.fs.delete_file(probe)
+        except StoreError:
+            raise
         except OSError as err:
-            raise StoreError(f"store {self.root} is not writable: {err.strerror or err}") from None
-        if not self.root.is_dir():
-            raise StoreError(f"store {self.root} is not a directory")
+            raise StoreError(f"store {self.uri} is not writable: {(err.strerror or err) if self.local else explain(err, self.loc.scheme)}") from None
+        if self.local and not Path(self.loc.path).is_dir():
+            raise StoreError(f"store {self.uri} is not a directory")
 
     # ------------------------------------------------------------------------------------------
     # writing
 
-    def _write(self, path: Path, table: pa.Table) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:  # on disk before it can be renamed into place
-            os.fsync(f.fileno())
+    def _stage(self, path: str, table: pa.Table) -> str:
+        """Local: write under a hidden name in the final directory, on disk before it can be renamed."""
+        directory, name = path.rsplit("/", 1)
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{directory}/.tmp-{uuid.uuid4().hex}-{name}"
+        try:
+            pq.write_table(table, tmp, filesystem=self.fs)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        except Exception:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return tmp
 
+    def _put(self, path: str, table: pa.Table) -> None:
+        """Object store: serialise in memory, then one upload to the final key (whole or not at all)."""
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        with self.fs.open_output_stream(path) as out:
+            out.write(sink.getvalue())
+
     @staticmethod
-    def _sync_dir(directory: Path) -> None:
+    def _sync_dir(directory: str) -> None:
         fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -200,63 +272,100 @@ class Store:
             os.close(fd)
 
     def write_bundle(self, family: str, bundle_id: str, tables: dict[str, pa.Table]) -> int:
-        """Write a bundle's tables atomically, `trials` last; returns the number of rows written."""
+        """Write a bundle's tables atomically, `trials` last; returns the number of rows written.
+
+        A failed write raises after removing this attempt's hidden temporaries; complete files it
+        already put in place stay until `recover` (they may belong to an earlier attempt that committed).
+        """
         order = [t for t in TABLES if t != "trials" and t in tables] + ["trials"]
-        staged = [(self._write(self.table_dir(t, family) / f"part-{bundle_id}.parquet", tables[t]), t) for t in order]
-        for tmp, t in staged:
-            os.replace(tmp, self.table_dir(t, family) / f"part-{bundle_id}.parquet")
-            self._sync_dir(tmp.parent)
+        finals = {t: self._path(t, family, f"part-{bundle_id}.parquet") for t in order}
+        if not self.local:
+            for t in order:
+                self._put(finals[t], tables[t])
+            return sum(tables[t].num_rows for t in order)
+        staged: list[str] = []
+        try:
+            for t in order:
+                staged.append(self._stage(finals[t], tables[t]))
+        except Exception:
+            for tmp in staged:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            raise
+        for tmp, t in zip(staged, order):
+            os.replace(tmp, finals[t])
+            self._sync_dir(os.path.dirname(tmp))
         return sum(tables[t].num_rows for t in order)
 
     def write_failed(self, family: str, bundle_id: str, trials: pa.Table) -> None:
         """Record the runs of a bundle that raised; `forget_failed` lets a rerun retry them."""
-        path = self.table_dir("trials", family) / f"failed-{bundle_id}.parquet"
-        os.replace(self._write(path, trials), path)
+        path = self._path("trials", family, f"failed-{bundle_id}.parquet")
+        if self.local:
+            os.replace(self._stage(path, trials), path)
+        else:
+            self._put(path, trials)
 
     # ------------------------------------------------------------------------------------------
     # housekeeping
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Exclusive use of the store for one `run`: recovery and writes must not race another run."""
-        path = self.root / ".lock"
-        me = f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}"
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                break
-            except FileExistsError:
-                host, pid, since = (path.read_text().split() + ["?", "0", "?"])[:3]
-                if host == socket.gethostname() and not _alive(int(pid)):
-                    path.unlink(missing_ok=True)  # left by a run that was killed on this host
-                    continue
-                raise StoreError(f"store {self.root} is in use by a run on {host} (pid {pid}) since {since}; if no run is active there, delete {path}") from None
-        os.write(fd, me.encode())
-        os.close(fd)
+        """Exclusive use of the store for one `run`: recovery and writes must not race another run.
+
+        A lease, `<store>/.lock`, renewed by a heartbeat (pipelines.lease): a second run is refused
+        with StoreError while the holder lives; a lease left by a killed run is taken over at once on
+        the same host (its pid is gone) and after `lease.STALE_S` seconds without renewal from any
+        host. Creation is atomic on a file system (O_EXCL) and on S3 with boto3 installed
+        (If-None-Match); elsewhere it is check, write, read back (best effort, see pipelines.lease).
+        """
+        lease = Lease(self.loc)
+        try:
+            lease.acquire()
+        except OSError as err:
+            raise StoreError(str(err) if isinstance(err, LeaseError) else str(self._error(err, "cannot take its lease"))) from None
         try:
             yield
         finally:
-            path.unlink(missing_ok=True)
+            lease.release()
 
-    def _files(self, table: str) -> list[Path]:
-        base = self.root / table
-        return sorted(p for p in base.glob("family=*/*.parquet") if not p.name.startswith((".", "_"))) if base.is_dir() else []
+    def _listing(self, table: str) -> list[pafs.FileInfo]:
+        """Every file of a table's partitions (`<table>/family=*/<name>`), hidden ones included."""
+        self.check_bucket()
+        base = self.loc.join(table)
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        except OSError as err:
+            raise self._error(err, f"cannot list table {table}") from None
+        out = []
+        for info in infos:
+            rel = info.path[len(base) + 1 :].split("/")
+            if info.type == pafs.FileType.File and len(rel) == 2 and rel[0].startswith("family="):
+                out.append(info)
+        return out
 
-    def recover(self) -> list[Path]:
+    def _files(self, table: str, listing: list[pafs.FileInfo] | None = None) -> list[str]:
+        """The table's visible Parquet files (what readers see), sorted."""
+        infos = self._listing(table) if listing is None else listing
+        return sorted(i.path for i in infos if i.base_name.endswith(".parquet") and not i.base_name.startswith((".", "_")))
+
+    def recover(self) -> list[str]:
         """Delete what an interrupted write left: temporaries, and files whose bundle never committed."""
-        removed = [p for t in TABLES for p in (self.root / t).glob("family=*/.tmp-*")] if self.root.is_dir() else []
-        committed = {(p.parent.name, p.name) for p in self._files("trials") if p.name.startswith("part-")}
+        listed = {t: self._listing(t) for t in TABLES}
+        removed = [i.path for t in TABLES for i in listed[t] if i.base_name.startswith(".tmp-")]
+        bundle = lambda p: tuple(p.rsplit("/", 2)[-2:])  # noqa: E731  (family=..., part-<bundle_id>.parquet)
+        committed = {bundle(p) for p in self._files("trials", listed["trials"]) if p.rsplit("/", 1)[-1].startswith("part-")}
         for t in TABLES[1:]:
-            removed += [p for p in self._files(t) if (p.parent.name, p.name) not in committed]
+            removed += [p for p in self._files(t, listed[t]) if bundle(p) not in committed]
         for p in removed:
-            p.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.delete_file(p)
         return removed
 
     def forget_failed(self) -> int:
         """Delete the records of failed runs so that the next run retries them; returns how many files."""
-        files = [p for p in self._files("trials") if p.name.startswith("failed-")]
+        files = [p for p in self._files("trials") if p.rsplit("/", 1)[-1].startswith("failed-")]
         for p in files:
-            p.unlink()
+            self.fs.delete_file(p)
         return len(files)
 
     # ------------------------------------------------------------------------------------------
@@ -270,26 +379,29 @@ class Store:
         else:
             part = ds.partitioning(pa.schema([pa.field("family", pa.string())]), flavor="hive")
             try:
-                out = ds.dataset(self.root / table, format="parquet", partitioning=part, schema=schema).to_table()
+                out = ds.dataset(self.loc.join(table), filesystem=self.fs, format="parquet", partitioning=part, schema=schema).to_table()
             except (OSError, pa.ArrowInvalid) as err:
-                raise StoreError(f"store {self.root}: cannot read table {table}: {err}") from None
+                raise StoreError(f"store {self.uri}: cannot read table {table}: {err}") from None
         return out.select(columns) if columns else out
+
+    def _read_trials(self, path: str) -> pa.Table:
+        try:
+            return pq.read_table(path, columns=["run_id", "status", "schema_version"], filesystem=self.fs)
+        except (OSError, pa.ArrowInvalid) as err:
+            raise StoreError(f"store {self.uri}: unreadable file {path} ({err}); move it out of the store and rerun: its runs will be recomputed") from None
 
     def done_runs(self) -> set[str]:
         """Run ids with a committed `ok` or `diverged` row; a store of another schema version is an error."""
-        files = [p for p in self._files("trials") if p.name.startswith("part-")]
+        files = [p for p in self._files("trials") if p.rsplit("/", 1)[-1].startswith("part-")]
         done: set[str] = set()
-        for p in files:
-            try:
-                t = pq.read_table(p, columns=["run_id", "status", "schema_version"])
-            except (OSError, pa.ArrowInvalid) as err:
-                raise StoreError(f"store {self.root}: unreadable file {p} ({err}); move it out of the store and rerun: its runs will be recomputed") from None
-            versions = set(t["schema_version"].to_pylist())
-            if versions != {SCHEMA_VERSION}:
-                raise StoreError(
-                    f"store {self.root}: {p.name} has schema version {sorted(versions)}, this code writes version {SCHEMA_VERSION}; "
-                    "run the sweep into a new --store (the analysis still reads the old one: `icl-study fit` re-fits it, "
-                    "skipping the claims whose columns it lacks)"
-                )
-            done.update(r for r, s in zip(t["run_id"].to_pylist(), t["status"].to_pylist()) if s in DONE)
+        with ThreadPoolExecutor(READERS) as pool:  # an object store answers each file in tens of ms
+            for p, t in zip(files, pool.map(self._read_trials, files)):
+                versions = set(t["schema_version"].to_pylist())
+                if versions != {SCHEMA_VERSION}:
+                    raise StoreError(
+                        f"store {self.uri}: {p.rsplit('/', 1)[-1]} has schema version {sorted(versions)}, this code writes version {SCHEMA_VERSION}; "
+                        "run the sweep into a new --store (the analysis still reads the old one: `icl-study fit` re-fits it, "
+                        "skipping the claims whose columns it lacks)"
+                    )
+                done.update(r for r, s in zip(t["run_id"].to_pylist(), t["status"].to_pylist()) if s in DONE)
         return done
