@@ -3,6 +3,7 @@
     icl-study plan quickstart                 # validate, count, estimate; runs nothing
     icl-study run quickstart --store results  # embedded local Ray; --address auto joins a cluster
     icl-study status --store results
+    icl-study run quickstart --store s3://bucket/prefix   # or gs://; AWS_* variables (docs/store.md)
 
 Bad input (an invalid sweep, a store that cannot be written) exits with status 2 and one message
 before any trial starts.
@@ -16,18 +17,30 @@ from pathlib import Path
 
 import typer
 
+from pipelines import launch
 from pipelines import sweep as sweeps
+from pipelines.location import explain
 from pipelines.runner import CHUNK_TRIALS
 from pipelines.store import Store, StoreError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Simulation studies of in-context learning: sweeps, store, fits.")
 
-STORE = typer.Option(Path("results"), "--store", help="directory of the Parquet store")
+STORE = typer.Option("results", "--store", help="the Parquet store: a directory (an NFS mount is one), s3://bucket/prefix or gs://bucket/prefix (docs/store.md)")
 
 
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"icl-study: error: {message}", err=True)
     return typer.Exit(2)
+
+
+def _open(store: str) -> Store:
+    """The store at an address; an unknown scheme, a missing bucket or no access exits with status 2."""
+    try:
+        st = Store(store)
+        st.check_bucket()
+    except StoreError as err:
+        raise _fail(str(err)) from None
+    return st
 
 
 def _load(spec: str) -> sweeps.Sweep:
@@ -46,25 +59,10 @@ def _plan(sw: sweeps.Sweep, store: Store, cal, trial_s: float, min_trials: int) 
     return sw.bundles(skip=done, seconds=cal.seconds, trial_s=trial_s, min_trials=min_trials), done
 
 
-def _calibration(kind: str, threads: int = 1, refresh: bool = False):
-    """The calibration of a device kind ('cpu' or 'cuda'): measured here, or cached from elsewhere."""
-    from pipelines import cost
-
-    if kind == "cuda":
-        import torch
-
-        if torch.cuda.is_available():
-            return cost.calibration("cuda", threads, refresh)
-        known = [c for c in cost.cached().values() if c.device.startswith("cuda")]
-        if known:
-            return known[-1]
-    return cost.calibration("cpu", threads, refresh)
-
-
 @app.command()
 def plan(
     sweep: str = typer.Argument(..., help="sweep file or shipped sweep name"),
-    store: Path = STORE,
+    store: str = STORE,
     trial_s: float = TRIAL_S,
     min_trials: int = MIN_TRIALS,
     chunk_trials: int = typer.Option(CHUNK_TRIALS, "--chunk-trials", min=1, help="trials per Tuner run"),
@@ -74,8 +72,8 @@ def plan(
     from pipelines import cost
 
     sw = _load(sweep)
-    st = Store(store)
-    cal = _calibration("cpu", refresh=calibrate)
+    st = _open(store)
+    cal = cost.for_kind("cpu", measure=True, refresh=calibrate)
     try:
         bundles, done = _plan(sw, st, cal, trial_s, min_trials)
     except StoreError as err:
@@ -86,7 +84,7 @@ def plan(
     typer.echo(f"  configurations  {len(sw.configs)}")
     typer.echo(f"  seeds           {len(sw.seeds)}")
     typer.echo(f"  runs            {len(sw.runs)}")
-    typer.echo(f"  already done    {len(done)}  (in {st.root})")
+    typer.echo(f"  already done    {len(done)}  (in {st.uri})")
     typer.echo(f"  to run          {len(todo)}")
     typer.echo(f"  bundles         {len(bundles)}  (Ray trials, {chunks} chunk{'s' * (chunks != 1)} of at most {chunk_trials})")
     typer.echo(f"  compute         ~{sum(cost.flops(r) for r in todo):.2g} flop to run (training, optimum, estimators; rough)")
@@ -109,10 +107,10 @@ def _seconds(s: float) -> str:
 @app.command()
 def run(
     sweep: str = typer.Argument(..., help="sweep file or shipped sweep name"),
-    store: Path = STORE,
+    store: str = STORE,
     address: str = typer.Option(None, "--address", help="Ray address; 'auto' joins a running cluster (default: embedded local Ray)"),
     cpus_per_trial: float = typer.Option(1.0, "--cpus-per-trial", min=0.0),
-    gpus_per_trial: float = typer.Option(0.0, "--gpus-per-trial", min=0.0, help="e.g. 0.25 packs four trials on a GPU"),
+    gpus_per_trial: str = typer.Option("0", "--gpus-per-trial", help="GPU share of a trial: 0.25 packs four trials on a GPU; auto sizes it from the largest stack's memory"),
     max_concurrent: int = typer.Option(None, "--max-concurrent", min=1, help="cap on trials in flight"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     num_cpus: int = typer.Option(None, "--num-cpus", min=1, help="CPUs of the embedded local Ray (default: all)"),
@@ -121,25 +119,41 @@ def run(
     chunk_trials: int = typer.Option(CHUNK_TRIALS, "--chunk-trials", min=1, help="trials per Tuner run (bounds the driver's memory)"),
 ) -> None:
     """Run what the store lacks of a sweep, one Ray Tune trial per bundle."""
+    from pipelines import cost
+    from pipelines.runner import LaunchError, check_address
+
     if device not in ("auto", "cpu", "cuda"):
         raise _fail(f"--device: one of auto, cpu, cuda; got {device!r}")
+    try:
+        gpus = None if gpus_per_trial == "auto" else float(gpus_per_trial)
+    except ValueError:
+        raise _fail(f"--gpus-per-trial: a number >= 0 or auto; got {gpus_per_trial!r}") from None
+    if gpus is not None and not gpus >= 0:
+        raise _fail(f"--gpus-per-trial: a number >= 0 or auto; got {gpus_per_trial!r}")
     sw = _load(sweep)
+    if address:
+        try:
+            check_address(address)
+        except LaunchError as err:
+            raise _fail(str(err)) from None
     if device == "cuda" and not address:
         import torch
 
         if not torch.cuda.is_available():
             raise _fail("--device cuda: this machine has no CUDA device (use auto or cpu, or --address to run on a cluster)")
-    st = Store(store)
+    st = _open(store)
     try:
         st.check_writable()
         with st.lock():
-            kind = "cuda" if device == "cuda" or (device == "auto" and gpus_per_trial > 0) else "cpu"
-            cal = _calibration(kind, max(1, int(cpus_per_trial)))
-            s = _run_locked(sw, st, cal, trial_s, min_trials, address, cpus_per_trial, gpus_per_trial, max_concurrent, device, num_cpus, chunk_trials)
-    except StoreError as err:
+            kind = "cuda" if device == "cuda" or (device == "auto" and gpus != 0) else "cpu"
+            cal = cost.for_kind(kind, max(1, int(cpus_per_trial)), measure=False)
+            s = _run_locked(sw, st, cal, trial_s, min_trials, address, cpus_per_trial, gpus, max_concurrent, device, num_cpus, chunk_trials)
+    except (StoreError, LaunchError) as err:
         raise _fail(str(err)) from None
     if s is None:
         return
+    if s.gpus_per_trial is not None:
+        typer.echo(f"--gpus-per-trial auto: {s.gpus_per_trial:g} of a GPU per trial")
     typer.echo(
         f"done: {s.ok} ok, {s.diverged} diverged, {s.failed} failed of {s.runs} runs; {s.rows} rows written; "
         f"wall {s.wall_s:.1f}s, trial compute {s.compute_s:.1f}s"
@@ -157,7 +171,7 @@ def _run_locked(sw: sweeps.Sweep, st: Store, cal, trial_s: float, min_trials: in
     retried = st.forget_failed()
     bundles, done = _plan(sw, st, cal, trial_s, min_trials)
     todo = sum(len(b.runs) for b in bundles)
-    typer.echo(f"sweep {sw.name}: {len(sw.runs)} runs, {len(done)} already in {st.root}, {todo} to run in {len(bundles)} bundles")
+    typer.echo(f"sweep {sw.name}: {len(sw.runs)} runs, {len(done)} already in {st.uri}, {todo} to run in {len(bundles)} bundles")
     if leftovers or retried:
         typer.echo(f"  cleaned {len(leftovers)} files of interrupted writes; retrying {retried} failed bundles")
     if not bundles:
@@ -167,17 +181,17 @@ def _run_locked(sw: sweeps.Sweep, st: Store, cal, trial_s: float, min_trials: in
 
 
 @app.command()
-def status(store: Path = STORE) -> None:
+def status(store: str = STORE) -> None:
     """Summarise the store: runs by sweep and status, rows per table."""
-    st = Store(store)
-    if not st.root.is_dir():
-        raise _fail(f"store {st.root} does not exist")
+    st = _open(store)
     try:
+        if not st.exists():
+            raise _fail(f"store {st.uri} does not exist")
         trials = st.read("trials", ["family", "sweep", "status"]).to_pandas()
         counts = {t: st.read(t, ["run_id"]).num_rows for t in ("curves", "evals", "params")}
     except StoreError as err:
         raise _fail(str(err)) from None
-    typer.echo(f"store {st.root}")
+    typer.echo(f"store {st.uri}")
     if trials.empty:
         typer.echo("  no runs yet")
     else:
@@ -187,15 +201,16 @@ def status(store: Path = STORE) -> None:
 
 
 @app.command()
-def fit(store: Path = STORE) -> None:
+def fit(store: str = STORE) -> None:
     """Fit every claim the store has data for; write the `fits` table and print the verdicts."""
     import pandas as pd
 
-    from analysis.load import StoreReadError, load
+    from analysis.load import StoreReadError, load, open_store
     from analysis.verdicts import evaluate, verdict_table, write_fits
 
     try:
-        loaded = load(store)
+        loc = open_store(store)
+        loaded = load(loc)
     except StoreReadError as err:
         raise _fail(str(err)) from None
     for message in loaded.skipped:
@@ -203,25 +218,31 @@ def fit(store: Path = STORE) -> None:
     for note in loaded.notes:
         typer.echo(f"note: {note}", err=True)
     rows, skipped = evaluate(loaded.tables)
-    write_fits(store, rows, skipped)
+    try:
+        write_fits(loc, rows, skipped)
+    except OSError as err:
+        raise _fail(f"store {loc.uri}: cannot write the fits: {explain(err, loc.scheme)}") from None
     if rows.empty:
         typer.echo("no claim had enough data for a fit")
     else:
         with pd.option_context("display.width", 250, "display.max_colwidth", 40, "display.max_columns", 30):
             typer.echo(verdict_table(rows).to_string(index=False))
-        typer.echo(f"{len(rows)} fits written to {Path(store) / 'fits'}")
+        typer.echo(f"{len(rows)} fits written to {loc.join('fits') if loc.local else loc.uri.split('?')[0] + '/fits'}")
     for name, reason in skipped:
         typer.echo(f"  skipped {name}: {reason}")
 
 
 @app.command()
-def report(store: Path = STORE, out: Path | None = typer.Option(None, "--out", help="output directory [default: <store>/report]")) -> None:
+def report(
+    store: str = STORE,
+    out: Path | None = typer.Option(None, "--out", help="local output directory [default: <store>/report; for an object store ./report-<bucket>-<prefix>]"),
+) -> None:
     """Write the HTML report and Markdown summary of the store's fits and figures."""
     from analysis.load import StoreReadError
-    from analysis.report import build
+    from analysis.report import build, default_out
 
     try:
-        built = build(store, out or Path(store) / "report")
+        built = build(store, out or default_out(store))
     except StoreReadError as err:
         raise _fail(str(err)) from None
     for message in built.skipped_files:
@@ -231,6 +252,9 @@ def report(store: Path = STORE, out: Path | None = typer.Option(None, "--out", h
     typer.echo(f"{len(built.figures)} figures in {built.html.parent / 'figures'}")
     typer.echo(f"summary: {built.markdown}")
     typer.echo(f"report: {built.html}")
+
+
+app.add_typer(launch.app, name="cluster")
 
 
 def main() -> None:  # pragma: no cover

@@ -7,7 +7,8 @@ device and fits, per family, seconds = a * runs + b * flops (a fixed cost per ru
 flop); `Calibration.seconds(run)` applies it. Calibrations are cached per device kind, thread
 count and code version in `$XDG_CACHE_HOME/icl-study/calibration.json` (or `~/.cache/...`), so
 `plan` answers in seconds and can show every device kind it has calibrated, including ones of
-other machines whose cache file was copied in.
+other machines whose cache file was copied in. `run` never calibrates: it uses the newest cached
+calibration of its device kind, or NOMINAL.
 
 The planner packs runs into Ray trials by these estimates (`pipelines.sweep.Sweep.bundles`) and
 the progress line's ETA scales by them, so only their ratios need be right within a family.
@@ -203,3 +204,29 @@ def calibration(device: str = "cpu", threads: int = 1, refresh: bool = False) ->
     except OSError:
         pass  # a read-only home: the calibration is simply not cached
     return cal
+
+
+# what `run` packs by on a device kind it has no calibration for: this project's 2-core CPU
+NOMINAL = Calibration("nominal", 1, "-", {"gmm": 0.1, "mor": 0.07}, {"gmm": 3e-10, "mor": 3e-10}, 0.0)
+
+
+def for_kind(kind: str, threads: int = 1, measure: bool = True, refresh: bool = False) -> Calibration:
+    """The calibration to estimate a device kind ('cpu' or 'cuda') by.
+
+    Measured here when `measure` (and the kind is here), else the newest cached one of the kind
+    (from any code version), else NOMINAL: `run` never spends its own time calibrating, `plan` does.
+    """
+    known = list(cached().values())
+    if kind == "cuda":
+        import torch
+
+        if measure and torch.cuda.is_available():
+            return calibration("cuda", threads, refresh)
+        gpus = [c for c in known if c.device.startswith("cuda")]
+        if gpus:
+            return gpus[-1]
+    if measure:
+        return calibration("cpu", threads, refresh)
+    here = device_name("cpu")
+    cpus = [c for c in known if c.device == here and c.threads == threads] or [c for c in known if c.device == here]
+    return cpus[-1] if cpus else NOMINAL

@@ -233,7 +233,8 @@ def run_sweep(
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus, **kwargs)
+            # a new local Ray, whatever RAY_ADDRESS or a cluster started on this host say
+            ray.init(address="local", num_cpus=num_cpus, **kwargs)
     progress_made = progress is None
     try:
         if gpus_per_trial is None:

@@ -92,6 +92,8 @@ def test_plan_counts(tmp_path):
     assert result.exit_code == 0, result.output
     counts = dict(re.findall(r"^  (\w[\w ]*?)\s{2,}(\d+)", result.output, re.M))
     assert counts == {"configurations": "2", "seeds": "2", "runs": "4", "already done": "0", "to run": "4", "bundles": "1"}
+    assert "1 chunk of at most 1000" in result.output
+    assert re.search(r"estimate +cpu:.*: ~\d+ s of trial compute", result.output), result.output
 
 
 @pytest.mark.parametrize("name", sorted(shipped()))
@@ -167,5 +169,21 @@ def test_parts_union_and_own_bundle_size(tmp_path):
     doc = {"name": "two", "seeds": 2, "bundle_size": 32, "parts": [{**MOR["parts"][0], "bundle_size": 1}, {k: GOOD[k] for k in ("family", "fixed", "grid")}]}
     sw = load(write(tmp_path, doc))
     assert {c.task.family for c in sw.configs} == {"gmm", "mor"}
-    sizes = sorted((b.family, len(b.runs)) for b in sw.bundles())
+    sizes = sorted((s[0].config.task.family, len(s)) for s in sw.stacks())
     assert sizes == [("gmm", 4), ("mor", 1), ("mor", 1)]
+
+
+def test_an_address_that_does_not_answer_exits_2_before_running(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once the socket is closed
+    store = tmp_path / "s"
+    result = CliRunner().invoke(app, ["run", str(write(tmp_path, GOOD)), "--store", str(store), "--address", f"127.0.0.1:{port}"])
+    assert result.exit_code == 2 and "no Ray cluster answers" in result.output and "within 10 s" in result.output
+    assert not store.exists()
+
+
+@pytest.mark.parametrize("value", ["x", "-1", "nan"])
+def test_a_bad_gpu_share_exits_2(tmp_path, value):
+    result = CliRunner().invoke(app, ["run", str(write(tmp_path, GOOD)), "--store", str(tmp_path / "s"), "--gpus-per-trial", value])
+    assert result.exit_code == 2 and "--gpus-per-trial: a number >= 0 or auto" in result.output
