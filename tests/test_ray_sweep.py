@@ -1,8 +1,6 @@
 """End to end through Ray Tune: a smoke sweep into a temporary store, a rerun that adds nothing,
 and a run killed with SIGKILL mid-way whose rerun completes exactly the missing runs."""
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +12,7 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from pipelines.store import SCHEMA_VERSION
+from tests.processes import kill_session
 
 pytestmark = pytest.mark.ray
 
@@ -76,9 +75,7 @@ def test_killed_run_resumes_exactly_the_missing_runs(tmp_path):
             time.sleep(0.2)
         assert list(store.glob("trials/*/part-*.parquet")), "no bundle finished in time"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver, Ray and every worker at once
-        proc.wait()
-        subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop", "--force"], capture_output=True)
+        kill_session(proc)  # the driver, Ray and every worker at once
     done_before = set(pd.read_parquet(store / "trials").run_id)
     assert 0 < len(done_before) < 32
 
