@@ -42,9 +42,11 @@ MOR_PART = {
 def test_smoke_sweep_then_rerun_adds_nothing(tmp_path):
     doc = {"name": "smoke", "seeds": 2, "bundle_size": 4, "parts": [{k: SMOKE[k] for k in ("family", "fixed", "grid")}, MOR_PART]}
     path, store = _sweep(tmp_path, doc), tmp_path / "store"
-    result = CliRunner().invoke(app, ["run", str(path), "--store", str(store), "--num-cpus", "2"])
+    result = CliRunner().invoke(app, ["run", str(path), "--store", str(store), "--num-cpus", "2", "--chunk-trials", "2", "--trial-seconds", "0"])
     assert result.exit_code == 0, result.output
     assert "20 ok, 0 diverged, 0 failed of 20 runs" in result.output
+    assert "[5/5 bundles] 20/20 runs, 0 failed, ETA 0s" in result.output  # progress across 3 chunks of Tuner runs
+    assert len(list((store / "_tune").iterdir())) == 3
     trials = pd.read_parquet(store / "trials")
     assert len(trials) == 20 and trials.run_id.is_unique and set(trials.status) == {"ok"}
     assert set(trials.device) == {"cpu"} and (trials.schema_version == SCHEMA_VERSION).all()
