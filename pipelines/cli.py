@@ -118,7 +118,7 @@ def run(
     min_trials: int = MIN_TRIALS,
     chunk_trials: int = typer.Option(CHUNK_TRIALS, "--chunk-trials", min=1, help="trials per Tuner run (bounds the driver's memory)"),
 ) -> None:
-    """Run what the store lacks of a sweep, one Ray Tune trial per bundle."""
+    """Run what the store lacks of a sweep: stacks packed into Ray Tune trials, with progress."""
     from pipelines import cost
     from pipelines.runner import LaunchError, check_address
 
