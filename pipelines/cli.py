@@ -73,6 +73,7 @@ def plan(
 
     sw = _load(sweep)
     st = _open(store)
+    before = cost.cached()
     cal = cost.for_kind("cpu", measure=True, refresh=calibrate)
     try:
         bundles, done = _plan(sw, st, cal, trial_s, min_trials)
@@ -91,7 +92,7 @@ def plan(
     kinds = {cal.device: cal, **{c.device: c for c in cost.cached().values() if c.device != cal.device}}
     for i, c in enumerate(kinds.values()):
         secs = sum(c.seconds(r) for r in todo)
-        source = f"calibrated in {c.took_s:.1f}s" if c is cal and calibrate else "cached calibration"
+        source = "cached calibration" if c in before.values() and not (c is cal and calibrate) else f"calibrated in {c.took_s:.1f}s"
         label = "  estimate        " if i == 0 else " " * 18
         typer.echo(f"{label}{c.device} ({c.threads} thread{'s' * (c.threads != 1)}): ~{_seconds(secs)} of trial compute ({source}, code {c.code})")
     cpus = os.cpu_count() or 1

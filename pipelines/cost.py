@@ -62,7 +62,7 @@ def _flops(cfg: TrialConfig) -> float:
     return float(train + ev.n_eval * per_prompt)
 
 
-def bundle_bytes(cfg: TrialConfig) -> int:
+def run_bytes(cfg: TrialConfig) -> int:
     """Memory of one run's training tensors in a stack: data, logits and gradients in flight."""
     d, c = cfg.task.d, cfg.task.n_label
     per_prompt = (c + 1) * d + (d + c) ** 2 * (cfg.model.param == "full")

@@ -4,7 +4,7 @@
 `pipelines.trainable.BundleTrial` wraps it for Tune on reused workers; `run_sweep` launches the
 bundles in chunks of Tuner runs, shows progress and summarises. Tune only schedules:
 trials report a few scalars, the data goes to Parquet. On a multi-node cluster the store must be
-a path every node sees (NFS or similar).
+one every node sees: a shared path (NFS) or an object store (`s3://`, `gs://`).
 """
 
 from __future__ import annotations
@@ -238,9 +238,9 @@ def run_sweep(
     progress_made = progress is None
     try:
         if gpus_per_trial is None:
-            from pipelines.cost import bundle_bytes, gpu_fraction
+            from pipelines.cost import run_bytes, gpu_fraction
 
-            largest = max(sum(bundle_bytes(r.config) for r in stack) for b in bundles for stack in b.stacks())
+            largest = max(sum(run_bytes(r.config) for r in stack) for b in bundles for stack in b.stacks())
             try:
                 gpus_per_trial = gpu_fraction(largest, gpu_memory())
             except ValueError as err:

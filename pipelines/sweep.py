@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import yaml
 
-from pipelines.cost import bundle_bytes, flops
+from pipelines.cost import run_bytes, flops
 from study.config import ConfigError, Run, TrialConfig, canonical_json, stable_hash, shape_key
 
 PART_KEYS = ("family", "fixed", "grid", "bundle_size")
@@ -103,7 +103,7 @@ class Sweep:
         for runs in groups.values():
             runs.sort(key=lambda r: (prompts[r.config.config_id], r.seed))
             wanted = min(sizes.get(r.config.config_id, self.bundle_size) for r in runs)
-            size = max(1, min(wanted, STACK_BYTES // bundle_bytes(runs[0].config)))
+            size = max(1, min(wanted, STACK_BYTES // run_bytes(runs[0].config)))
             out += [tuple(runs[i : i + size]) for i in range(0, len(runs), size)]
         return out
 
