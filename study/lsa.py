@@ -15,6 +15,9 @@ dimension S, and every function works on that stack.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -25,12 +28,6 @@ def reduced_logits(W: torch.Tensor, V: torch.Tensor, xq: torch.Tensor) -> torch.
     return torch.einsum("sbjd,sbd->sbj", V, u)
 
 
-def reduced_grad(g: torch.Tensor, V: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
-    """d(summed loss)/dW from dloss/dlogits g [S, B, c'].  Shapes: -> [S, d, d]."""
-    gv = torch.einsum("sbj,sbjd->sbd", g, V)
-    return torch.bmm(gv.transpose(1, 2), xq)
-
-
 def full_logits(P: torch.Tensor, K: torch.Tensor, G: torch.Tensor, xq: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Shapes: P [S, c', D], K [S, D, d], G [S, B, D, D], xq [S, B, d] -> logits [S, B, c'] (+ saved)."""
     a = torch.bmm(xq, K.transpose(1, 2))  # K x_q: [S, B, D]
@@ -38,13 +35,55 @@ def full_logits(P: torch.Tensor, K: torch.Tensor, G: torch.Tensor, xq: torch.Ten
     return torch.bmm(h, P.transpose(1, 2)), a, h
 
 
-def full_grad(g: torch.Tensor, P: torch.Tensor, G: torch.Tensor, xq: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of the summed loss w.r.t. P and K.  Shapes: g [S, B, c'] -> [S, c', D], [S, D, d]."""
-    dP = torch.bmm(g.transpose(1, 2), h)
-    dh = torch.bmm(g, P)  # [S, B, D]
-    da = torch.einsum("sbij,sbi->sbj", G, dh)  # G is symmetric
-    dK = torch.bmm(da.transpose(1, 2), xq)
-    return dP, dK
+# ----------------------------------------------------------------------------------------------
+# training kernels: one chunk of prompts, laid out prompts last
+#
+# GD reads every training prompt's statistics twice a step (logits, then gradient), so the step is
+# bound by memory bandwidth at small d. With the prompt index last, each statistic of a chunk is a
+# row of b contiguous numbers, and the per-prompt contractions over d and c' (each a handful of
+# numbers) become a few fused multiply-adds over whole rows instead of b tiny matrix products.
+
+SMALL = 8  # up to this many terms a per-prompt contraction is a loop of row multiply-adds
+
+
+def _rows_dot(A: torch.Tensor, u: torch.Tensor, dim: int) -> torch.Tensor:
+    """sum_a A[..., a, ..., :] * u[..., a, ..., :] over dimension `dim` (u broadcast to A).
+
+    Shapes: A [S, ..., b] with the contracted dimension at `dim`; u broadcastable to A.
+    """
+    n = A.shape[dim]
+    if n > SMALL:
+        return (A * u).sum(dim)
+    out = A.select(dim, 0) * u.select(dim, 0)
+    for a in range(1, n):
+        out.addcmul_(A.select(dim, a), u.select(dim, a))
+    return out
+
+
+def reduced_loss_grad(W: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss of V W x_q over a chunk of prompts, and its gradient w.r.t. W.
+
+    Shapes: W [S, d, d], V [S, c', d, b], xq [S, d, b], y [S, b] -> [S], [S, d, d].
+    """
+    u = torch.bmm(W, xq)  # W x_q for every prompt: one GEMM per member
+    logits = _rows_dot(V, u[:, None], 2)  # [S, c', b]
+    ls, g = LOSSES[loss](logits, y)
+    gv = _rows_dot(V, g[:, :, None], 1)  # g^T V: [S, d, b]
+    return ls, torch.bmm(gv, xq.transpose(1, 2))
+
+
+def full_loss_grad(P: torch.Tensor, K: torch.Tensor, G: torch.Tensor, xq: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed loss of P G K x_q over a chunk of prompts, and its gradients w.r.t. P and K.
+
+    Shapes: P [S, c', D], K [S, D, d], G [S, D, D, b] (symmetric), xq [S, d, b], y [S, b]
+    -> [S], [S, c', D], [S, D, d].
+    """
+    a = torch.bmm(K, xq)  # K x_q: [S, D, b]
+    h = _rows_dot(G, a[:, None], 2)  # G K x_q
+    ls, g = LOSSES[loss](torch.bmm(P, h), y)
+    dP = torch.bmm(g, h.transpose(1, 2))
+    da = _rows_dot(G, torch.bmm(P.transpose(1, 2), g)[:, :, None], 1)  # G (P^T g), G symmetric
+    return ls, dP, torch.bmm(da, xq.transpose(1, 2))
 
 
 def line_coefficient(W: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
@@ -70,26 +109,50 @@ def effective_W(W_PV: torch.Tensor, W_KQ: torch.Tensor, d: int) -> torch.Tensor:
 # loss
 
 
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-prompt CE and its gradient w.r.t. the logits; binary when logits have one column.
+def _sum_log(t: torch.Tensor, bound: float) -> torch.Tensor:
+    """sum of log t over the last dimension, for t in [1, bound] (or non-finite, which propagates).
 
-    Shapes: logits [..., c'], y [...] (class index) -> loss [...], dloss/dlogits [..., c'].
+    Logarithms cost several times an exponential on the CPU, so the sum is taken as the log of
+    products of groups small enough never to overflow: one log per group instead of one per prompt,
+    with the same rounding (sqrt(n) ulps either way).  Shapes: [..., n] -> [...].
     """
-    if logits.shape[-1] == 1:
-        s = logits[..., 0]
-        ytil = 2.0 * y.to(s.dtype) - 1.0
-        return F.softplus(-ytil * s), (torch.sigmoid(s) - (ytil + 1.0) / 2.0)[..., None]
-    logp = torch.log_softmax(logits, dim=-1)
-    loss = -logp.gather(-1, y[..., None])[..., 0]
-    grad = logp.exp()
-    grad.scatter_add_(-1, y[..., None], -torch.ones_like(grad[..., :1]))
+    k = max(1, int(0.9 * math.log(torch.finfo(t.dtype).max) / math.log(bound)))
+    n = t.shape[-1]
+    whole = n // k * k
+    out = t[..., :whole].reshape(*t.shape[:-1], -1, k).prod(-1).log().sum(-1)
+    return out + t[..., whole:].prod(-1).log() if whole < n else out
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query's cross-entropy summed over the prompts, and its gradient w.r.t. the logits.
+
+    Binary when there is one logit (sigmoid), softmax otherwise. Shapes (prompts last): logits
+    [..., c', b], y [..., b] (class index) -> loss [...], dloss/dlogits [..., c', b].
+    """
+    if logits.shape[-2] == 1:
+        # z = -ytil s; loss softplus(z) = max(z, 0) + log(1 + exp(-|z|)), dloss/ds = -ytil sigma(z)
+        s = logits[..., 0, :]
+        sign = y.to(s.dtype).mul_(-2.0).add_(1.0)  # -ytil
+        z = s * sign
+        loss = z.clamp(min=0).sum(-1) + _sum_log(z.abs().neg_().exp_().add_(1.0), 2.0)
+        return loss, (torch.sigmoid(z) * sign).unsqueeze(-2)
+    # softmax by hand: the max over c' classes as c' - 1 elementwise maxima (a reduction over a
+    # handful of classes costs more than the exponentials), then one exp and one sum
+    c = logits.shape[-2]
+    m = logits.amax(-2) if c > SMALL else functools.reduce(torch.maximum, logits.unbind(-2))
+    p = (logits - m.unsqueeze(-2)).exp_()
+    total = p.sum(-2, keepdim=True)  # in [1, c']
+    idx = y.unsqueeze(-2)
+    loss = (m - logits.gather(-2, idx).squeeze(-2)).sum(-1) + _sum_log(total.squeeze(-2), c)
+    grad = p / total  # out of place: autograd (tests) may still need exp's output
+    grad.scatter_add_(-2, idx, torch.full_like(idx, -1, dtype=p.dtype))
     return loss, grad
 
 
 def squared_error(pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-prompt (pred - y)^2 / 2 and its gradient.  Shapes: pred [..., 1], y [...] -> [...], [..., 1]."""
-    r = pred[..., 0] - y
-    return 0.5 * r * r, r[..., None]
+    """(pred - y)^2 / 2 summed over the prompts, and its gradient.  Shapes: pred [..., 1, b], y [..., b] -> [...], [..., 1, b]."""
+    r = pred[..., 0, :] - y
+    return 0.5 * (r * r).sum(-1), r.unsqueeze(-2)
 
 
 LOSSES = {"ce": cross_entropy, "squared": squared_error}

@@ -2,8 +2,11 @@
 
 The reduced prediction V W x_q is linear in W, so the empirical loss (cross-entropy, or squared
 error, where one Newton step solves the normal equations) is convex in vec(W) with features
-f = vec(V_j x_q^T), and Newton's method reaches its minimiser to float64 precision in a few
-iterations. The Hessian at the minimiser also gives the theory's local GD rate
+f_j = vec(V_j x_q^T), and Newton's method reaches its minimiser to float64 precision in a few
+iterations. The Hessian sum_p sum_jk A_jk f_j f_k^T (A = d^2 loss / d logits^2) is formed without
+the features: per prompt it is the Kronecker product (V^T A V) (x) (x_q x_q^T) of two d x d matrices,
+so the sum over prompts is one GEMM of their d^2-vectors ([d^2, B] x [B, d^2]), c' times fewer flops
+and no [B, c', d^2] temporary. The Hessian at the minimiser also gives the theory's local GD rate
 max_i |1 - lr lambda_i(H)| (theory.md section 5).
 """
 
@@ -15,7 +18,7 @@ import torch
 
 from study.lsa import LOSSES
 
-CHUNK = 8192  # prompts per chunk when forming the d^2 x d^2 Hessian
+CHUNK = 8192  # prompts per chunk of the loss, gradient and Hessian
 SEPARABLE_LOSS = 1e-8  # a CE optimum this small means the training prompts are separable
 
 
@@ -31,37 +34,37 @@ class Optimum:
     iterations: int
 
 
-def _features(V: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
-    """f_j = vec(V_j x_q^T), row-major like W.  Shapes: V [b, c', d], xq [b, d] -> [b, c', d*d]."""
-    b, c, d = V.shape
-    return (V[..., :, None] * xq[:, None, None, :]).reshape(b, c, d * d)
+def _loss_grad_hess(W: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch.Tensor, hess: bool, loss_name: str):
+    """Mean loss, gradient [d, d] and Hessian [d*d, d*d] (row-major vec(W)) of V W x_q.
 
-
-def _loss_grad_hess(w: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch.Tensor, hess: bool, loss_name: str):
-    B = V.shape[0]
-    loss = torch.zeros((), dtype=w.dtype, device=w.device)
-    grad = torch.zeros_like(w)
-    H = torch.zeros(w.numel(), w.numel(), dtype=w.dtype, device=w.device) if hess else None
+    Shapes: V [c', d, B], xq [d, B] (prompts last), y [B].
+    """
+    c, d, B = V.shape
+    loss = torch.zeros((), dtype=W.dtype, device=W.device)
+    grad = torch.zeros_like(W)
+    H = torch.zeros(d * d, d * d, dtype=W.dtype, device=W.device) if hess else None  # [(a, a'), (e, e')] until the end
     for s in range(0, B, CHUNK):
-        f = _features(V[s : s + CHUNK], xq[s : s + CHUNK])
-        logits = f @ w
+        Vc, xc = V[..., s : s + CHUNK], xq[:, s : s + CHUNK]
+        logits = (Vc * (W @ xc)[None]).sum(1)  # [c', b]
         ls, g = LOSSES[loss_name](logits, y[s : s + CHUNK])
-        loss += ls.sum()
-        grad += torch.einsum("bj,bjk->k", g, f)
+        loss += ls
+        grad += (g[:, None] * Vc).sum(0) @ xc.T
         if hess:
             if loss_name == "squared":
-                H += f[:, 0].T @ f[:, 0]
-            elif f.shape[1] == 1:
-                p = torch.sigmoid(logits[:, 0])
-                fw = f[:, 0] * (p * (1 - p))[:, None]
-                H += fw.T @ f[:, 0]
+                m = Vc[0][:, None] * Vc[0][None]  # V^T V: [d, d, b]
+            elif c == 1:
+                p = torch.sigmoid(logits[0])
+                m = (Vc[0] * (p * (1 - p)))[:, None] * Vc[0][None]
             else:
-                p = torch.softmax(logits, dim=-1)
-                fbar = torch.einsum("bj,bjk->bk", p, f)
-                for j in range(f.shape[1]):  # c' plain GEMMs: far faster than one einsum here
-                    H += (f[:, j] * p[:, j, None]).T @ f[:, j]
-                H -= fbar.T @ fbar
-    return loss / B, grad / B, (H / B if hess else None)
+                p = torch.softmax(logits, dim=0)
+                pv = p[:, None] * Vc  # [c', d, b]
+                vbar = pv.sum(0)
+                m = torch.einsum("jab,jeb->aeb", pv, Vc) - vbar[:, None] * vbar[None]  # V^T (diag p - p p^T) V
+            x2 = xc[:, None] * xc[None]  # x_q x_q^T: [d, d, b]
+            H += m.reshape(d * d, -1) @ x2.reshape(d * d, -1).T
+    if hess:
+        H = H.reshape(d, d, d, d).permute(0, 2, 1, 3).reshape(d * d, d * d) / B
+    return loss / B, grad.reshape(-1) / B, H
 
 
 def empirical_optimum(
@@ -78,14 +81,14 @@ def empirical_optimum(
     Stops one full Newton step after the squared Newton decrement falls below 2 tol (quadratic
     convergence then leaves the iterate at float64 precision), or when no step decreases the loss. Shapes: V [B, c', d], xq [B, d], y [B], W0 [d, d].
     """
-    V, xq = V.double(), xq.double()
-    d = xq.shape[1]
+    V, xq = V.double().permute(1, 2, 0), xq.double().T  # prompts last (a view when stored so, as Problem does)
+    d = xq.shape[0]
     w = torch.zeros(d * d, dtype=torch.float64, device=V.device) if W0 is None else W0.double().reshape(-1).clone()
     if not torch.isfinite(w).all():
         w.zero_()
     converged, it = False, 0
     for it in range(1, max_iter + 1):
-        value, grad, H = _loss_grad_hess(w, V, xq, y, True, loss)
+        value, grad, H = _loss_grad_hess(w.reshape(d, d), V, xq, y, True, loss)
         jitter = 1e-12 * H.diagonal().mean().clamp(min=1e-300)
         step = torch.linalg.solve(H + jitter * torch.eye(len(w), dtype=w.dtype, device=w.device), grad)
         decrement = float(grad @ step)  # squared Newton decrement
@@ -95,14 +98,14 @@ def empirical_optimum(
             break
         t = 1.0
         while t > 1e-6:  # Armijo backtracking keeps every iterate a descent
-            trial, _, _ = _loss_grad_hess(w - t * step, V, xq, y, False, loss)
+            trial, _, _ = _loss_grad_hess((w - t * step).reshape(d, d), V, xq, y, False, loss)
             if trial <= value - 1e-4 * t * decrement:
                 break
             t /= 2
         else:
             break  # no step decreases the loss any more: float64 precision is reached
         w = w - t * step
-    value, _, H = _loss_grad_hess(w, V, xq, y, True, loss)
+    value, _, H = _loss_grad_hess(w.reshape(d, d), V, xq, y, True, loss)
     eigs = torch.linalg.eigvalsh(H)
     if loss == "ce" and (float(value) < SEPARABLE_LOSS or float(eigs[0]) <= 1e-12 * float(eigs[-1])):
         converged = False  # separable data: the infimum is at infinity, the iterate is arbitrary

@@ -19,7 +19,7 @@ from study.optimum import empirical_optimum, local_rate, quadratic_subopt
 
 REFERENCE_FACTOR = 10  # full param: the reference optimum is GD run on to 10x the steps
 REFERENCE_GTOL = 1e-6  # full param: the reference counts as converged below this gradient norm
-CHUNK_BYTES = 1 << 20  # per temporary of a step's chunk on the CPU (benchmarks/bundled_seeds.py)
+CHUNK_BYTES = 4 << 20  # a chunk's share of the prompt statistics on the CPU (benchmarks/roofline.py)
 
 
 @dataclass
@@ -34,6 +34,11 @@ class TrainStats:
     xq: torch.Tensor
     yq: torch.Tensor
     gram: torch.Tensor | None
+
+
+def _prompts_last(t: torch.Tensor) -> torch.Tensor:
+    """t [S, B, ...] as a view of memory laid out [S, ..., B] (no copy if it already is)."""
+    return t.movedim(1, -1).contiguous().movedim(-1, 1)
 
 
 @dataclass
@@ -54,9 +59,18 @@ class Problem:
     scale: float
     loss: str = "ce"
 
+    def __post_init__(self):
+        # stored prompts last (the fields keep their shapes as views): see lsa's training kernels
+        self.V, self.xq = _prompts_last(self.V), _prompts_last(self.xq)
+        self.gram = None if self.gram is None else _prompts_last(self.gram)
+
     @property
     def S(self) -> int:
         return self.V.shape[0]
+
+    @property
+    def B(self) -> int:
+        return self.V.shape[1]
 
     @property
     def d(self) -> int:
@@ -112,37 +126,35 @@ def init_params(prob: Problem, param: str, init_scale: float = 0.0, gen: list[to
     return {"W_PV": W_PV.to(dev), "W_KQ": W_KQ.to(dev)}
 
 
-def _chunk(prob: Problem, width: int) -> int:
-    """Prompts per chunk: cache-sized temporaries on the CPU (2x faster at 16 members), all on a GPU."""
-    B = prob.V.shape[1]
-    if prob.V.device.type != "cpu":
-        return B
-    return max(64, CHUNK_BYTES // (prob.S * width * prob.V.element_size()))
+def _chunks(prob: Problem, width: int) -> list[slice]:
+    """Equal chunks of prompts whose statistics (`width` numbers a prompt and member) fill about
+    CHUNK_BYTES on the CPU, so a chunk's temporaries stay in cache; one chunk on a GPU."""
+    B = prob.B
+    n = 1 if prob.V.device.type != "cpu" else max(1, -(-prob.S * width * prob.V.element_size() * B // CHUNK_BYTES))
+    b = -(-B // n)
+    return [slice(s, s + b) for s in range(0, B, b)]
 
 
 def step(params: dict[str, torch.Tensor], prob: Problem) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean loss at `params` [S] and its gradient; pure."""
-    B, d = prob.V.shape[1], prob.d
+    B, d = prob.B, prob.d
     loss = prob.V.new_zeros(prob.S)
+    xq = prob.xq.transpose(1, 2)  # [S, d, B], contiguous
     if "W" in params:
         W = params["W"]
         grad = torch.zeros_like(W)
-        b = _chunk(prob, prob.V.shape[2] * d)
-        for s in range(0, B, b):
-            V, xq = prob.V[:, s : s + b], prob.xq[:, s : s + b]
-            ls, g = lsa.LOSSES[prob.loss](lsa.reduced_logits(W, V, xq), prob.yq[:, s : s + b])
-            loss += ls.sum(1)
-            grad += lsa.reduced_grad(g, V, xq)
+        V = prob.V.permute(0, 2, 3, 1)  # [S, c', d, B], contiguous
+        for c in _chunks(prob, (V.shape[1] + 1) * d):
+            ls, g = lsa.reduced_loss_grad(W, V[..., c], xq[..., c], prob.yq[:, c], prob.loss)
+            loss += ls
+            grad += g
         return loss / B, {"W": grad / B}
     P, K = params["W_PV"][:, d:, :], params["W_KQ"][:, :, :d]
     dP, dK = torch.zeros_like(P), torch.zeros_like(K)
-    b = _chunk(prob, prob.gram.shape[-1] ** 2)
-    for s in range(0, B, b):
-        G, xq = prob.gram[:, s : s + b], prob.xq[:, s : s + b]
-        logits, _, h = lsa.full_logits(P, K, G, xq)
-        ls, g = lsa.LOSSES[prob.loss](logits, prob.yq[:, s : s + b])
-        loss += ls.sum(1)
-        gP, gK = lsa.full_grad(g, P, G, xq, h)
+    G = prob.gram.permute(0, 2, 3, 1)  # [S, D, D, B], contiguous
+    for c in _chunks(prob, G.shape[1] ** 2 + d):
+        ls, gP, gK = lsa.full_loss_grad(P, K, G[..., c], xq[..., c], prob.yq[:, c], prob.loss)
+        loss += ls
         dP += gP
         dK += gK
     gPV, gKQ = torch.zeros_like(params["W_PV"]), torch.zeros_like(params["W_KQ"])
