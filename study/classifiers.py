@@ -21,7 +21,9 @@ from study.covariance import Covariance
 from study.gmm import Context, Tasks, label_embedding
 
 LOGREG_L2 = 1.0  # ridge on all weights (intercepts too): a unit Gaussian prior
-LOGREG_ITERS = 25
+LOGREG_ITERS = 25  # Newton steps at most, per prompt
+LOGREG_TOL = 1e-10  # a prompt stops after its first step with max |step| below this
+LOGREG_CHUNK_ELEMS = 1 << 20  # prompts per chunk of logreg_fit: about this many elements of [x; 1] and x_i x_j (8 MiB)
 
 
 @dataclass
@@ -138,32 +140,128 @@ lda_pooled.needs_within = True
 
 
 def logreg(pr: Prompts) -> torch.Tensor:
-    """L2-regularised softmax regression with intercepts, fitted on each context by Newton's method."""
+    """L2-regularised softmax regression with intercepts, fitted on each context by Newton's method.
+
+    Per prompt: minimise sum_m CE(softmax(w [x_m; 1]), y_m) + LOGREG_L2 / 2 ||w||^2 over w [c, d+1]
+    (every column regularised, intercepts too), by undamped Newton steps from w = 0, until the
+    prompt's own step has max |.| < LOGREG_TOL or after LOGREG_ITERS steps (`logreg_fit`).
+    """
     ctx = pr.ctx
     if ctx.exact:
         return bayes(pr)
-    x, y, c = ctx.x, ctx.y, pr.c
-    P, M, d = x.shape
-    xt = torch.cat([x, torch.ones(P, M, 1, dtype=x.dtype, device=x.device)], dim=-1)  # [P, M, d+1]
-    Y = torch.nn.functional.one_hot(y, c).to(x.dtype)
-    D = c * (d + 1)
-    w = torch.zeros(P, c, d + 1, dtype=x.dtype, device=x.device)
-    eye = torch.eye(D, dtype=x.dtype, device=x.device)
-    for _ in range(LOGREG_ITERS):
-        p = torch.softmax(torch.einsum("pmi,pki->pmk", xt, w), dim=-1)
-        grad = torch.einsum("pmk,pmi->pki", p - Y, xt) + LOGREG_L2 * w
-        # Hessian of the summed CE: sum_m (diag p - p p^T) kron x x^T, laid out as [(k,i), (l,j)]
-        # Hessian of the summed CE: sum_m (diag p - p p^T) kron x x^T, as two batched GEMMs
-        q = (p[..., None] * xt[:, :, None, :]).reshape(P, M, D)  # p kron x
-        H = LOGREG_L2 * eye - q.transpose(1, 2) @ q
-        blocks = (q.transpose(1, 2) @ xt).reshape(P, c, d + 1, d + 1)  # sum_m p_k x x^T
-        H.view(P, c, d + 1, c, d + 1).diagonal(dim1=1, dim2=3).add_(blocks.permute(0, 2, 3, 1))
-        step = torch.linalg.solve(H, grad.reshape(P, D, 1)).reshape(P, c, d + 1)
-        w = w - step
-        if float(step.abs().max()) < 1e-10:
-            break
-    xq = torch.cat([pr.xq, torch.ones(P, 1, dtype=x.dtype, device=x.device)], dim=-1)
+    w = logreg_fit(ctx.x, ctx.y, pr.c)
+    xq = torch.cat([pr.xq, torch.ones_like(pr.xq[:, :1])], dim=-1)
     return torch.softmax(torch.einsum("pki,pi->pk", w, xq), dim=-1)
+
+
+def _logreg_layout(c: int, d: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """Constants of `logreg_fit` for c classes in dimension d; features [x; 1], intercept last.
+
+    Returns Q [c, c-1] (class k < c-1 as itself, class c-1 as minus their sum), K [c*c, U] (the U
+    class pairs a <= b < c-1 to all c x c pairs: rows and columns of diag p - p p^T sum to 0),
+    gidx (gathers the [(k,i), (l,j)] Hessian, laid out as w [c, d+1], from K's output over the
+    columns [x_0 .. x_{d-1}, 1, x_i x_j for i <= j < d]) and the pairs.
+    """
+    e = d + 1
+    T = e + d * (d + 1) // 2  # sums of weight x_i, weight, weight x_i x_j (i <= j)
+    col = torch.empty(e, e, dtype=torch.long)  # column of the product [x; 1]_i [x; 1]_j
+    col[:, d] = col[d, :] = torch.arange(e)
+    iu, ju = torch.triu_indices(d, d)
+    col[iu, ju] = col[ju, iu] = e + torch.arange(iu.numel())
+    Q = torch.cat([torch.eye(c - 1), -torch.ones(1, c - 1)]).double()
+    ka, kb = torch.triu_indices(c - 1, c - 1)
+    U = ka.numel()
+    S = torch.zeros((c - 1) ** 2, U, dtype=torch.float64)  # symmetric pairs -> all (a, b)
+    S[ka * (c - 1) + kb, torch.arange(U)] = 1.0
+    S[kb * (c - 1) + ka, torch.arange(U)] = 1.0
+    k, i = torch.arange(c)[:, None, None, None], torch.arange(e)[None, :, None, None]
+    l, j = torch.arange(c)[None, None, :, None], torch.arange(e)[None, None, None, :]
+    gidx = ((k * c + l) * T + col[i, j]).reshape(-1)
+    dev, dt = like.device, like.dtype
+    return Q.to(dev, dt), (torch.kron(Q, Q) @ S).to(dev, dt), gidx.to(dev), list(zip(ka.tolist(), kb.tolist()))
+
+
+def logreg_fit(x: torch.Tensor, y: torch.Tensor, c: int, chunk_elems: int | None = None) -> torch.Tensor:
+    """The weights of `logreg` on every context.  x [P, M, d], y [P, M] -> w [P, c, d+1] (intercept last).
+
+    Each prompt runs its own Newton iteration w <- w - H^-1 g from w = 0 and stops at the first step
+    with max |step| < LOGREG_TOL (that step applied) or after LOGREG_ITERS steps: by quadratic
+    convergence the result is the unique minimiser to rounding, and it does not depend on which
+    prompts are fitted beside it.  Classes absent from a context have equal weights at the minimiser
+    (the objective is symmetric in them); they are set to their mean, so that they tie exactly.
+
+    The work per step and example is two small GEMMs over the examples, O((c-1)^2 d^2 / 4 + c d):
+
+    - H = L2 I + sum_m (diag p_m - p_m p_m^T) (x) [x_m; 1][x_m; 1]^T.  The rows and columns of
+      diag p - p p^T sum to 0, so its c x c blocks follow from the U = (c-1)c/2 pairs a <= b < c-1
+      (weights p_a delta_ab - p_a p_b); x x^T is symmetric, so a context keeps its d(d+1)/2
+      products x_i x_j (i <= j), computed once.  GEMMs: [U + c-1, M] @ [M, d+1] with [x; 1] gives
+      the pairs' sums of weight x_i and weight and the gradient's sum_m (p_a - y_a) [x_m; 1];
+      [U, M] @ [M, d(d+1)/2] the pairs' sums of weight x_i x_j.  A constant matrix (K) and a
+      gather expand them to the [c(d+1), c(d+1)] Hessian, Q to the [c, d+1] gradient.
+    - For c = 2 the probability of class 0 is sigmoid((w_0 - w_1) [x; 1]), the softmax's.
+    - Prompts go in chunks of about `chunk_elems` elements of the products (default
+      LOGREG_CHUNK_ELEMS); a chunk drops its converged prompts once they are half of it.
+    """
+    P, M, d = x.shape
+    e, D = d + 1, c * (d + 1)
+    T2 = d * (d + 1) // 2
+    Q, K, gidx, pairs = _logreg_layout(c, d, x)
+    U = len(pairs)
+    opts = dict(dtype=x.dtype, device=x.device)
+    classes = torch.arange(c - 1, device=x.device)[None, :, None]
+    out = torch.zeros(P, c, e, **opts)
+    per = max(1, (chunk_elems or LOGREG_CHUNK_ELEMS) // max(M * (e + T2), 1))
+    for s in range(0, P, per):
+        idx = torch.arange(s, min(P, s + per), device=x.device)
+        n = idx.numel()
+        xT = torch.empty(n, e, M, **opts)  # [x; 1] of every example, examples last
+        xT[:, :d] = x[s : s + n].transpose(1, 2)
+        xT[:, d] = 1.0
+        xx = torch.empty(n, T2, M, **opts)  # x_i x_j, i <= j < d
+        t = 0
+        for i in range(d):
+            torch.mul(xT[:, i : i + 1], xT[:, i:d], out=xx[:, t : t + d - i])
+            t += d - i
+        Y = (y[s : s + n, None, :] == classes).to(x.dtype)  # [n, c-1, M] one-hot, last class left out
+        w = torch.zeros(n, c, e, **opts)
+        active = torch.ones(n, dtype=torch.bool, device=x.device)
+        for _ in range(LOGREG_ITERS):
+            if c == 2:
+                p = torch.sigmoid((w[:, :1] - w[:, 1:]) @ xT)
+            else:
+                p = torch.softmax(w @ xT, 1)[:, : c - 1]
+            wts = torch.empty(n, U + c - 1, M, **opts)  # pair weights, then p - y
+            for r, (a, b) in enumerate(pairs):
+                if a == b:
+                    torch.mul(p[:, a], 1.0 - p[:, a], out=wts[:, r])
+                else:
+                    torch.mul(p[:, a], p[:, b], out=wts[:, r]).neg_()
+            torch.sub(p, Y, out=wts[:, U:])
+            R1 = wts @ xT.transpose(1, 2)  # [n, U + c-1, d+1]
+            R = torch.cat([R1[:, :U], wts[:, :U] @ xx.transpose(1, 2)], dim=2)  # [n, U, d+1 + T2]
+            H = (K @ R).reshape(n, -1)[:, gidx].reshape(n, D, D)
+            H.diagonal(dim1=1, dim2=2).add_(LOGREG_L2)
+            grad = (Q @ R1[:, U:]).add_(w, alpha=LOGREG_L2)
+            step = torch.linalg.solve(H, grad.reshape(n, D, 1)).reshape(n, c, e)
+            step.mul_(active[:, None, None])  # converged prompts stay where they stopped
+            w = w - step
+            active &= step.abs().amax((1, 2)) >= LOGREG_TOL
+            left = int(active.sum())
+            if left == 0:
+                break
+            if 2 * left <= n:  # drop the converged half of the chunk
+                out[idx[~active]] = w[~active]
+                idx, xT, xx, Y, w = idx[active], xT[active], xx[active], Y[active], w[active]
+                n = left
+                active = torch.ones(n, dtype=torch.bool, device=x.device)
+        out[idx] = w
+    unseen = torch.ones(P, c, dtype=torch.bool, device=x.device).scatter_(1, y, False)
+    tied = unseen & (unseen.sum(1, keepdim=True) > 1)
+    if bool(tied.any()):
+        mean = (out * tied[..., None]).sum(1, keepdim=True) / tied.sum(1)[:, None, None].clamp(min=1)
+        out = torch.where(tied[..., None], mean, out)
+    return out
 
 
 def per_prompt(p: torch.Tensor, p_star: torch.Tensor, pr: Prompts) -> dict[str, torch.Tensor]:

@@ -209,10 +209,11 @@ def _prefix_contexts(c: int, x: torch.Tensor, y: torch.Tensor, lengths: list[int
     counts = torch.zeros(p, c, dtype=x.dtype, device=x.device)
     sums = torch.zeros(p, c, d, dtype=x.dtype, device=x.device)
     xx = torch.zeros(p, d, d, dtype=x.dtype, device=x.device) if within else None
+    classes = torch.arange(c, device=y.device)
     out, prev = [], 0
     for m in lengths:
         xb = x[:, prev:m]
-        onehot = torch.nn.functional.one_hot(y[:, prev:m], c).to(x.dtype)
+        onehot = (y[:, prev:m, None] == classes).to(x.dtype)
         counts += onehot.sum(1)
         sums += onehot.transpose(1, 2) @ xb
         if within:

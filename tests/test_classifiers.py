@@ -143,3 +143,99 @@ def test_the_projected_lsa_keeps_g_and_drops_the_noise_off_the_line_of_lam_inv()
         assert tv[B]["lsa_projected"] < tv[B]["lsa"]  # the noise off the line only adds error
     drop = {e: tv[16384][e] / tv[131072][e] for e in tv[16384]}
     assert drop["lsa"] > 1.5 and drop["lsa_projected"] < drop["lsa"] / 1.3, drop  # the floor falls with B; the projection had less to lose
+
+
+def _newton_reference(x: np.ndarray, y: np.ndarray, c: int) -> np.ndarray:
+    """The logreg objective minimised for one prompt by a plain Newton loop: the Hessian as
+    sum_m (diag p - p p^T) kron x x^T, one example at a time.  x [M, d], y [M] -> w [c, d+1]."""
+    xt = np.hstack([x, np.ones((len(x), 1))])
+    e = xt.shape[1]
+    Y = np.eye(c)[y]
+    w = np.zeros((c, e))
+    for _ in range(100):
+        s = xt @ w.T
+        p = np.exp(s - s.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        g = (p - Y).T @ xt + classifiers.LOGREG_L2 * w
+        H = classifiers.LOGREG_L2 * np.eye(c * e)
+        for m in range(len(xt)):
+            H += np.kron(np.diag(p[m]) - np.outer(p[m], p[m]), np.outer(xt[m], xt[m]))
+        step = np.linalg.solve(H, g.reshape(-1)).reshape(c, e)
+        w -= step
+        if np.abs(step).max() < 1e-14:
+            break
+    return w
+
+
+def _objective_grad(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Autograd gradient of sum_m CE + L2 / 2 ||w||^2 at w, per prompt.  x [P, M, d] -> [P, c, d+1]."""
+    w = w.clone().requires_grad_(True)
+    xt = torch.cat([x, torch.ones_like(x[..., :1])], -1)
+    logp = torch.log_softmax(torch.einsum("pmi,pki->pmk", xt, w), -1)
+    loss = -logp.gather(-1, y[..., None]).sum() + 0.5 * classifiers.LOGREG_L2 * (w * w).sum()
+    return torch.autograd.grad(loss, w)[0]
+
+
+@pytest.mark.parametrize("d,c,snr", [(3, 2, 1.0), (3, 3, 1.0), (2, 4, 3.0)])
+def test_logreg_matches_a_plain_newton_per_prompt(d, c, snr):
+    """The batched fit (pair weights, x_i x_j products, per-prompt stopping) against one prompt at a
+    time, at M < d, small and larger M, and on a context with an empty class."""
+    task = GMMTask(d=d, c=c, snr=snr)
+    for M in (2, 5, 40, 300):
+        pr = _prompts(task, M, n=8, seed=M)
+        x, y = pr.ctx.x.clone(), pr.ctx.y.clone()
+        y[0] = torch.where(y[0] == c - 1, 0, y[0])  # prompt 0: the last class never seen
+        y[1] = torch.where(y[1] == 0, 1, y[1])  # prompt 1: the first class never seen
+        pr.ctx.x, pr.ctx.y = x, y
+        w = classifiers.logreg_fit(x, y, c)
+        p = classifiers.logreg(pr)
+        for i in range(8):
+            ref = _newton_reference(x[i].numpy(), y[i].numpy(), c)
+            np.testing.assert_allclose(w[i].numpy(), ref, rtol=0, atol=1e-10 * max(1.0, np.abs(ref).max()), err_msg=f"M={M} prompt {i}")
+            s = ref @ np.append(pr.xq[i].numpy(), 1.0)
+            np.testing.assert_allclose(p[i].numpy(), np.exp(s - s.max()) / np.exp(s - s.max()).sum(), rtol=0, atol=1e-10)
+        assert float(w[0, c - 1].abs().max()) > 0  # an unseen class still gets (shrunk) weights
+
+
+@pytest.mark.parametrize("d,c", [(2, 2), (4, 3)])
+def test_logreg_gradient_vanishes_at_the_fit(d, c):
+    """At the returned weights the objective's gradient (by autograd, independent of the fit's own
+    formulas) is zero to rounding, on quickstart-like contexts up to M = 1024."""
+    task = GMMTask(d=d, c=c, snr=2.0, cov="diag", kappa=2.0)
+    for M in (4, 64, 1024):
+        pr = _prompts(task, M, n=32)
+        w = classifiers.logreg_fit(pr.ctx.x, pr.ctx.y, c)
+        g = _objective_grad(pr.ctx.x, pr.ctx.y, w)
+        assert float(g.abs().max()) < 1e-12 * M, (M, float(g.abs().max()))
+        # and a step away from it is not: the check can fail
+        g_off = _objective_grad(pr.ctx.x, pr.ctx.y, w + 1e-6)
+        assert float(g_off.abs().max()) > 1e-7
+
+
+def test_logreg_does_not_depend_on_the_prompts_beside_it():
+    """Each prompt stops on its own step: fitting in chunks of 1, 3 or all prompts (which drops
+    converged prompts at different times) gives the same weights, and so does a subset."""
+    task = GMMTask(d=3, c=3, snr=1.5)
+    pr = _prompts(task, 50, n=40)
+    x, y = pr.ctx.x, pr.ctx.y
+    full = classifiers.logreg_fit(x, y, 3)
+    T = 10  # elements per example at d = 3: [x; 1] and the 6 products x_i x_j
+    for chunk in (1, 3 * 50 * T, 40 * 50 * T):
+        torch.testing.assert_close(classifiers.logreg_fit(x, y, 3, chunk_elems=chunk), full, rtol=0, atol=1e-13)
+    sub = torch.tensor([5, 17, 33])
+    torch.testing.assert_close(classifiers.logreg_fit(x[sub], y[sub], 3), full[sub], rtol=0, atol=1e-13)
+
+
+def test_logreg_unseen_classes_tie_exactly():
+    """Classes absent from a context have equal weights at the minimiser (the objective is symmetric
+    in them): the fit makes them bitwise equal, so their probabilities tie and argmax takes the first."""
+    task = GMMTask(d=3, c=4, snr=2.0, cov="rotated", kappa=4.0)
+    pr = _prompts(task, 6, n=64)
+    pr.ctx.y = pr.ctx.y % 2  # classes 2 and 3 never seen
+    w = classifiers.logreg_fit(pr.ctx.x, pr.ctx.y, 4)
+    assert torch.equal(w[:, 2], w[:, 3]) and not torch.equal(w[:, 0], w[:, 1])
+    p = classifiers.logreg(pr)
+    assert torch.equal(p[:, 2], p[:, 3])
+    for i in range(4):
+        ref = _newton_reference(pr.ctx.x[i].numpy(), pr.ctx.y[i].numpy(), 4)
+        np.testing.assert_allclose(w[i].numpy(), ref, rtol=0, atol=1e-10)
