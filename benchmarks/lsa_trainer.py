@@ -112,8 +112,7 @@ def literal_loss_and_grad(form: str, leaves: dict[str, torch.Tensor], Zs, B: int
     for Z, yq in Zs:
         W_PV, W_KQ = literal_matrices(form, leaves, d)
         logits = lsa.literal_prediction(W_PV, W_KQ, Z, n_label=1)  # [b, 1]
-        loss, _ = lsa.cross_entropy(logits, yq)
-        part = loss.sum() / B
+        part = F.binary_cross_entropy_with_logits(logits[:, 0], yq.to(logits.dtype), reduction="sum") / B
         part.backward()
         total += float(part.detach())
     return total

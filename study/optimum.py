@@ -59,7 +59,9 @@ def _loss_grad_hess(W: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch
                 p = torch.softmax(logits, dim=0)
                 pv = p[:, None] * Vc  # [c', d, b]
                 vbar = pv.sum(0)
-                m = torch.einsum("jab,jeb->aeb", pv, Vc) - vbar[:, None] * vbar[None]  # V^T (diag p - p p^T) V
+                m = -vbar[:, None] * vbar[None]  # V^T (diag p - p p^T) V, one class at a time
+                for j in range(c):
+                    m.addcmul_(pv[j][:, None], Vc[j][None])
             x2 = xc[:, None] * xc[None]  # x_q x_q^T: [d, d, b]
             H += m.reshape(d * d, -1) @ x2.reshape(d * d, -1).T
     if hess:
@@ -81,7 +83,7 @@ def empirical_optimum(
     Stops one full Newton step after the squared Newton decrement falls below 2 tol (quadratic
     convergence then leaves the iterate at float64 precision), or when no step decreases the loss. Shapes: V [B, c', d], xq [B, d], y [B], W0 [d, d].
     """
-    V, xq = V.double().permute(1, 2, 0), xq.double().T  # prompts last (a view when stored so, as Problem does)
+    V, xq = V.double().permute(1, 2, 0).contiguous(), xq.double().T.contiguous()  # prompts last (no copy when stored so, as Problem does)
     d = xq.shape[0]
     w = torch.zeros(d * d, dtype=torch.float64, device=V.device) if W0 is None else W0.double().reshape(-1).clone()
     if not torch.isfinite(w).all():

@@ -20,6 +20,7 @@ from study.optimum import empirical_optimum, local_rate, quadratic_subopt
 REFERENCE_FACTOR = 10  # full param: the reference optimum is GD run on to 10x the steps
 REFERENCE_GTOL = 1e-6  # full param: the reference counts as converged below this gradient norm
 CHUNK_BYTES = 4 << 20  # a chunk's share of the prompt statistics on the CPU (benchmarks/roofline.py)
+MIN_CHUNK = 512  # prompts
 
 
 @dataclass
@@ -127,10 +128,16 @@ def init_params(prob: Problem, param: str, init_scale: float = 0.0, gen: list[to
 
 
 def _chunks(prob: Problem, width: int) -> list[slice]:
-    """Equal chunks of prompts whose statistics (`width` numbers a prompt and member) fill about
-    CHUNK_BYTES on the CPU, so a chunk's temporaries stay in cache; one chunk on a GPU."""
+    """Equal chunks of prompts on the CPU: their statistics (`width` numbers a prompt and member)
+    fill about CHUNK_BYTES, so the step's second read comes from cache, but never fewer than
+    MIN_CHUNK prompts, so each operation stays long enough to amortise its fixed cost (wide
+    statistics, such as the full form's Gram matrices at d = 16, then read memory twice). One
+    chunk on a GPU."""
     B = prob.B
-    n = 1 if prob.V.device.type != "cpu" else max(1, -(-prob.S * width * prob.V.element_size() * B // CHUNK_BYTES))
+    if prob.V.device.type != "cpu":
+        return [slice(0, B)]
+    b = max(MIN_CHUNK, CHUNK_BYTES // (prob.S * width * prob.V.element_size()))
+    n = -(-B // b)
     b = -(-B // n)
     return [slice(s, s + b) for s in range(0, B, b)]
 
