@@ -206,6 +206,93 @@ def test_vectorised_em_equals_a_per_prompt_loop():
         torch.testing.assert_close(one.beta[0], f.beta[i], rtol=1e-9, atol=1e-12)
 
 
+def _em_reference(x, y, beta0, sigma, iters, tol):
+    """EM on ONE prompt with the textbook formulas, restart by restart and component by component.
+
+    x [M, d], y [M], beta0 [R, K, d]; sigma known or None (estimated). Each iteration: E-step at
+    the current parameters, M-step (weighted least squares with em.RIDGE, weights pi, sigma), then
+    stop once no restart's log-likelihood moved by tol. Returns beta [R, K, d], the final
+    log-likelihood of every restart [R] and the iterations run.
+    """
+    from study.em import RIDGE, SIGMA_FLOOR
+
+    M, d = x.shape
+    R, K, _ = beta0.shape
+    beta = beta0.clone()
+    pi = torch.full((R, K), 1.0 / K, dtype=x.dtype)
+    sig = torch.full((R,), sigma if sigma is not None else float(y.std().clamp(min=SIGMA_FLOOR)), dtype=x.dtype)
+
+    def e_step():
+        s2 = sig.clamp(min=SIGMA_FLOOR)[:, None, None] ** 2
+        logw = pi.log()[:, :, None] - (y - beta @ x.T) ** 2 / (2 * s2) - torch.log(2 * math.pi * s2) / 2  # [R, K, M]
+        lse = torch.logsumexp(logw, dim=1)
+        return lse.mean(-1), torch.exp(logw - lse[:, None])
+
+    prev = torch.full((R,), -math.inf, dtype=x.dtype)
+    it = 0
+    for it in range(1, iters + 1):
+        loglik, r = e_step()
+        for j in range(R):
+            for k in range(K):
+                w = r[j, k]
+                beta[j, k] = torch.linalg.solve(x.T @ (w[:, None] * x) + RIDGE * torch.eye(d, dtype=x.dtype), x.T @ (w * y))
+        pi = (r.sum(-1) / M).clamp(min=1e-12)
+        if sigma is None:
+            sig = ((r * (y - beta @ x.T) ** 2).sum((1, 2)) / M).sqrt().clamp(min=SIGMA_FLOOR)
+        if float((loglik - prev).abs().max()) < tol:
+            break
+        prev = loglik
+    return beta, e_step()[0], it
+
+
+@pytest.mark.parametrize("sigma", [0.5, None])
+def test_em_with_converging_prompts_equals_a_plain_reference(sigma):
+    """With tol > 0 prompts stop at different iterations and the vectorised fit drops them from its
+    working set as they do; every prompt's fit must still be the plain algorithm's on that prompt alone."""
+    from study import em
+
+    task = MORTask(d=3, K=2, snr=3.0, sigma=0.5)
+    P, M, R, iters, tol = 48, 40, 3, 200, 1e-6
+    p = sample_prompts(task, _cov(task), M, P, seed=1, stream="eval")
+    z = torch.randn(P, R, task.K, task.d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    beta0 = em.init_beta(p.x, p.y, z)
+    f = em.fit(p.x, p.y, beta0, sigma, iters, tol)
+    used, compared = [], 0
+    for i in range(P):
+        beta, loglik, it = _em_reference(p.x[i], p.y[i], beta0[i], sigma, iters, tol)
+        used.append(it)
+        top = loglik.topk(2).values
+        if float(top[0] - top[1]) < 1e-12:  # two restarts on one optimum: which is "best" is a rounding matter
+            continue
+        compared += 1
+        best = int(loglik.argmax())
+        torch.testing.assert_close(f.beta[i], beta[best], rtol=0, atol=1e-10)
+        torch.testing.assert_close(f.loglik[i], loglik[best], rtol=0, atol=1e-10)
+    assert compared >= P // 2, compared
+    assert min(used) < max(used) < iters and f.iterations == max(used), used  # the working set did shrink
+
+
+@pytest.mark.parametrize("grad_steps, sigma", [(0, 0.5), (0, None), (2, 0.5), (2, None)])
+def test_em_with_a_tolerance_equals_a_per_prompt_loop(grad_steps, sigma):
+    """EM and gradient EM, sigma known or estimated, with prompts converging at different iterations:
+    the vectorised fit equals em.fit on one prompt at a time (one restart, so no ties between restarts)."""
+    from study import em
+
+    task = MORTask(d=3, K=2, snr=3.0, sigma=0.5)
+    P, M, iters, tol = 40, 32, 80, 1e-7
+    p = sample_prompts(task, _cov(task), M, P, seed=2, stream="eval")
+    z = torch.randn(P, 1, task.K, task.d, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    beta0 = em.init_beta(p.x, p.y, z)
+    f = em.fit(p.x, p.y, beta0, sigma, iters, tol, grad_steps)
+    used = []
+    for i in range(P):
+        one = em.fit(p.x[i : i + 1], p.y[i : i + 1], beta0[i : i + 1], sigma, iters, tol, grad_steps)
+        used.append(one.iterations)
+        for name in ("beta", "pi", "sigma", "loglik"):
+            torch.testing.assert_close(getattr(one, name)[0], getattr(f, name)[i], rtol=0, atol=1e-10)
+    assert min(used) < max(used) and f.iterations == max(used), used
+
+
 def test_param_error_handles_permutations_and_sign():
     from study.em import param_error
 
