@@ -135,7 +135,7 @@ def calibrate(device: str = "cpu", threads: int = 1) -> Calibration:
     import torch
 
     from pipelines.runner import code_version
-    from study.trial import run_bundle
+    from study.trial import clear_shared_rows, run_bundle
 
     t0 = time.perf_counter()
     before = torch.get_num_threads()
@@ -146,6 +146,7 @@ def calibrate(device: str = "cpu", threads: int = 1) -> Calibration:
             bundle = [Run(TrialConfig.from_flat(flat), seed) for seed in range(n)]
             if i == 0:
                 run_bundle(bundle[:1], device)  # warm-up: lazy initialisation, first-call costs
+            clear_shared_rows()  # time the baselines too, as a first stack of their prompts pays them
             t = time.perf_counter()
             run_bundle(bundle, device)
             runs[flat["family"]].append((n, sum(flops(r) for r in bundle), time.perf_counter() - t))

@@ -48,8 +48,9 @@ class GMM:
         return out
 
     @staticmethod
-    def evaluate(cfg: TrialConfig, cov: Covariance, seed: int, estimators: dict[str, Any], device: Any) -> list[dict[str, Any]]:
-        shared = {name: classifiers.get(name) for name in cfg.estimators if name != "lsa_projected"}
+    def evaluate(cfg: TrialConfig, cov: Covariance, seed: int, estimators: dict[str, Any], device: Any, shared: bool = True) -> list[dict[str, Any]]:
+        """Rows of `estimators` and, with `shared`, of the configuration's own estimator list."""
+        shared = {name: classifiers.get(name) for name in cfg.estimators if name != "lsa_projected"} if shared else {}
         ests = {**shared, **estimators}
         within = any(getattr(e, "needs_within", False) for e in ests.values())
         batches = evaluation.gmm_batches(cfg.task, cov, seed, cfg.eval, within, device)
@@ -94,9 +95,11 @@ class MOR:
         return out
 
     @staticmethod
-    def evaluate(cfg: TrialConfig, cov: Covariance, seed: int, estimators: dict[str, Any], device: Any) -> list[dict[str, Any]]:
+    def evaluate(cfg: TrialConfig, cov: Covariance, seed: int, estimators: dict[str, Any], device: Any, shared: bool = True) -> list[dict[str, Any]]:
+        """Rows of `estimators` and, with `shared`, of the configuration's own estimator list."""
         built = {"em": lambda: regressors.em_estimator(cfg.eval), "gradient_em": lambda: regressors.em_estimator(cfg.eval, cfg.eval.gem_steps)}
-        shared = {name: regressors.ESTIMATORS[name] if name in regressors.ESTIMATORS else built[name]() for name in cfg.estimators if name != "lsa_opt"}
+        names = [name for name in cfg.estimators if name != "lsa_opt"] if shared else []
+        shared = {name: regressors.ESTIMATORS[name] if name in regressors.ESTIMATORS else built[name]() for name in names}
         batches = evaluation.mor_batches(cfg.task, cov, seed, cfg.eval, device)
         return evaluation.evaluate(batches, {**shared, **estimators}, regressors.oracle, regressors.per_prompt)
 

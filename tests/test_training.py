@@ -94,6 +94,40 @@ def test_bundle_with_divergent_member_reports_it():
     assert (runs[1].run_id, "bayes") in estimators  # the baselines are still measured
 
 
+@pytest.mark.parametrize("family", ["gmm", "mor"])
+def test_kept_baseline_rows_equal_a_fresh_evaluation(family, monkeypatch):
+    """A stack that meets evaluation prompts seen before (here: another B) takes the baselines'
+    rows from the process's memory: the same rows as evaluating them again, the models' own rows
+    still computed, and other prompts (another seed) not served from memory."""
+    from study import trial
+
+    base = dict(family=family, d=2, snr=1.0, N=10, steps=5, log_every=5, n_eval=64)
+    base.update(dict(c=3, M=[8, 32, "inf"]) if family == "gmm" else dict(K=2, sigma=0.5, M=[8, 32, "inf"], estimators=["oracle", "ridge", "em", "lsa_opt"], em_iters=10))
+    first = [Run(TrialConfig.from_flat({**base, "B": 128, "lr": 0.5}), s) for s in (0, 1)]
+    later = [Run(TrialConfig.from_flat({**base, "B": 256, "lr": 0.5}), s) for s in (0, 2)]
+
+    def rows(out):
+        return sorted((e["run_id"], e["estimator"], e["M"], e["metric"], e["value"], e["stderr"], e["n_prompts"]) for e in out.evals)
+
+    trial.clear_shared_rows()
+    fresh = rows(run_bundle(later))
+    trial.clear_shared_rows()
+    run_bundle(first)
+    assert len(trial._shared_rows) == 2
+    calls = []
+    evaluate = trial.FAMILIES[family].evaluate
+
+    def spy(*args, shared=True, **kw):
+        calls.append(shared)
+        return evaluate(*args, shared=shared, **kw)
+
+    monkeypatch.setattr(trial.FAMILIES[family], "evaluate", staticmethod(spy))
+    kept = rows(run_bundle(later))
+    assert kept == fresh
+    assert sorted(calls) == [False, True]  # seed 0 from memory (its model only), seed 2 evaluated in full
+    trial.clear_shared_rows()
+
+
 def test_full_param_first_step_is_the_reduced_step_and_training_decreases_the_loss():
     task = GMMTask(d=2, c=3, snr=1.0)
     prob = problem(task, N=10, B=500, lr=1.0, gram=True)
