@@ -56,7 +56,7 @@ MIN_TRIALS = typer.Option(sweeps.MIN_TRIALS, "--min-trials", min=1, help="spread
 
 def _plan(sw: sweeps.Sweep, store: Store, cal, trial_s: float, min_trials: int) -> tuple[list[sweeps.Bundle], set[str]]:
     done = store.done_runs() & {r.run_id for r in sw.runs}
-    return sw.bundles(skip=done, seconds=cal.seconds, trial_s=trial_s, min_trials=min_trials), done
+    return sw.bundles(skip=done, seconds=cal.seconds, trial_s=trial_s, min_trials=min_trials, shared=cal.shared_seconds), done
 
 
 @app.command()
@@ -91,12 +91,12 @@ def plan(
     typer.echo(f"  compute         ~{sum(cost.flops(r) for r in todo):.2g} flop to run (training, optimum, estimators; rough)")
     kinds = {cal.device: cal, **{c.device: c for c in cost.cached().values() if c.device != cal.device}}
     for i, c in enumerate(kinds.values()):
-        secs = sum(c.seconds(r) for r in todo)
+        secs = sum(sw.cost(b.runs, c.seconds, c.shared_seconds) for b in bundles)
         source = "cached calibration" if c in before.values() and not (c is cal and calibrate) else f"calibrated in {c.took_s:.1f}s"
         label = "  estimate        " if i == 0 else " " * 18
         typer.echo(f"{label}{c.device} ({c.threads} thread{'s' * (c.threads != 1)}): ~{_seconds(secs)} of trial compute ({source}, code {c.code})")
     cpus = os.cpu_count() or 1
-    typer.echo(f"  here            ~{_seconds(sum(cal.seconds(r) for r in todo) / cpus)} of wall on this machine's {cpus} CPUs, one trial per CPU, plus Ray's start")
+    typer.echo(f"  here            ~{_seconds(sum(sw.cost(b.runs, cal.seconds, cal.shared_seconds) for b in bundles) / cpus)} of wall on this machine's {cpus} CPUs, one trial per CPU, plus Ray's start")
 
 
 def _seconds(s: float) -> str:
@@ -178,7 +178,7 @@ def _run_locked(sw: sweeps.Sweep, st: Store, cal, trial_s: float, min_trials: in
     if not bundles:
         typer.echo("nothing to run")
         return None
-    return run_sweep(sw, st, bundles, *args, cost=lambda b: sum(cal.seconds(r) for r in b.runs))
+    return run_sweep(sw, st, bundles, *args, cost=lambda b: sw.cost(b.runs, cal.seconds, cal.shared_seconds))
 
 
 @app.command()

@@ -52,14 +52,26 @@ def _flops(cfg: TrialConfig) -> float:
     else:
         train = 4 * B * (D * D + 2 * D * d) * tr.steps * 10 + 2 * B * tr.N * D * D
     m_max = max(ev.finite_M, default=0)
-    per_prompt = m_max * d * (c1 + d)
-    if "logreg" in cfg.estimators:
-        k = t.c * (d + 1)
-        per_prompt += sum(10 * m * k * k for m in ev.finite_M)
-    for name in ("em", "gradient_em"):
-        if name in cfg.estimators:
-            per_prompt += sum(4 * ev.em_iters * ev.em_restarts * t.K * m * d * d for m in ev.finite_M)
-    return float(train + ev.n_eval * per_prompt)
+    return float(train + ev.n_eval * m_max * d * (c1 + d) + shared_flops(cfg))
+
+
+def shared_flops(cfg: TrialConfig) -> float:
+    """The part of `flops` that the configuration's baselines take (logistic regression, EM): runs
+    that share their evaluation prompts pay it once per process (`study.trial.SHARED_ROWS`)."""
+    if cfg.config_id not in _SHARED:
+        t, ev = cfg.task, cfg.eval
+        d, per_prompt = t.d, 0.0
+        if "logreg" in cfg.estimators:
+            k = t.c * (d + 1)
+            per_prompt += sum(10 * m * k * k for m in ev.finite_M)
+        for name in ("em", "gradient_em"):
+            if name in cfg.estimators:
+                per_prompt += sum(4 * ev.em_iters * ev.em_restarts * t.K * m * d * d for m in ev.finite_M)
+        _SHARED[cfg.config_id] = float(ev.n_eval * per_prompt)
+    return _SHARED[cfg.config_id]
+
+
+_SHARED: dict[str, float] = {}
 
 
 def run_bytes(cfg: TrialConfig) -> int:
@@ -102,6 +114,10 @@ class Calibration:
     def seconds(self, run: Run) -> float:
         fam = run.config.task.family
         return self.per_run_s[fam] + self.per_flop_s[fam] * flops(run)
+
+    def shared_seconds(self, run: Run) -> float:
+        """The part of `seconds(run)` that runs sharing its evaluation prompts pay once."""
+        return self.per_flop_s[run.config.task.family] * shared_flops(run.config)
 
 
 # small bundles that span the shapes of the shipped sweeps: (flat config, runs); two sizes per

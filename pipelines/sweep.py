@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import yaml
 
-from pipelines.cost import run_bytes, flops
+from pipelines.cost import flops, run_bytes, shared_flops
 from study.config import ConfigError, Run, TrialConfig, canonical_json, stable_hash, shape_key
 
 PART_KEYS = ("family", "fixed", "grid", "bundle_size")
@@ -36,6 +36,7 @@ TOP_LEVEL = {"name", "description", "seeds", "bundle_size", "parts", *PART_KEYS}
 DEFAULT_BUNDLE_SIZE = 32
 STACK_BYTES = 1 << 30  # training tensors of one stack stay under about 1 GiB
 TRIAL_S = 10.0  # estimated compute a Ray trial should carry (seconds)
+UNIT_TRIALS = 4  # stacks that share evaluation prompts stay in one trial up to this many TRIAL_S
 MIN_TRIALS = 32  # ... unless the sweep then spreads over fewer trials than this
 
 
@@ -91,51 +92,103 @@ class Sweep:
 
         A stack holds at most `bundle_size` runs (a part's own where it sets one) and about
         `STACK_BYTES` of training tensors. Inside a shape, runs that share evaluation prompts sit
-        next to each other so that one stack evaluates them in one pass.
+        next to each other so that one stack evaluates them in one pass; across shapes, stacks
+        whose runs share evaluation prompts (a B sweep) come one after the other.
         """
         groups: dict[tuple, list[Run]] = {}
         for r in self.runs:
             if r.run_id not in skip:
                 groups.setdefault(shape_key(r.config), []).append(r)
         sizes = dict(self.part_sizes)
-        prompts = {c.config_id: canonical_json([c.task.data_key(), c.eval.model_dump()]) for c in self.configs}
+        prompts = self._prompts
         out = []
         for runs in groups.values():
             runs.sort(key=lambda r: (prompts[r.config.config_id], r.seed))
             wanted = min(sizes.get(r.config.config_id, self.bundle_size) for r in runs)
             size = max(1, min(wanted, STACK_BYTES // run_bytes(runs[0].config)))
             out += [tuple(runs[i : i + size]) for i in range(0, len(runs), size)]
+        out.sort(key=lambda st: prompts[st[0].config.config_id])  # stable: shapes keep their order
         return out
 
-    def bundles(self, skip: set[str] = frozenset(), seconds: Callable[[Run], float] | None = None, trial_s: float = TRIAL_S, min_trials: int = MIN_TRIALS) -> list[Bundle]:
-        """The Ray trials of the runs not in `skip`: stacks packed until a trial carries `trial_s`.
+    @functools.cached_property
+    def _prompts(self) -> dict[str, str]:
+        """Per configuration, what decides its evaluation prompts (with the seed): its data and evaluation."""
+        return {c.config_id: canonical_json([c.task.family, c.task.data_key(), c.eval.model_dump(), list(c.estimators)]) for c in self.configs}
+
+    def units(self, skip: set[str] = frozenset(), seconds: Callable[[Run], float] | None = None, trial_s: float = TRIAL_S, shared: Callable[[Run], float] | None = None) -> list[tuple[Run, ...]]:
+        """Stacks grouped into the units that `bundles` packs: consecutive stacks whose runs share
+        evaluation prompts form one unit, so that one trial fits their baselines once, unless the
+        unit's estimate exceeds UNIT_TRIALS x trial_s (then each stack is a unit); with `trial_s`
+        0 every stack is a unit. `seconds` and `shared` as in `bundles`."""
+        seconds, shared = self._estimators(seconds, shared)
+        units: list[list[tuple[Run, ...]]] = []
+        for stack in self.stacks(skip):
+            keys = {self._key(r) for r in stack}
+            if units and trial_s > 0 and keys & {self._key(r) for st in units[-1] for r in st}:
+                units[-1].append(stack)
+            else:
+                units.append([stack])
+        out = []
+        for unit in units:
+            if len(unit) > 1 and self.cost([r for st in unit for r in st], seconds, shared) > UNIT_TRIALS * trial_s:
+                out += list(unit)
+            else:
+                out.append(tuple(r for st in unit for r in st))
+        return out
+
+    def bundles(
+        self,
+        skip: set[str] = frozenset(),
+        seconds: Callable[[Run], float] | None = None,
+        trial_s: float = TRIAL_S,
+        min_trials: int = MIN_TRIALS,
+        shared: Callable[[Run], float] | None = None,
+    ) -> list[Bundle]:
+        """The Ray trials of the runs not in `skip`: units of stacks packed until a trial carries `trial_s`.
 
         `seconds` estimates a run's compute (`pipelines.cost`; by default a flop count at a nominal
-        1 Gflop/s). Consecutive stacks are packed into one trial until its estimate reaches
-        min(trial_s, total / min_trials): each trial carries seconds of work, which amortises
-        Tune's per-trial cost, while the sweep still spreads over at least min(min_trials,
-        stacks) trials for the workers of a cluster. A stack is never split. The trials come
-        largest first, so that the last ones to start are the short ones.
+        1 Gflop/s) and `shared` the part of it that its baselines take, which runs sharing
+        evaluation prompts pay once (`study.trial.SHARED_ROWS`). Consecutive units (`units`:
+        stacks that share evaluation prompts stay together) are packed into one trial until its
+        estimate reaches min(trial_s, total / min_trials): each trial carries seconds of work,
+        which amortises Tune's per-trial cost, while the sweep still spreads over at least
+        min(min_trials, units) trials for the workers of a cluster. A unit is never split. The
+        trials come largest first, so that the last ones to start are the short ones.
+        `trial_s` 0 gives one stack per trial.
         """
-        seconds = seconds or (lambda r: flops(r) * 1e-9)
-        stacks = self.stacks(skip)
-        cost = [sum(seconds(r) for r in s) for s in stacks]
-        target = min(trial_s, sum(cost) / max(1, min_trials))
+        seconds, shared = self._estimators(seconds, shared)
+        units = self.units(skip, seconds, trial_s, shared)
+        costs = [self.cost(u, seconds, shared) for u in units]
+        target = min(trial_s, sum(costs) / max(1, min_trials))
         while True:
             out, runs, acc = [], [], 0.0
-            for stack, c in zip(stacks, cost):
-                runs += stack
+            for unit, c in zip(units, costs):
+                runs += unit
                 acc += c
                 if acc >= target:
                     out.append((acc, Bundle(tuple(runs))))
                     runs, acc = [], 0.0
             if runs:
                 out.append((acc, Bundle(tuple(runs))))
-            if len(out) >= min(min_trials, len(stacks)) or target <= 0:
+            if len(out) >= min(min_trials, len(units)) or target <= 0:
                 break
-            target /= 2  # uneven stacks packed into too few trials: pack less
+            target /= 2  # uneven units packed into too few trials: pack less
         out.sort(key=lambda x: -x[0])
         return [b for _, b in out]
+
+    @staticmethod
+    def _estimators(seconds, shared):
+        if seconds is None:
+            return (lambda r: flops(r) * 1e-9), (lambda r: shared_flops(r.config) * 1e-9)
+        return seconds, shared or (lambda r: 0.0)
+
+    def _key(self, r: Run) -> tuple[str, int]:
+        return self._prompts[r.config.config_id], r.seed
+
+    def cost(self, runs, seconds: Callable[[Run], float], shared: Callable[[Run], float]) -> float:
+        """Estimated compute of runs in one trial: their baselines once per set of evaluation prompts."""
+        once = {self._key(r): shared(r) for r in runs}
+        return sum(seconds(r) - shared(r) for r in runs) + sum(once.values())
 
 
 def shipped() -> dict[str, Path]:

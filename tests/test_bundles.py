@@ -34,7 +34,7 @@ def test_packing_keeps_every_run_once_and_never_splits_a_stack(trial_s, min_tria
         for r in b.runs:
             members.setdefault(of[r.run_id], set()).add(k)
     assert all(len(v) == 1 for v in members.values())
-    assert len(bundles) >= min(min_trials, len(stacks))
+    assert len(bundles) >= min(min_trials, len(sw.units(seconds=seconds, trial_s=trial_s)))
     cost = [sum(seconds(r) for r in b.runs) for b in bundles]
     assert cost == sorted(cost, reverse=True)  # largest first
 
@@ -47,6 +47,27 @@ def test_packing_amortises_small_stacks_up_to_the_target():
     assert len(bundles) < n_stacks / 2
     assert all(sum(seconds(r) for r in b.runs) >= total / 10 for b in bundles[:-1])
     assert len(sw.bundles(seconds=seconds, trial_s=0)) == n_stacks  # trial_s 0: one stack a trial
+
+
+def test_stacks_that_share_evaluation_prompts_go_to_one_trial():
+    """A B sweep: B is part of a stack's shape, not of its evaluation prompts. The stacks of one
+    set of prompts form one unit, so one trial fits their baselines (EM) once, and the estimate
+    counts the baselines once; a unit estimated above UNIT_TRIALS x trial_s is cut into stacks."""
+    from pipelines import sweep as sweeps
+
+    doc = {"name": "bs", "family": "mor", "fixed": {"d": 2, "K": 2, "N": 10, "lr": 0.1, "steps": 10, "M": [8, "inf"], "n_eval": 32, "estimators": ["oracle", "em"]},
+           "grid": {"snr": [1.0, 5.0], "B": [64, 128, 256]}, "seeds": 2, "bundle_size": 2}
+    sw = parse(doc)
+    assert len(sw.stacks()) == 6  # 3 shapes (B) x 2 snr, each stack 2 seeds
+    own, base = (lambda r: 1.0), (lambda r: 0.75)  # a run alone: 1 s, of which its baselines 0.75 s
+    units = sw.units(seconds=own, shared=base, trial_s=10.0)
+    assert len(units) == 2 and all(len({r.config.task.snr for r in u}) == 1 and len({r.config.train.B for r in u}) == 3 for u in units)
+    bundles = sw.bundles(seconds=own, shared=base, trial_s=10.0, min_trials=32)
+    assert sorted(len(b.runs) for b in bundles) == [6, 6]
+    # the estimate: 6 runs of 0.25 s own work, and the baselines of 2 seeds once: 3 s, not 6 s
+    assert sw.cost(units[0], own, base) == 6 * 0.25 + 2 * 0.75
+    assert len(sw.units(seconds=own, shared=base, trial_s=3.0 / sweeps.UNIT_TRIALS - 1e-9)) == 6
+    assert len(sw.units(seconds=own, shared=base, trial_s=0)) == 6
 
 
 def test_eta_scales_the_elapsed_time_by_the_estimated_work_left():
