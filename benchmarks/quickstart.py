@@ -5,11 +5,15 @@ app()" ...`, which is what the `icl-study` entry point does) and a fresh tempora
 
 1. `run quickstart --store TMP`: the whole sweep on the embedded local Ray (all cores, one
    trial per bundle, one torch thread per trial), timed from process start to exit (wall);
-2. `plan quickstart --store TMP` on the now complete store (import, sweep validation, store
-   scan, and the plan's own 0.2 s GEMM probe);
-3. `run quickstart --store TMP` again: "nothing to run" (import, validation, store scan).
+2. `fit --store TMP` and `report --store TMP`, each timed the same way: with (1) they are the
+   study part of the README's main command (run + fit + report; the set-up is the install);
+3. `plan quickstart --store TMP` on the now complete store (import, sweep validation, store
+   scan; it calibrates only if the cache has no calibration for this code version);
+4. `run quickstart --store TMP` again: "nothing to run" (import, validation, store scan).
 
-(2) and (3) are the fixed cost of the CLI and the store scan. Then the store's `trials` table is
+(3) and (4) are the fixed cost of the CLI and the store scan. `--root ROOT` runs another
+checkout's CLI (`PYTHONPATH=ROOT`, e.g. an older commit in a `git worktree`), so that running the
+script twice back to back gives a before/after on the same machine state. Then the store's `trials` table is
 read with pandas: its `wall_s` is each run's equal share of its bundle's wall time (training,
 optimum, evaluation; not the Parquet write), so the sum over runs is the trial compute. With
 cpus = os.cpu_count() cores (the embedded Ray's default), ideal wall = compute / cpus, and the
@@ -18,11 +22,12 @@ imports, Parquet I/O and load imbalance at the end cost. The longest bundle is a
 the wall whatever the scheduling. The machine may be shared and noisy: the shares are ratios
 measured in one run, the seconds are not comparable across runs.
 
-Run from the repository root (about 2-3 minutes on 2 cores):
+Run from the repository root (about 3 minutes on 2 cores):
 
     .venv/bin/python benchmarks/quickstart.py
     .venv/bin/python benchmarks/quickstart.py --out results/bench_quickstart.json
     .venv/bin/python benchmarks/quickstart.py --keep results/quickstart-bench   # keep the store there
+    .venv/bin/python benchmarks/quickstart.py --root /tmp/before                # another checkout's code
 """
 
 from __future__ import annotations
@@ -42,10 +47,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-c", "from pipelines.cli import app; app()"]
 
 
-def cli(*args: str) -> tuple[float, str]:
-    """Run `icl-study ARGS` in a fresh process; returns (wall seconds, stdout). Fails loudly."""
+def cli(*args: str, root: Path = ROOT) -> tuple[float, str]:
+    """Run `icl-study ARGS` of the checkout `root` in a fresh process; returns (wall seconds, stdout). Fails loudly."""
     t0 = time.perf_counter()
-    p = subprocess.run([*CLI, *args], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run([*CLI, *args], cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         sys.stderr.write(p.stdout + p.stderr)
@@ -84,6 +89,9 @@ def markdown(r: dict) -> str:
         f"| ideal wall = compute / CPUs | {r['ideal_wall_s']:.1f} s |",
         f"| **overhead share = 1 - ideal / wall** | **{r['overhead_share']:.0%}** |",
         f"| bundle wall: mean; min-max | {t['bundle_s_mean']:.1f} s; {t['bundle_s_min']:.1f}-{t['bundle_s_max']:.1f} s |",
+        f"| `fit` on the complete store | {r['fit_s']:.1f} s |",
+        f"| `report` on the fitted store | {r['report_s']:.1f} s |",
+        f"| **the study part of the README's command: run + fit + report** | **{r['wall_s'] + r['fit_s'] + r['report_s']:.1f} s** |",
         f"| `plan quickstart` on the complete store | {r['plan_s']:.1f} s |",
         f"| no-op rerun (`run quickstart`: nothing to run) | {r['noop_s']:.1f} s |",
     ]
@@ -97,17 +105,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sweep", default="quickstart", help="shipped sweep name or sweep file")
     ap.add_argument("--keep", type=Path, default=None, help="use this (new or empty) store directory and keep it")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON results here (default: print only)")
+    ap.add_argument("--root", type=Path, default=ROOT, help="run another checkout's CLI (e.g. an older commit in a `git worktree`) for a before/after")
     args = ap.parse_args(argv)
+    root = args.root.resolve()
     if args.keep and args.keep.exists() and any(args.keep.iterdir()):
         raise SystemExit(f"--keep {args.keep}: not empty; the benchmark needs a fresh store")
     tmp = Path(tempfile.mkdtemp(prefix="icl-bench-")) if args.keep is None else args.keep.absolute()
     try:
         store = str(tmp / "store") if args.keep is None else str(tmp)
         print(f"running icl-study run {args.sweep} --store {store} ...", file=sys.stderr, flush=True)
-        wall, out = cli("run", args.sweep, "--store", store)
+        wall, out = cli("run", args.sweep, "--store", store, root=root)
         done = [l for l in out.splitlines() if l.startswith("done:")]
-        plan_s, _ = cli("plan", args.sweep, "--store", store)
-        noop_s, noop_out = cli("run", args.sweep, "--store", store)
+        fit_s, _ = cli("fit", "--store", store, root=root)
+        report_s, _ = cli("report", "--store", store, root=root)
+        plan_s, _ = cli("plan", args.sweep, "--store", store, root=root)
+        noop_s, noop_out = cli("run", args.sweep, "--store", store, root=root)
         if "nothing to run" not in noop_out:
             raise SystemExit(f"the rerun found work to do:\n{noop_out}")
         stats = trial_stats(Path(store))
@@ -119,9 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
     ideal = stats["compute_s"] / cpus
     res = {
         "sweep": args.sweep, "wall_s": wall, "cpus": cpus, "ideal_wall_s": ideal, "overhead_share": 1 - ideal / wall,
-        "plan_s": plan_s, "noop_s": noop_s, "trials": stats, "cli_done_line": done[-1] if done else None,
+        "fit_s": fit_s, "report_s": report_s, "plan_s": plan_s, "noop_s": noop_s, "trials": stats,
+        "cli_done_line": done[-1] if done else None, "root": str(root),
     }
-    meta = {"affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
+    meta = {"root": str(root), "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
     return emit("quickstart", meta, res, markdown(res), args.out)
 
 
