@@ -1,4 +1,5 @@
-"""Fits of the laws with uncertainty, and the verdicts (theory.md section 5); numpy and scipy only.
+"""Fits of the laws with uncertainty, and the verdicts (theory.md section 5); numpy, and scipy.special
+for the t quantile (imported when first needed).
 
 Estimates (each with a 95% interval from a bootstrap that resamples seeds, the independent unit):
 - `exponent`: the leading exponent beta of y = A x^beta (1 + c x^-gamma), the law with its first
@@ -21,9 +22,9 @@ inconclusive limit on the interval's half-width (`bound_verdict`, `equality_verd
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
-from scipy import stats
 
 BOOTSTRAP = 1000
 LEVEL = 0.95
@@ -66,9 +67,21 @@ def _by_seed(x: np.ndarray, y: np.ndarray, seed: np.ndarray) -> tuple[np.ndarray
 
 
 def _resampled_means(table: np.ndarray, rng: np.random.Generator, reps: int) -> np.ndarray:
-    """The seed-averaged curve of `reps` resamples of the seeds (rows) with replacement: [reps, levels]."""
+    """The seed-averaged curve of `reps` resamples of the seeds (rows) with replacement: [reps, levels].
+
+    With 2 or more levels and fewer than 8 seeds, numpy's `table[draws].mean(axis=1)` adds the drawn
+    rows one after the other (the levels are its inner loop; a pairwise sum of fewer than 8 is that
+    sum too) and divides by the number of seeds: the same sum of the drawn rows, without the [reps,
+    seeds, levels] array, is the same number (tests/test_fits.py checks it against `mean(axis=1)`).
+    """
     n = table.shape[0]
-    return table[rng.integers(0, n, size=(reps, n))].mean(axis=1)
+    draws = rng.integers(0, n, size=(reps, n))
+    if table.ndim != 2 or table.shape[1] < 2 or n >= 8:
+        return table[draws].mean(axis=1)
+    total = table[draws[:, 0]]
+    for i in range(1, n):
+        total += table[draws[:, i]]
+    return total / n
 
 
 def _finite(boot: np.ndarray) -> np.ndarray:
@@ -87,19 +100,91 @@ def _interval(estimate: float, boot: np.ndarray, seeds: int) -> tuple[float, flo
     every S (tests/test_fits.py measures it).
     """
     se = float(np.std(boot, ddof=1)) * np.sqrt(seeds / (seeds - 1))
-    half = stats.t.ppf((1 + LEVEL) / 2, seeds - 1) * se
+    half = t_quantile(seeds - 1) * se
     if not np.isfinite(half):
         raise FitError("no finite interval")
     return estimate - half, estimate + half
 
 
+# scipy.stats.t.ppf(0.975, df) for df = 1..100, as scipy computes it (scipy.special.stdtrit, bit for
+# bit: tests/test_fits.py checks every one against scipy): the intervals need no scipy import (half a
+# second, more than all the fits of a small store)
+T_975 = (
+    12.706204736174694, 4.302652729749462, 3.1824463052837078, 2.7764451051977934, 2.5705818356363146,
+    2.4469118511449786, 2.364624251592784, 2.306004135204166, 2.262157162798205, 2.228138851986274,
+    2.200985160091639, 2.1788128296672284, 2.1603686564627913, 2.144786687917804, 2.131449545559776,
+    2.1199052992212546, 2.1098155778333156, 2.1009220402410382, 2.0930240544083087, 2.085963447265864,
+    2.0796138447276795, 2.0738730679040254, 2.0686576104190486, 2.0638985616280245, 2.0595385527532972,
+    2.0555294386428735, 2.0518305164802846, 2.0484071417952454, 2.045229642132703, 2.0422724563012378,
+    2.039513446396408, 2.0369333434601016, 2.0345152974493383, 2.0322445093177186, 2.030107928250343,
+    2.0280940009804502, 2.0261924630291093, 2.0243941639119694, 2.022690920036761, 2.021075390306273,
+    2.019540970441376, 2.0180817028184443, 2.016692199227824, 2.0153675744437636, 2.014103388880846,
+    2.012895598919429, 2.0117405137297655, 2.010634757624232, 2.0095752371292392, 2.008559112100761,
+    2.007583770315836, 2.006646805061688, 2.0057459953178687, 2.0048792881880564, 2.0040447832891455,
+    2.003240718847872, 2.002465459291007, 2.0017174841452356, 2.000995378088267, 2.0002978220142604,
+    1.999623584994939, 1.9989715170333788, 1.998340542520741, 1.997729654317693, 1.9971379083920038,
+    1.9965644189523117, 1.996008354025296, 1.9954689314298435, 1.9949454151072374, 1.994437111771186,
+    1.9939433678456255, 1.9934635666618719, 1.992997125889855, 1.992543495180932, 1.9921021540022417,
+    1.9916726096446642, 1.9912543953883846, 1.9908470688116906, 1.9904502102301285, 1.990063421254446,
+    1.9896863234569029, 1.989318557136572, 1.9889597801751624, 1.9886096669757083, 1.9882679074772216,
+    1.98793420623902, 1.9876082815890708, 1.9872898648311692, 1.986978699506281, 1.9866745407037683,
+    1.9863771544186177, 1.98608631695113, 1.9858018143458227, 1.985523441866604, 1.9852510035054978,
+    1.984984311522457, 1.9847231860139845, 1.9844674545084815, 1.9842169515864174, 1.9839715185235518,
+)
+
+
+@lru_cache(maxsize=None)
+def t_quantile(df: int, level: float = LEVEL) -> np.float64:
+    """The two-sided `level` quantile of Student's t with `df` degrees of freedom: scipy.stats'
+    `t.ppf((1 + level) / 2, df)`, the same number, from `T_975` or else scipy.special.stdtrit (what
+    t.ppf calls), imported only then; NaN unless df > 0, as t.ppf."""
+    if not df > 0:
+        return np.float64(np.nan)
+    if level == LEVEL and df == int(df) and df <= len(T_975):
+        return np.float64(T_975[int(df) - 1])
+    from scipy.special import stdtrit
+
+    return np.float64(stdtrit(df, (1 + level) / 2))
+
+
+def _linregress(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """slope, its standard error and r of the least-squares line, as scipy.stats.linregress
+    computes them (the same operations: np.cov with bias=1, r clipped to [-1, 1])."""
+    x, y = np.asarray(x), np.asarray(y)
+    if x.size == 0 or y.size == 0:
+        raise ValueError("Inputs must not be empty.")
+    if np.amax(x) == np.amin(x) and len(x) > 1:
+        raise ValueError("Cannot calculate a linear regression if all x values are identical")
+    n = len(x)
+    ssxm, ssxym, _, ssym = np.cov(x, y, bias=1).flat
+    if ssxm == 0.0 or ssym == 0.0:
+        r = np.asarray(np.nan if ssxym == 0 else 0.0)[()]
+    else:
+        r = ssxym / np.sqrt(ssxm * ssym)
+        if r > 1.0:
+            r = 1.0
+        elif r < -1.0:
+            r = -1.0
+    slope = ssxym / ssxm
+    stderr = 0.0 if n == 2 else np.sqrt((1 - r**2) * ssym / ssxm / (n - 2))
+    return slope, stderr, r
+
+
 def _bootstrapped(statistic, table: np.ndarray, rng: np.random.Generator | None) -> tuple[float, float, float]:
     """A statistic of the seed-averaged curve (rows -> values) with its seed-bootstrap t interval."""
-    estimate = float(statistic(table.mean(axis=0)[None])[0])
+    estimate = _checked(statistic(table.mean(axis=0)[None])[0])
+    return _with_interval(estimate, statistic(_resampled_means(table, rng or np.random.default_rng(0), BOOTSTRAP)), len(table))
+
+
+def _checked(estimate) -> float:
+    estimate = float(estimate)
     if not np.isfinite(estimate):
         raise FitError("the fit fails on the seed-averaged curve (a mean at or below 0)")
-    boot = _finite(statistic(_resampled_means(table, rng or np.random.default_rng(0), BOOTSTRAP)))
-    return (estimate, *_interval(estimate, boot, len(table)))
+    return estimate
+
+
+def _with_interval(estimate: float, boot: np.ndarray, seeds: int) -> tuple[float, float, float]:
+    return (estimate, *_interval(estimate, _finite(boot), seeds))
 
 
 def _log(curves: np.ndarray) -> np.ndarray:
@@ -128,22 +213,41 @@ def _corrected_fits(levels: np.ndarray, curves: np.ndarray, gamma: float) -> np.
     Variable projection: for fixed u the law is linear in (log A, beta), so the residual is scanned
     over u on `U_GRID` for every row at once and the best grid step refined by golden section.
     Global over u, no starting point. NaN where a row is not positive.
+
+    Each row's fit is its own (elementwise arithmetic, reductions along a row's levels, one matrix-
+    vector product per row of the same shape whatever the number of rows), so a row that repeats
+    (a bootstrap over a few seeds draws the same resample many times) is fitted once, and the rows
+    are fitted together in blocks of `BLOCK`; the answer is the same, bit for bit, as a row alone.
     """
-    if len(curves) > 200:  # bounded temporaries: [rows, grid, levels]
-        return np.concatenate([_corrected_fits(levels, curves[i : i + 200], gamma) for i in range(0, len(curves), 200)])
+    curves = np.asarray(curves, dtype=float)
+    if curves.ndim != 2 or len(curves) < 2:
+        return _corrected_block(levels, curves, gamma)
+    keys = np.ascontiguousarray(curves).view(np.dtype((np.void, curves.itemsize * curves.shape[1])))[:, 0]
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    unique = curves[first]
+    beta = np.concatenate([_corrected_block(levels, unique[i : i + BLOCK], gamma) for i in range(0, len(unique), BLOCK)])
+    return beta[inverse.reshape(-1)]
+
+
+BLOCK = 512  # rows fitted at once: bounded temporaries, [rows, grid, levels]
+
+
+def _corrected_block(levels: np.ndarray, curves: np.ndarray, gamma: float) -> np.ndarray:
     lx = np.log(levels) - np.log(levels).mean()
     sxx = lx @ lx
     ly = _log(curves)
     s = (levels[0] / levels) ** gamma
 
     def fit(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # u [R, K] -> beta, rss [R, K]
-        z = ly[:, None, :] - np.log1p(u[..., None] * s)
+        return _projected(ly[:, None, :] - np.log1p(u[..., None] * s))
+
+    def _projected(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         z = z - z.mean(axis=-1, keepdims=True)
         b = z @ lx / sxx
         return b, (z * z).sum(-1) - b * b * sxx
 
-    _, scan = fit(np.broadcast_to(U_GRID, (len(ly), len(U_GRID))))
-    g = np.argmin(np.where(np.isfinite(scan), scan, np.inf), axis=1)
+    # the scan's log1p(u s) is the same for every row: once per grid point, not once per row
+    g = _scan_argmin(ly, np.log1p(U_GRID[:, None] * s), lx, sxx, _projected)
     step = U_GRID[1] - U_GRID[0]
     lo, hi = np.maximum(U_GRID[g] - step, U_GRID[0]), np.minimum(U_GRID[g] + step, U_GRID[-1])
     ratio = (np.sqrt(5) - 1) / 2
@@ -153,6 +257,37 @@ def _corrected_fits(levels: np.ndarray, curves: np.ndarray, gamma: float) -> np.
         hi, lo = np.where(fc < fd, d, hi), np.where(fc < fd, lo, c)
     beta, _ = fit(((lo + hi) / 2)[:, None])
     return np.where(np.isfinite(ly).all(axis=1), beta[:, 0], np.nan)
+
+
+SCAN_SLACK = 1e-10  # relative to L^2 (1 + Z^2): the bound used on |approximate - computed residual|
+
+
+def _scan_argmin(ly: np.ndarray, table: np.ndarray, lx: np.ndarray, sxx: float, projected) -> np.ndarray:
+    """The grid step of least residual for each row: `np.argmin` of the residuals
+    `projected(ly[:, None, :] - table)[1]` (non-finite ones as inf), without computing them all.
+
+    The residual at grid step g is |c|^2 - (c . lx)^2 / sxx with c = a - t_g, a and t_g the centred
+    rows of ly and of the table: expanded, it is a matrix product for all rows and steps at once.
+    In floating point the expansion and the direct computation each stay within a few tens of
+    L^2 eps Z^2 of the exact residual (Z = max |ly| + max |table|, eps = 2^-53; measured: below
+    0.2 L^2 eps Z^2), and `SCAN_SLACK` L^2 (1 + Z^2) is about 10^6 L^2 eps Z^2. A row whose
+    approximate minimum is below every other step's by more than twice that has its argmin there,
+    the same as the direct computation's; the other rows (near-ties, non-finite values) get the
+    direct computation. The argmin is the same as scanning every row directly.
+    """
+    L = ly.shape[1]
+    with np.errstate(invalid="ignore", over="ignore"):
+        a = ly - ly.mean(axis=1, keepdims=True)
+        t = table - table.mean(axis=1, keepdims=True)
+        approx = (a * a).sum(axis=1)[:, None] - 2 * (a @ t.T) + (t * t).sum(axis=1) - ((a @ lx)[:, None] - t @ lx) ** 2 / sxx
+        slack = SCAN_SLACK * L * L * (1 + (np.abs(ly).max(axis=1) + np.abs(table).max()) ** 2)
+        best = np.argmin(approx, axis=1)
+        near = (approx <= (approx[np.arange(len(ly)), best] + 2 * slack)[:, None]).sum(axis=1)
+    direct = np.flatnonzero(~(np.isfinite(approx).all(axis=1) & np.isfinite(ly).all(axis=1) & (near == 1)))
+    if len(direct):
+        _, scan = projected(ly[direct, None, :] - table)
+        best[direct] = np.argmin(np.where(np.isfinite(scan), scan, np.inf), axis=1)
+    return best
 
 
 def _check(x: np.ndarray, seed: np.ndarray, need: int) -> None:
@@ -184,6 +319,17 @@ def exponent(x, y, seed, correction: float | None = 1.0, floor=None, rng: np.ran
     With fewer than `MIN_CORRECTED` levels the estimate is NaN (no verdict can rest on it) and the
     note says so. `floor` (per point, e.g. each seed's value at x = inf) is subtracted first.
     """
+    start = _exponent_start(x, y, seed, correction, floor, rng)
+    if isinstance(start, Estimate):
+        return start
+    levels, table, plain, rng = start
+    return _corrected_estimate(levels, correction, plain, *_bootstrapped(lambda c: _corrected_fits(levels, c, correction), table, rng))
+
+
+def _exponent_start(x, y, seed, correction: float | None, floor, rng: np.random.Generator | None) -> Estimate | tuple:
+    """`exponent` up to the corrected law's bootstrap: the Estimate when there is no corrected law
+    to fit, else (levels, seeds x levels table, plain slope, the generator, its next draws the
+    corrected law's resamples)."""
     x, y, seed = (np.asarray(v, dtype=float) for v in (x, y, seed))
     _check(x, seed, 3)
     if floor is not None:
@@ -200,8 +346,49 @@ def exponent(x, y, seed, correction: float | None = 1.0, floor=None, rng: np.ran
     if len(levels) < MIN_CORRECTED:
         note = f"{len(levels)} levels: the corrected law needs {MIN_CORRECTED}; the plain slope is {plain:.3f} [{plo:.3f}, {phi:.3f}]"
         return Estimate(np.nan, np.nan, np.nan, len(levels), window, "corrected-power-law+seed-bootstrap-t", plain=plain, note=note)
-    est, lo, hi = _bootstrapped(lambda c: _corrected_fits(levels, c, correction), table, rng)
+    return levels, table, plain, rng
+
+
+def _corrected_estimate(levels: np.ndarray, correction: float, plain: float, est: float, lo: float, hi: float) -> Estimate:
+    window = (float(levels[0]), float(levels[-1]))
     return Estimate(est, lo, hi, len(levels), window, f"corrected-power-law(x^-{correction:g})+seed-bootstrap-t", plain=plain)
+
+
+def exponents(requests: list[tuple]) -> list[Estimate | FitError]:
+    """`exponent(x, y, seed, correction, floor)` of each request (each with its own generator,
+    default_rng(0), as `exponent` without `rng`), the Estimate or the FitError in its place.
+
+    The same numbers as one call per request: the corrected law is fitted to the seed-averaged
+    curve and the resamples of every request with the same levels and correction in one
+    `_corrected_fits` (a row's fit is its own, whatever the rows beside it), which saves the fixed
+    cost of a fit (the grid scan and golden-section steps) per request.
+    """
+    out: list[Estimate | FitError | None] = []
+    pending: dict[tuple, list] = {}
+    for x, y, seed, correction, floor in requests:
+        try:
+            start = _exponent_start(x, y, seed, correction, floor, None)
+        except FitError as err:
+            out.append(err)
+            continue
+        if isinstance(start, Estimate):
+            out.append(start)
+            continue
+        levels, table, plain, rng = start
+        rows = np.concatenate([table.mean(axis=0)[None], _resampled_means(table, rng, BOOTSTRAP)])
+        pending.setdefault((levels.tobytes(), float(correction)), []).append((len(out), levels, correction, plain, len(table), rows))
+        out.append(None)
+    for batch in pending.values():
+        levels, correction = batch[0][1], batch[0][2]
+        beta = _corrected_fits(levels, np.concatenate([b[-1] for b in batch]), correction)
+        at = 0
+        for i, levels, correction, plain, seeds, rows in batch:
+            fitted, at = beta[at : at + len(rows)], at + len(rows)
+            try:
+                out[i] = _corrected_estimate(levels, correction, plain, *_with_interval(_checked(fitted[0]), fitted[1:], seeds))
+            except FitError as err:
+                out[i] = err
+    return out
 
 
 def _largest_log_increase(curves: np.ndarray) -> np.ndarray:
@@ -236,15 +423,15 @@ def rate(steps, values, floor: float = 1e-13, start: float | None = None, square
     t, v = t[keep], v[keep]
     if len(t) < 3:
         raise FitError(f"needs at least 3 points above the floor {floor:g} in the window, got {len(t)}")
-    res = stats.linregress(t, np.log(v))
-    q = stats.t.ppf((1 + LEVEL) / 2, len(t) - 2)
-    lo, hi = res.slope - q * res.stderr, res.slope + q * res.stderr
+    slope, stderr, r = _linregress(t, np.log(v))
+    q = t_quantile(len(t) - 2)
+    lo, hi = slope - q * stderr, slope + q * stderr
     late = t >= t[len(t) // 2]  # at least 2 of the >= 3 points
     s_late = float(np.polyfit(t[late], np.log(v[late]), 1)[0])
     lo, hi = min(lo, s_late), max(hi, s_late)
     power = 0.5 if squared else 1.0
     rho = lambda s: float(np.exp(power * s))  # noqa: E731
-    return Estimate(rho(res.slope), rho(lo), rho(hi), len(t), (float(t[0]), float(t[-1])), "log-linear-ols+late-half", float(res.rvalue**2))
+    return Estimate(rho(slope), rho(lo), rho(hi), len(t), (float(t[0]), float(t[-1])), "log-linear-ols+late-half", float(r**2))
 
 
 def _above(steps, values, floor: float, *others) -> tuple[np.ndarray, ...]:

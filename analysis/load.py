@@ -14,10 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from pipelines.location import Location, LocationError, check_bucket, explain, locate
 
@@ -90,26 +92,76 @@ def _read(loc: Location, table: str, filters: dict[str, Any] | None, skipped: li
     paths = [i.path for i in list_files(loc, table)]
     paths = [p for p in paths if wanted is None or p.rsplit("/", 2)[-2].split("=", 1)[1] in wanted]
 
-    def one(path: str) -> pd.DataFrame | str:
+    def one(path: str) -> tuple[str, pa.Table] | str:
         family = path.rsplit("/", 2)[-2].split("=", 1)[1]
+        if not filters:  # the whole file: one read, without a dataset's discovery and scan
+            try:
+                return family, pq.ParquetFile(path, filesystem=loc.fs).read()
+            except (OSError, ValueError):
+                pass  # read again below, for the dataset reader's own message
         try:
             data = ds.dataset(path, format="parquet", filesystem=loc.fs)
         except (OSError, ValueError) as err:
             return f"{path}: {err}"
         expr = _filter(filters, data.schema.names)
         try:
-            frame = data.to_table(filter=expr).to_pandas()
+            return family, data.to_table(filter=expr)
         except (pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:
             raise ValueError(f"filters {filters}: {err}") from None  # the caller's filter, not the file
         except (OSError, ValueError) as err:
             return f"{path}: {err}"
-        return frame.assign(family=family)
 
     with ThreadPoolExecutor(READERS) as pool:
         results = list(pool.map(one, paths))
     skipped += [r for r in results if isinstance(r, str)]
-    frames = [r for r in results if not isinstance(r, str)]
+    read = [(path, *r) for path, r in zip(paths, results) if not isinstance(r, str)]
+    if _concatenable([t for _, _, t in read]):  # one conversion to pandas for all the files
+        try:
+            frame = pa.concat_tables([t for _, _, t in read]).to_pandas()
+        except (OSError, ValueError, pa.ArrowException):
+            frame = None
+        if frame is not None:
+            frame["family"] = _labels([f for _, f, _ in read], [t.num_rows for _, _, t in read])
+            return frame
+    frames = []
+    for path, family, t in read:
+        try:
+            frame = t.to_pandas()
+        except (OSError, ValueError) as err:
+            skipped.append(f"{path}: {err}")
+            continue
+        frame["family"] = family  # the frame is this reader's own: no copy (assign copied every column)
+        frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _plain_type(t: pa.DataType) -> bool:
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        t = t.value_type
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_timestamp(t) or pa.types.is_null(t)
+
+
+def _concatenable(tables: list[pa.Table]) -> bool:
+    """Whether the files' tables, concatenated and converted once, give the frame that converting
+    each and concatenating the frames gives: one schema (no pandas metadata, no dictionaries or
+    other types whose conversion depends on the file) and no empty file (pandas drops an empty
+    frame's dtypes from the concatenation)."""
+    if len(tables) < 2:
+        return False
+    schema = tables[0].schema
+    return (
+        not (schema.metadata or {}).get(b"pandas")
+        and all(_plain_type(f.type) for f in schema)
+        and all(t.num_rows > 0 and t.schema.equals(schema, check_metadata=True) for t in tables)
+    )
+
+
+def _labels(families: list[str], rows: list[int]) -> pd.api.extensions.ExtensionArray:
+    """The `family` column of files concatenated: each file's family, of the dtype a frame gives a
+    column set to one string."""
+    probe = pd.DataFrame(index=pd.RangeIndex(1))
+    probe["family"] = families[0]
+    return pd.array(np.repeat(np.array(families, dtype=object), rows), dtype=probe["family"].dtype)
 
 
 def load(store: str | os.PathLike | Location, tables: tuple[str, ...] = TABLES, filters: dict[str, Any] | None = None) -> Loaded:

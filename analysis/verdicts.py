@@ -41,19 +41,23 @@ def _plain(v: Any) -> Any:
     return list(v) if isinstance(v, tuple) else v
 
 
+LISTY = (list, tuple, np.ndarray)
+
+
+def _tuple(v: list | tuple | np.ndarray) -> tuple:
+    """tuple(v); a 1-d object array (a list of strings) by way of tolist, the same objects, faster."""
+    return tuple(v.tolist()) if isinstance(v, np.ndarray) and v.dtype == object and v.ndim == 1 else tuple(v)
+
+
 def _hashable(df: pd.DataFrame) -> pd.DataFrame:
     """List-valued columns (pi, the trials' M grid, estimators) as tuples, so that they can be grouped."""
-    listy = lambda v: isinstance(v, (list, tuple, np.ndarray))  # noqa: E731
-    out = {c: df[c].map(lambda v: tuple(v) if listy(v) else v) for c in df.columns if df[c].dtype == object and df[c].map(listy).any()}
+    out = {}
+    for c in df.columns:
+        if df[c].dtype == object:
+            values = df[c].to_numpy()
+            if any(isinstance(v, LISTY) for v in values):
+                out[c] = pd.Series([_tuple(v) if isinstance(v, LISTY) else v for v in values], index=df.index, dtype=object)
     return df.assign(**out) if out else df
-
-
-def _derive(claim: Claim, df: pd.DataFrame) -> pd.DataFrame:
-    """Add the derived columns (the [K] regime, M / d) the claim filters on."""
-    wanted = {c: f for c, f in DERIVED.items() if c in claim.where and c not in df}
-    if not wanted or df.empty or not {"snr", "d", "M"} <= set(df.columns):
-        return df
-    return df.assign(**{c: f(df) for c, f in wanted.items()})
 
 
 def _in_regime(claim: Claim, df: pd.DataFrame, own_only: bool = False) -> pd.DataFrame:
@@ -80,14 +84,60 @@ def _levels(values: pd.Series) -> str:
     return ", ".join(map(show, v)) if len(v) <= 8 else f"{show(v[0])} .. {show(v[-1])} ({len(v)} values)"
 
 
-def _select(claim: Claim, tables: dict[str, pd.DataFrame], window: bool = True) -> tuple[pd.DataFrame, str]:
-    """The claim's rows in its regime (and window) with the metric as column `y`, or no rows and the reason."""
+class _Family:
+    """The rows of one family of a table (the positions of `table[table.family == family]`) and
+    their columns, each taken once, when first read (`cache` keeps them for the next claim)."""
+
+    def __init__(self, table: pd.DataFrame, family: str):
+        self.table = table
+        self.at = np.flatnonzero((table["family"] == family).to_numpy(dtype=bool, na_value=False))
+        self.columns: dict[str, pd.Series] = {}
+
+    def __getitem__(self, column: str) -> pd.Series:
+        if column not in self.columns:
+            self.columns[column] = self.table[column].iloc[self.at]
+        return self.columns[column]
+
+
+def _family(tables: dict[str, pd.DataFrame], table: str, family: str, cache: dict | None) -> _Family:
+    key = (table, family)
+    if cache is None:
+        return _Family(tables[table], family)
+    if key not in cache:
+        cache[key] = _Family(tables[table], family)
+    return cache[key]
+
+
+def _kept(mask: pd.Series) -> np.ndarray:
+    """The positions where a filter's mask is true (a missing value is not)."""
+    return np.flatnonzero(mask.to_numpy(dtype=bool, na_value=False))
+
+
+# result and bookkeeping columns the evaluation of a claim reads (the configuration columns it reads all)
+READ = ("run_id", "seed", "status", "estimator", "step", "opt_loss", "rho_theory", "subopt_theory")
+
+
+def _per_run_columns(claim: Claim) -> tuple[str, ...]:
+    """The columns a per-run claim (a rate, a curve) reads besides y: the curve, the run's optimum
+    and predicted rate, and the fields that label the run."""
+    return ("run_id", "step", "status", "opt_loss", "rho_theory", "subopt_theory", "seed", *GROUPS[claim.family], "N", "lr")
+
+
+def _select(claim: Claim, tables: dict[str, pd.DataFrame], window: bool = True, cache: dict | None = None, narrow: bool = False) -> tuple[pd.DataFrame, str]:
+    """The claim's rows in its regime (and window) with the metric as column `y`, or no rows and the reason.
+
+    The filters run one after the other on the rows that passed the ones before (a test sees the
+    rows it always saw), each on the column it reads; the selected rows are copied once, at the
+    end. `cache` (a dict) keeps each table's family rows for the next claim. `narrow`: of the
+    columns that are not configuration (`NOT_CONFIG`), only those `evaluate` reads (`READ`, y and
+    the derived ones); for a per-run claim only the columns it reads (`_per_run_columns`).
+    """
     df = tables.get(claim.table, pd.DataFrame())
     if df.empty or "family" not in df:
         return pd.DataFrame(), f"the store has no {claim.table} table"
-    df = df[df["family"] == claim.family]
-    if df.empty:
-        return df, f"the store has no {claim.family} runs"
+    family = _family(tables, claim.table, claim.family, cache)
+    if not len(family.at):
+        return df.iloc[:0], f"the store has no {claim.family} runs"
     needed = [claim.x, "status", "seed", "run_id", *(c for c in claim.where if c not in DERIVED), *claim.group]
     needed += ["rho_theory", "opt_loss", "step"] if claim.law == "rate" else []
     needed += ["subopt_theory", "opt_loss"] if claim.law == "curve" else []
@@ -96,22 +146,38 @@ def _select(claim: Claim, tables: dict[str, pd.DataFrame], window: bool = True) 
     missing = sorted({c for c in needed if c not in df})
     if missing:
         return pd.DataFrame(), f"the {claim.table} table has no column {', '.join(missing)}{_older(missing)}"
+    rows = np.arange(len(family.at))  # positions among the family's rows of the rows still in
     if claim.table == "evals":
-        df = df[(df["metric"] == claim.metric) & df["estimator"].isin([claim.estimator, claim.baseline])]
-        if df.empty:
-            return df, f"no {claim.estimator} rows of metric {claim.metric}"
-        df = df.assign(y=df["value"])
-    else:
-        df = df.assign(y=df[claim.metric])
-    df = _in_regime(claim, _derive(claim, df))
-    if df.empty:
-        return df, f"no {claim.family} rows of {claim.table}.{claim.metric} in this claim's regime"
+        rows = _kept((family["metric"] == claim.metric) & family["estimator"].isin([claim.estimator, claim.baseline]))
+        if not len(rows):
+            return df.iloc[:0], f"no {claim.estimator} rows of metric {claim.metric}"
+    source = "value" if claim.table == "evals" else claim.metric
+    derived = {}  # the derived columns (the [K] regime, M / d) the claim filters on, of the rows still in
+    if any(c in claim.where and c not in df for c in DERIVED) and {"snr", "d", "M"} <= set(df.columns):
+        inputs = pd.DataFrame({c: family[c].iloc[rows] for c in ("snr", "d", "M")})
+        derived = {c: f(inputs) for c, f in DERIVED.items() if c in claim.where and c not in df}
+    for column, test in claim.where.items():
+        if len(rows):
+            keep = _kept(test(derived[column] if column in derived else family[column].iloc[rows]))
+            rows = rows[keep]
+            derived = {c: v.iloc[keep] for c, v in derived.items()}
+    if not len(rows):
+        return df.iloc[:0], f"no {claim.family} rows of {claim.table}.{claim.metric} in this claim's regime"
     if window:
-        inside = _in_window(claim, df)
-        if inside.empty:
-            return inside, f"no rows in the window {claim.window} (the data has {claim.x} = {_levels(df[claim.x])})"
-        df = inside
-    return _hashable(df), ""
+        x = family[claim.x].iloc[rows]
+        lo = family[claim.x_min].iloc[rows] if isinstance(claim.x_min, str) else claim.x_min
+        keep = _kept((x >= lo) & (x <= claim.x_max))
+        if not len(keep):
+            return df.iloc[:0], f"no rows in the window {claim.window} (the data has {claim.x} = {_levels(x)})"
+        rows = rows[keep]
+        derived = {c: v.iloc[keep] for c, v in derived.items()}
+    at = family.at[rows]
+    if narrow and claim.law in ("rate", "curve"):
+        keep = [c for c in df.columns if c in _per_run_columns(claim)]
+    else:
+        keep = [c for c in df.columns if not narrow or c not in NOT_CONFIG or c in READ]
+    out = (df[keep] if len(keep) < len(df.columns) else df).iloc[at]
+    return _hashable(out.assign(y=df[source].iloc[at], **derived)), ""
 
 
 SCHEMA_3 = {"opt_g", "opt_noise", "final_dist_theory", "subopt_theory"}
@@ -125,7 +191,23 @@ def _older(missing: list[str]) -> str:
 
 def varying(df: pd.DataFrame, skip: tuple[str, ...] | set[str] = ()) -> list[str]:
     """The configuration columns of df (not results, not `skip`) that take more than one value."""
-    return [c for c in df.columns if c not in NOT_CONFIG and c not in skip and df[c].map(repr).nunique() > 1]
+    return [c for c in df.columns if c not in NOT_CONFIG and c not in skip and _distinct_reprs(df[c]) > 1]
+
+
+def _distinct_reprs(column: pd.Series) -> int:
+    """`column.map(repr).nunique()`, counted without a repr per row where the dtype allows: integers
+    and booleans (a repr per value), floats (a repr per bit pattern: -0.0 is not 0.0, every NaN is
+    'nan'), strings (a repr per string, every missing value 'nan')."""
+    kind = column.dtype.kind if isinstance(column.dtype, np.dtype) else None
+    if kind in ("i", "u", "b"):
+        return int(column.nunique(dropna=False))
+    if kind == "f" and column.dtype.itemsize == 8:
+        values = column.to_numpy()
+        nan = np.isnan(values)
+        return len(np.unique(values[~nan].view(np.int64))) + int(nan.any())
+    if isinstance(column.dtype, pd.StringDtype) and column.dtype.na_value is not pd.NA:
+        return int(column.nunique(dropna=False))
+    return int(column.map(repr).nunique())
 
 
 def _group_fields(claim: Claim, df: pd.DataFrame, extra: tuple[str, ...] = ()) -> list[str]:
@@ -134,28 +216,72 @@ def _group_fields(claim: Claim, df: pd.DataFrame, extra: tuple[str, ...] = ()) -
     return [*named, *extra, *sorted(varying(df, {claim.x, *claim.ignore, *named, *extra}))]
 
 
-def _excluded(claim: Claim, tables: dict[str, pd.DataFrame], group: list[str], used: pd.DataFrame) -> dict[tuple, int]:
+def _scalar(v: Any) -> bool:
+    """A group key's value that a dict finds as pandas' index finds it (not NaN, not a tuple)."""
+    return isinstance(v, (str, bool, int, np.integer, np.bool_)) or (isinstance(v, (float, np.floating)) and v == v)
+
+
+def _keyed(key: Any) -> tuple:
+    return key if isinstance(key, tuple) else (key,)
+
+
+def _excluded(claim: Claim, tables: dict[str, pd.DataFrame], group: list[str], used: pd.DataFrame, groups: list | None = None) -> dict[tuple, int]:
     """Runs of each group that gave no usable point: not `ok`, or a NaN, infinite or non-positive value.
 
     Counted from `trials` (a diverged run has no `lsa` rows at all) over the group fields that
     trials has; a group that also splits by test length counts its missing runs at every length.
+    `groups`: `_groups(used, group)`, when the caller has it. Where every key is a plain value
+    (no NaN, no tuple) the runs are counted from those positions and looked up in a dict: the
+    numbers of the groupby and the index lookups, without them.
     """
     trials = tables.get("trials", pd.DataFrame())
     if trials.empty or not group:
         return {}
     keys = [g for g in group if g in trials and g not in EVALS_OWN]
-    expected = _hashable(_in_regime(claim, trials, own_only=True))
+    window = [claim.x, *([claim.x_min] if isinstance(claim.x_min, str) else [])] if claim.x not in EVALS_OWN else []
+    read = [c for c in dict.fromkeys(["family", "run_id", *keys, *(w for w in claim.where if w not in (*EVALS_OWN, *DERIVED)), *window]) if c in trials]
+    runs = _hashable(_in_regime(claim, trials[read], own_only=True))  # the columns these read: the same rows
     if claim.x not in EVALS_OWN:  # a window on a run's own field (N, B, c) also bounds the runs expected
-        expected = _in_window(claim, expected)
-    expected = expected.groupby(keys, dropna=False)["run_id"].nunique() if keys else pd.Series({(): expected["run_id"].nunique()})
+        runs = _in_window(claim, runs)
+    counts = _run_counts(runs, keys) if keys else None  # a dict, where it finds what the index finds
+    expected = None
+
+    def total(sub: Any) -> int:
+        nonlocal expected
+        if counts is not None and all(_scalar(v) for v in _keyed(sub)):
+            return int(counts.get(sub, 0))
+        if expected is None:
+            expected = runs.groupby(keys, dropna=False)["run_id"].nunique() if keys else pd.Series({(): runs["run_id"].nunique()})
+        return int(expected.get(sub, 0)) if keys else int(expected.iloc[0])
+
+    if groups is not None and all(_scalar(v) for key, _ in groups for v in _keyed(key)):  # the distinct runs of each group, from its rows
+        codes = pd.factorize(used["run_id"])[0]
+        counted = [(key, len(np.unique(codes[at][codes[at] >= 0]))) for key, at in groups]
+    else:
+        counted = used[[*group, "run_id"]].groupby(group, dropna=False, sort=False)["run_id"].nunique().items()
     out = {}
-    for key, part in used.groupby(group, dropna=False, sort=False):
-        key = key if isinstance(key, tuple) else (key,)
+    for key, n in counted:
+        key = _keyed(key)
         sub = tuple(v for g, v in zip(group, key) if g in keys)
         sub = sub if len(sub) != 1 else sub[0]
-        total = int(expected.get(sub, 0)) if keys else int(expected.iloc[0])
-        out[key] = max(0, total - part["run_id"].nunique())
+        out[key] = max(0, total(sub) - int(n))
     return out
+
+
+def _run_counts(rows: pd.DataFrame, keys: list[str]) -> dict | None:
+    """`rows.groupby(keys, dropna=False)["run_id"].nunique()` as a dict, counted in Python (a few
+    hundred runs); None where a key is not a plain value (NaN, a tuple: the groupby's index and a
+    dict would not find the same keys)."""
+    counts: dict = {}
+    for *values, run in zip(*(rows[k].tolist() for k in keys), rows["run_id"].tolist()):
+        if not all(_scalar(v) for v in values):
+            return None
+        runs = counts.setdefault(tuple(values) if len(keys) > 1 else values[0], set())
+        if isinstance(run, str):  # nunique leaves out a missing run_id
+            runs.add(run)
+        elif not pd.isna(run):
+            return None
+    return {key: len(runs) for key, runs in counts.items()}
 
 
 def _labels(group: list[str], key: Any) -> dict[str, Any]:
@@ -188,26 +314,37 @@ def _usable(df: pd.DataFrame, signed: bool = False) -> pd.Series:
 def _evaluate_per_run(claim: Claim, df: pd.DataFrame, rows: list, skipped: list) -> None:
     """One row per training curve: a rate against its prediction (or against 1), or the curve
     against the predicted curve."""
+    labels = [g for g in ("seed", *GROUPS[claim.family], "N", "lr") if g in df]
+    columns = [c for c in dict.fromkeys([*_per_run_columns(claim), "y"]) if c in df]
+    df = df[columns]  # the columns read below: the same rows, a narrow frame
     first = df.sort_values("step").groupby("run_id", sort=True).head(1).set_index("run_id")
     need = ["opt_loss"] + (["rho_theory"] if claim.law == "rate" and math.isnan(claim.theory) else [])
     good = (first["status"] == "ok") & np.isfinite(first[need].astype(float)).all(axis=1)
     too_fast = 0
-    for rid, part in df[df["run_id"].isin(first.index[good])].groupby("run_id", sort=True):
-        part = part.sort_values("step")
-        run = first.loc[rid]
+    runs = df[df["run_id"].isin(first.index[good])]
+    at = {rid: i for i, rid in enumerate(first.index)}
+    run_values = {c: first[c].to_numpy(dtype=object) for c in first.columns}
+    step, y = runs["step"].to_numpy(), runs["y"].to_numpy()
+    predicted = runs["subopt_theory"].to_numpy() if claim.law == "curve" else None
+    for rid, rows_of in _groups(runs, ["run_id"]):
+        rid = rid[0] if isinstance(rid, tuple) else rid
+        t = step[rows_of]
+        if len(t) > 1 and not (np.diff(t) > 0).all():  # steps out of order or repeated: pandas' sort, its order of ties
+            rows_of = runs.index.get_indexer(runs.iloc[rows_of].sort_values("step").index)
+            t = step[rows_of]
+        run = {c: v[at[rid]] for c, v in run_values.items()}
         try:
             if claim.law == "curve":
-                fit = fits.curve_deviation(part["step"], part["y"], part["subopt_theory"], floor=NOISE * max(1.0, abs(float(run["opt_loss"]))))
+                fit = fits.curve_deviation(t, y[rows_of], predicted[rows_of], floor=NOISE * max(1.0, abs(float(run["opt_loss"]))))
             elif claim.metric == "subopt":
-                fit = fits.rate(part["step"], part["y"], floor=NOISE * max(1.0, abs(float(run["opt_loss"]))), squared=True)
+                fit = fits.rate(t, y[rows_of], floor=NOISE * max(1.0, abs(float(run["opt_loss"]))), squared=True)
             else:
-                fit = fits.rate(part["step"], part["y"], floor=DIST_NOISE * max(1.0, float(part["y"].iloc[0])))
+                fit = fits.rate(t, y[rows_of], floor=DIST_NOISE * max(1.0, float(y[rows_of][0])))
         except fits.FitError:
             too_fast += 1
             continue
         theory = float(run["rho_theory"]) if math.isnan(claim.theory) else claim.theory
-        labels = {"run_id": rid, **{g: _plain(run[g]) for g in ("seed", *GROUPS[claim.family], "N", "lr") if g in run}}
-        rows.append(_row(claim, labels, fit, theory, 0))
+        rows.append(_row(claim, {"run_id": rid, **{g: _plain(run[g]) for g in labels}}, fit, theory, 0))
     if (~good).any():
         skipped.append((claim.name, f"{int((~good).sum())} runs excluded: not ok, or no predicted rate or optimum"))
     if too_fast:
@@ -219,7 +356,7 @@ def _evaluate_compare(claim: Claim, df: pd.DataFrame, tables: dict[str, pd.DataF
     by seed. An excess may be negative for a seed (noise), so every finite value is kept."""
     data = df[(df["status"] == "ok") & np.isfinite(df["y"].astype(float))]
     group = _group_fields(claim, data, extra=(claim.x,))
-    pairs = data.pivot_table(index=[*group, "seed"], columns="estimator", values="y", aggfunc="mean", dropna=False)
+    pairs = data[[*group, "seed", "estimator", "y"]].pivot_table(index=[*group, "seed"], columns="estimator", values="y", aggfunc="mean", dropna=False)
     if claim.estimator not in pairs or claim.baseline not in pairs:
         skipped.append((claim.name, f"needs rows of both {claim.estimator} and {claim.baseline}"))
         return
@@ -227,10 +364,11 @@ def _evaluate_compare(claim: Claim, df: pd.DataFrame, tables: dict[str, pd.DataF
     runs = data[data["estimator"] == claim.estimator]
     excluded = _excluded(claim, tables, group, runs)
     reasons: dict[str, int] = {}
-    for key, part in pairs.groupby(group, sort=True, dropna=False):
+    model, baseline, seed = (pairs[c].to_numpy() for c in (claim.estimator, claim.baseline, "seed"))
+    for key, at in _groups(pairs, group):
         labels = _labels(group, key)
         try:
-            fit = fits.log_ratio(part[claim.estimator], part[claim.baseline], part["seed"])
+            fit = fits.log_ratio(model[at], baseline[at], seed[at])
         except fits.FitError as err:
             reasons[str(err)] = reasons.get(str(err), 0) + 1
             continue
@@ -250,16 +388,77 @@ def _points(claim: Claim, part: pd.DataFrame) -> pd.DataFrame:
     return pts
 
 
-def _fit_group(claim: Claim, pts: pd.DataFrame) -> fits.Estimate:
-    if claim.law == "excess":  # the floor of each seed is its value at x = inf
-        floor = pts[np.isinf(pts[claim.x])].set_index("seed")["y"]
-        if floor.empty:
-            raise fits.FitError(f"needs {claim.x} = inf, the measured floor")
-        pts = pts[np.isfinite(pts[claim.x]) & pts["seed"].isin(floor.index)]
-        return fits.exponent(pts[claim.x], pts["y"], pts["seed"], claim.correction, floor=pts["seed"].map(floor))
-    if claim.law == "monotone":
-        return fits.largest_increase(pts[claim.x], pts["y"], pts["seed"])
-    return fits.exponent(pts[claim.x], pts["y"], pts["seed"], claim.correction)
+def _groups(data: pd.DataFrame, group: list[str]) -> list[tuple[Any, np.ndarray]]:
+    """(key, row positions) of each group of data by the fields `group`: the keys and the order of
+    `data.groupby(group, dropna=False, sort=True)`, without a frame per group."""
+    if not group:
+        return [((), np.arange(len(data)))]
+    by = data[group].groupby(group, dropna=False, sort=True)
+    ids = by.ngroup().to_numpy()
+    order = np.argsort(ids, kind="stable")
+    edges = np.searchsorted(ids[order], np.arange(by.ngroups + 1))
+    return [(key, order[edges[i] : edges[i + 1]]) for i, key in enumerate(by.size().index)]
+
+
+def _all_points(claim: Claim, data: pd.DataFrame, groups: list[tuple[Any, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`_points` of every group, (seed, x, y) arrays, from one groupby: a group's mean of y at each
+    (seed, x) is the mean of the same rows in the same order, so the same number."""
+    ids = np.empty(len(data), dtype=np.int64)
+    for i, (_, at) in enumerate(groups):
+        ids[at] = i
+    means = data[["seed", claim.x, "y"]].assign(_group=ids).groupby(["_group", "seed", claim.x], sort=True)["y"].mean()
+    gid = means.index.get_level_values(0).to_numpy()
+    seed, x, y = (means.index.get_level_values(1).to_numpy(), means.index.get_level_values(2).to_numpy(), means.to_numpy())
+    edges = np.searchsorted(gid, np.arange(len(groups) + 1))
+    out = []
+    for i in range(len(groups)):
+        part = slice(edges[i], edges[i + 1])
+        py = y[part]
+        if claim.signed:
+            py = py * np.sign(pd.Series(py).mean())  # the sign of the group's mean, as `_points` takes it
+        out.append((seed[part], x[part], py))
+    return out
+
+
+def _fit_group(claim: Claim, pts: pd.DataFrame | tuple[np.ndarray, np.ndarray, np.ndarray]) -> fits.Estimate:
+    """The claim's law fitted to one group's points: a frame of seed, x, y (`_points`) or the three arrays."""
+    fit = _fit_groups(claim, [pts])[0]
+    if isinstance(fit, fits.FitError):
+        raise fit
+    return fit
+
+
+def _fit_groups(claim: Claim, points: list) -> list[fits.Estimate | fits.FitError]:
+    """`_fit_group` of every group's points, the FitError in place of a group that cannot be fitted;
+    the exponents of all the groups together (`fits.exponents`: the same numbers, fewer passes)."""
+    out: list = []
+    requests, at = [], []
+    for pts in points:
+        if isinstance(pts, pd.DataFrame):
+            pts = (pts["seed"].to_numpy(), pts[claim.x].to_numpy(), pts["y"].to_numpy())
+        seed, x, y = (np.asarray(v) for v in pts)
+        floor = None
+        if claim.law == "excess":  # the floor of each seed is its value at x = inf
+            at_inf = np.isinf(x.astype(float))
+            if not at_inf.any():
+                out.append(fits.FitError(f"needs {claim.x} = inf, the measured floor"))
+                continue
+            floors = dict(zip(seed[at_inf].tolist(), y[at_inf].tolist()))  # one point per (seed, x): one floor per seed
+            keep = ~at_inf & np.isfinite(x.astype(float)) & np.isin(seed, seed[at_inf])
+            seed, x, y = seed[keep], x[keep], y[keep]
+            floor = np.array([floors[s] for s in seed.tolist()], dtype=float)
+        elif claim.law == "monotone":
+            try:
+                out.append(fits.largest_increase(x, y, seed))
+            except fits.FitError as err:
+                out.append(err)
+            continue
+        at.append(len(out))
+        requests.append((x, y, seed, claim.correction, floor))
+        out.append(None)
+    for i, fit in zip(at, fits.exponents(requests)):
+        out[i] = fit
+    return out
 
 
 def _evaluate_law(claim: Claim, df: pd.DataFrame, tables: dict[str, pd.DataFrame], rows: list, skipped: list) -> None:
@@ -269,14 +468,13 @@ def _evaluate_law(claim: Claim, df: pd.DataFrame, tables: dict[str, pd.DataFrame
         skipped.append((claim.name, f"all {len(df)} rows excluded (runs not ok, or NaN or non-positive values)"))
         return
     group = _group_fields(claim, data)
-    excluded = _excluded(claim, tables, group, data)
+    groups = _groups(data, group)
+    excluded = _excluded(claim, tables, group, data, groups if group else None)
     reasons: dict[str, list] = {}
-    for key, part in data.groupby(group, dropna=False, sort=True) if group else [((), data)]:
+    for (key, _), fit in zip(groups, _fit_groups(claim, _all_points(claim, data, groups))):
         labels = _labels(group, key)
-        try:
-            fit = _fit_group(claim, _points(claim, part))
-        except fits.FitError as err:
-            reasons.setdefault(str(err), []).append(labels)
+        if isinstance(fit, fits.FitError):
+            reasons.setdefault(str(fit), []).append(labels)
             continue
         key = key if isinstance(key, tuple) else (key,)
         rows.append(_row(claim, labels, fit, claim.theory, excluded.get(key, 0)))
@@ -288,8 +486,9 @@ def evaluate(tables: dict[str, pd.DataFrame], claims: tuple[Claim, ...] = CLAIMS
     """Rows of the `fits` table for every claim and group with data; (claim, reason) for the rest."""
     rows: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
+    cache: dict = {}  # each table's family rows, filtered by every claim on them
     for claim in claims:
-        df, why = _select(claim, tables)
+        df, why = _select(claim, tables, cache=cache, narrow=True)
         if df.empty:
             skipped.append((claim.name, f"{why}; needs {claim.needs}" if claim.needs else why))
         elif claim.law in ("rate", "curve"):
@@ -318,10 +517,11 @@ def local_slopes(tables: dict[str, pd.DataFrame], claims: tuple[Claim, ...] = CL
     local slope settles is where the asymptote begins. Columns: claim, group, start, slope, theory,
     window_start (the claim's fixed start; NaN when relative to a field)."""
     out = []
+    cache: dict = {}
     for claim in claims:
         if claim.law not in EXPONENT_LAWS or isinstance(claim.x_min, str):
             continue
-        df, _ = _select(claim, tables, window=False)
+        df, _ = _select(claim, tables, window=False, cache=cache)
         if df.empty:
             continue
         data = df[_usable(df, claim.signed) & (df[claim.x] <= claim.x_max)]

@@ -233,3 +233,206 @@ def test_log_ratio_of_seed_means():
     assert far.estimate == pytest.approx(np.log(0.2 / near_zero.mean()))  # one ratio of means, no seed dropped
     with pytest.raises(fits.FitError, match="2 seeds"):
         fits.log_ratio([1.0], [2.0], [0])
+
+
+# ----------------------------------------------------------------------------------------------
+# the fast paths of `icl-study fit` (issue 10) give the numbers of the plain computations, bit for bit
+
+
+def _bits(a) -> bytes:
+    """The bytes of a float array with every NaN made one NaN (the payload is not a result)."""
+    a = np.asarray(a, dtype=float)
+    return np.where(np.isnan(a), np.nan, a).tobytes()
+
+
+def _corrected_fits_plainly(levels, curves, gamma):
+    """The corrected law's fit as it was first written: 200 rows at a time, every grid step of every
+    row computed (the reference the fast `fits._corrected_fits` must equal)."""
+    if len(curves) > 200:
+        return np.concatenate([_corrected_fits_plainly(levels, curves[i : i + 200], gamma) for i in range(0, len(curves), 200)])
+    lx = np.log(levels) - np.log(levels).mean()
+    sxx = lx @ lx
+    ly = fits._log(curves)
+    s = (levels[0] / levels) ** gamma
+
+    def fit(u):
+        z = ly[:, None, :] - np.log1p(u[..., None] * s)
+        z = z - z.mean(axis=-1, keepdims=True)
+        b = z @ lx / sxx
+        return b, (z * z).sum(-1) - b * b * sxx
+
+    _, scan = fit(np.broadcast_to(fits.U_GRID, (len(ly), len(fits.U_GRID))))
+    g = np.argmin(np.where(np.isfinite(scan), scan, np.inf), axis=1)
+    step = fits.U_GRID[1] - fits.U_GRID[0]
+    lo, hi = np.maximum(fits.U_GRID[g] - step, fits.U_GRID[0]), np.minimum(fits.U_GRID[g] + step, fits.U_GRID[-1])
+    ratio = (np.sqrt(5) - 1) / 2
+    for _ in range(fits.GOLDEN):
+        c, d = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        fc, fd = fit(np.stack([c, d], axis=1))[1].T
+        hi, lo = np.where(fc < fd, d, hi), np.where(fc < fd, lo, c)
+    beta, _ = fit(((lo + hi) / 2)[:, None])
+    return np.where(np.isfinite(ly).all(axis=1), beta[:, 0], np.nan)
+
+
+def _random_curves(rng, rows=None):
+    """A corrected power law's bootstrap-like rows: levels, curves, gamma (noise from 0 to 1 in log,
+    a few seeds resampled, now and then a value at or below 0 or not finite)."""
+    L = int(rng.integers(3, 13))
+    levels = np.sort(rng.choice(np.arange(1, 5000), L, replace=False)).astype(float)
+    gamma = float(rng.choice([1.0, 0.5, 2.0]))
+    base = np.exp(rng.normal(0, 3)) * levels ** rng.uniform(-2, 1) * (1 + rng.uniform(-0.9, 0.9) * (levels[0] / levels) ** gamma)
+    seeds = int(rng.integers(2, 7))
+    table = base * np.exp(rng.choice([0.0, 1e-9, 1e-6, 0.01, 0.1, 1.0]) * rng.standard_normal((seeds, L)))
+    if rng.random() < 0.3:
+        table[rng.integers(seeds), rng.integers(L)] = rng.choice([0.0, -1.0, np.nan, np.inf])
+    rows = rows or int(rng.choice([1, 2, 3, 199, 200, 201, 1001]))
+    return levels, table[rng.integers(0, seeds, (rows, seeds))].mean(axis=1), gamma
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # rows with a value at or below 0 or not finite: NaN, as they should
+def test_the_fast_corrected_fit_is_the_plain_one_bit_for_bit():
+    """Repeated rows fitted once, rows in blocks of any size, the grid scan decided by its expansion
+    where it can: every beta the same number as the plain fit's."""
+    rng = np.random.default_rng(10)
+    for _ in range(40):
+        levels, curves, gamma = _random_curves(rng)
+        assert _bits(fits._corrected_fits(levels, curves, gamma)) == _bits(_corrected_fits_plainly(levels, curves, gamma))
+
+
+def test_the_scan_argmin_is_the_direct_scans():
+    """`_scan_argmin` against every grid step computed directly, on near-flat residuals (exact
+    power laws), extreme scales (|log y| ~ 600) and non-finite rows: the same grid step."""
+    rng = np.random.default_rng(11)
+    for _ in range(150):
+        L = int(rng.integers(3, 14))
+        levels = np.sort(rng.choice(np.arange(1, 100000), L, replace=False)).astype(float)
+        gamma = float(rng.choice([1.0, 0.5, 2.0]))
+        s = (levels[0] / levels) ** gamma
+        base = np.exp(rng.uniform(-600, 600) if rng.random() < 0.3 else rng.uniform(-20, 5)) * levels ** rng.uniform(-3, 2) * (1 + rng.uniform(-1, 1) * s)
+        noise = rng.choice([0, 1e-15, 1e-9, 1e-6, 1e-3, 0.1, 1.0])
+        curves = base * np.exp(noise * rng.standard_normal((int(rng.integers(1, 300)), L)))
+        if rng.random() < 0.2:
+            curves[rng.integers(len(curves)), rng.integers(L)] = rng.choice([0.0, np.nan, np.inf])
+        lx = np.log(levels) - np.log(levels).mean()
+        sxx = lx @ lx
+        with np.errstate(all="ignore"):
+            ly, table = fits._log(curves), np.log1p(fits.U_GRID[:, None] * s)
+
+            def projected(z):
+                z = z - z.mean(axis=-1, keepdims=True)
+                b = z @ lx / sxx
+                return b, (z * z).sum(-1) - b * b * sxx
+
+            direct = projected(ly[:, None, :] - table)[1]
+            assert np.array_equal(fits._scan_argmin(ly, table, lx, sxx, projected), np.argmin(np.where(np.isfinite(direct), direct, np.inf), axis=1))
+
+
+def test_resampled_means_are_numpys_mean_of_the_drawn_rows():
+    rng = np.random.default_rng(12)
+    for n in range(1, 12):
+        for L in (1, 2, 3, 5, 6, 9):
+            table = rng.standard_normal((n, L)) * np.exp(rng.uniform(-30, 30, (n, L)))
+            if rng.random() < 0.3:
+                table[rng.integers(n), rng.integers(L)] = rng.choice([0.0, np.nan, np.inf])
+            draws = np.random.default_rng(n).integers(0, n, size=(1000, n))
+            assert _bits(fits._resampled_means(table, np.random.default_rng(n), 1000)) == _bits(table[draws].mean(axis=1)), (n, L)
+
+
+def test_exponents_at_once_are_exponent_one_by_one():
+    """`fits.exponents` (the corrected law fitted to every group's resamples together) against
+    `fits.exponent` per group: the same estimates, intervals and errors, in order."""
+    rng = np.random.default_rng(13)
+    requests = []
+    for i in range(12):
+        levels = (50, 100, 200, 400, 800) if i % 3 else (2, 4, 8, 16, 32, 64)
+        x, y, seed = synthetic(lambda N: 3.0 / N * (1 - 10 / N), seeds=int(rng.integers(2, 6)), levels=levels, noise=0.1, rng=rng)
+        floor = None
+        if i == 4:
+            y = -y  # a mean at or below 0: a FitError
+        if i == 5:
+            floor = np.full_like(y, 0.001)
+        requests.append((x, y, seed, None if i == 7 else 1.0, floor))
+    requests.append((np.array([1.0, 2.0]), np.array([1.0, 2.0]), np.array([0, 1]), 1.0, None))  # too few levels
+    for request, got in zip(requests, fits.exponents(requests)):
+        try:
+            want = fits.exponent(*request[:4], floor=request[4])
+        except fits.FitError as err:
+            assert isinstance(got, fits.FitError) and str(got) == str(err)
+            continue
+        assert not isinstance(got, fits.FitError)
+        assert _bits([got.estimate, got.ci_low, got.ci_high, got.plain]) == _bits([want.estimate, want.ci_low, want.ci_high, want.plain])
+        assert (got.n_points, got.window, got.method, got.note) == (want.n_points, want.window, want.method, want.note)
+
+
+def test_t_quantiles_are_scipys():
+    """The table of t quantiles is scipy's, bit for bit (a scipy that computes them otherwise fails
+    here: regenerate T_975), and beyond it scipy is asked."""
+    from scipy import stats
+
+    fits.t_quantile.cache_clear()
+    for df in (*range(1, len(fits.T_975) + 1), 101, 150, 1000):
+        want = stats.t.ppf((1 + fits.LEVEL) / 2, df)
+        assert fits.t_quantile(df).tobytes() == np.float64(want).tobytes(), df
+    assert np.isnan(fits.t_quantile(0)) and np.isnan(stats.t.ppf(0.975, 0))
+
+
+def test_linregress_is_scipys():
+    from scipy import stats
+
+    rng = np.random.default_rng(14)
+    for i in range(300):
+        n = int(rng.integers(3, 200))
+        t = np.sort(rng.choice(10000, n, replace=False)).astype(float)
+        y = 2.0 * t + 1 if i % 25 == 0 else rng.normal(0, 1, n) + rng.normal() * t * rng.choice([0, 1e-3, 1])
+        res = stats.linregress(t, y)
+        slope, stderr, r = fits._linregress(t, y)
+        assert _bits([slope, stderr, r, r**2]) == _bits([res.slope, res.stderr, res.rvalue, res.rvalue**2])
+
+
+def test_distinct_reprs_count_as_map_repr_nunique():
+    import pandas as pd
+
+    from analysis import verdicts
+
+    columns = [
+        pd.Series([1.0, 1.0, -0.0, 0.0, np.nan, np.nan]),
+        pd.Series([0.0, 0.0]),
+        pd.Series([np.nan, float("-nan")]),
+        pd.Series([1, 2, 2]),
+        pd.Series([True, True]),
+        pd.Series(["a", None, "a"], dtype="str"),
+        pd.Series(["a", "a"], dtype="str"),
+        pd.Series([(1, 2), (1, 2), None], dtype=object),
+        pd.Series([1, 1.0, True], dtype=object),
+    ]
+    for column in columns:
+        assert verdicts._distinct_reprs(column) == column.map(repr).nunique(), column
+
+
+def test_one_conversion_of_many_files_is_the_files_converted_one_by_one(tmp_path, monkeypatch):
+    """A table read from several Parquet files: concatenated and converted to pandas once, the
+    same frame (dtypes, values, NaN and None where they were) as each file converted and the
+    frames concatenated (ints with nulls in one file, booleans with nulls, lists, strings, times)."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from analysis import load
+
+    schema = pa.schema([("run_id", pa.string()), ("n", pa.int64()), ("flag", pa.bool_()), ("x", pa.float64()), ("grid", pa.list_(pa.float64())),
+                        ("names", pa.list_(pa.string())), ("at", pa.timestamp("us", tz="UTC"))])
+    parts = [
+        dict(run_id=["a", "b"], n=[1, 2], flag=[True, False], x=[0.5, -0.0], grid=[[1.0, 2.0], [3.0]], names=[["p"], ["q", "r"]], at=[0, 1]),
+        dict(run_id=["c", None], n=[None, 4], flag=[None, True], x=[np.nan, 1e300], grid=[None, []], names=[None, ["s"]], at=[None, 2]),
+    ]
+    for family, part in (("gmm", parts[0]), ("gmm", parts[1]), ("mor", parts[0])):
+        (tmp_path / "trials" / f"family={family}").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table(part, schema=schema), tmp_path / "trials" / f"family={family}" / f"part-{len(list(tmp_path.rglob('*.parquet')))}.parquet")
+    loc = load.open_store(str(tmp_path))
+    once = load._read(loc, "trials", None, [])
+    monkeypatch.setattr(load, "_concatenable", lambda tables: False)
+    one_by_one = load._read(loc, "trials", None, [])
+    pd.testing.assert_frame_equal(once, one_by_one, check_exact=True)
+    assert list(once.dtypes) == list(one_by_one.dtypes) and list(once["family"]) == ["gmm"] * 4 + ["mor"] * 2
+    for column in ("grid", "names", "flag"):
+        assert [type(v) for v in once[column]] == [type(v) for v in one_by_one[column]]
