@@ -7,17 +7,29 @@
 Sections: the sweeps covered, the verdict table, every claim's fits (fitted value, interval and
 theory side by side), the claims skipped and why, and the figures of `analysis.plots` (PNG files
 in `<out>/figures/`, embedded in the HTML, linked from the Markdown).
+
+The figures are independent: on Linux, `workers` forked processes draw them side by side
+(default: 2, or fewer CPUs; the environment's ICL_REPORT_WORKERS sets another default); elsewhere,
+or with 1, this process draws them one after another. Each is drawn and encoded once: the same
+PNG bytes go to the file and into the HTML.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import io
 import json
+import multiprocessing
 import os
+import sys
 import uuid
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -30,6 +42,9 @@ from analysis.verdicts import read_fits, verdict_table
 from analysis.load import list_files, load, open_store
 
 RATE_ROWS = 12  # rate claims have a row per run: the report shows a summary and this many rows
+DPI = 110
+WORKERS = 2  # processes drawing figures; more gains little: one figure (local_slope) is a third of the work
+FIRST = ("local_slope",)  # the longest figures, started first
 
 
 @dataclass
@@ -102,17 +117,82 @@ def coverage(trials: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+def _png(fig: plt.Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=DPI, bbox_inches="tight", format="png")
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return buf.getvalue()
 
 
-def _write(path: Path, text: str) -> None:
+Inputs = tuple[dict[str, pd.DataFrame], pd.DataFrame]  # the loaded tables and the fits
+_INPUTS: Inputs | None = None  # a worker's, from _start_worker
+
+
+def _start_worker(inputs: Inputs) -> None:
+    global _INPUTS
+    _INPUTS = inputs
+
+
+def _draw(name: str, inputs: Inputs | None = None) -> bytes | None:
+    """One figure of `analysis.plots` as PNG bytes, or None when the store has no data for it."""
+    tables, fits = inputs or _INPUTS
+    fig = plots.FIGURES[name](tables, fits)
+    return None if fig is None else _png(fig)
+
+
+def _workers(workers: int | None) -> int:
+    """How many processes draw the figures: 1 (this one, one figure after another) where forking is
+    not safe or not possible. Fork is the start method used: the workers inherit the loaded tables
+    and the imported modules, where a spawned worker would import matplotlib and unpickle the
+    tables again (seconds of a report that takes a few; spawned, this report took twice as long as
+    forked); Linux only (macOS's system libraries are not fork-safe); not from a daemonic process
+    (multiprocessing lets those have no children)."""
+    if workers is None:
+        try:
+            workers = int(os.environ.get("ICL_REPORT_WORKERS", WORKERS))
+        except ValueError:
+            workers = WORKERS
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(workers, cpus)
+    forkable = sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+    if workers > 1 and (not forkable or multiprocessing.current_process().daemon):
+        return 1
+    return max(1, workers)
+
+
+@contextmanager
+def _drawing(inputs: Inputs, workers: int) -> Iterator[Callable[[str], bytes | None]]:
+    """A function from a figure's name to its PNG bytes (or None). With workers > 1, every figure is
+    started at once in that many forked processes, the longest first, and the function waits for
+    one; with 1, or where the processes cannot start or die, it draws the figure here."""
+    futures: dict[str, Future] = {}
+    pool = None
+    if workers > 1:
+        try:  # forked, the workers share the inputs as they are (initargs are pickled only to spawn)
+            pool = ProcessPoolExecutor(min(workers, len(plots.FIGURES)), multiprocessing.get_context("fork"), _start_worker, (inputs,))
+            for name in sorted(plots.FIGURES, key=lambda n: n not in FIRST):
+                futures[name] = pool.submit(_draw, name)
+        except (OSError, ImportError, NotImplementedError, BrokenProcessPool):  # no processes here (limits, a sandbox)
+            futures = {}
+
+    def png(name: str) -> bytes | None:
+        if name in futures:
+            try:
+                return futures[name].result()
+            except BrokenProcessPool:  # a worker died (killed, out of memory): drawn here instead
+                pass
+        return _draw(name, inputs)
+
+    try:
+        yield png
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)  # nothing left but on an error
+
+
+def _write(path: Path, text: str | bytes) -> None:
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    tmp.write_text(text)
+    tmp.write_bytes(text) if isinstance(text, bytes) else tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -131,10 +211,12 @@ def default_out(store: str | os.PathLike) -> Path:
     return Path("report-" + loc.path.replace("/", "-")).absolute()
 
 
-def build(store: str | os.PathLike, out: str | os.PathLike) -> Built:
+def build(store: str | os.PathLike, out: str | os.PathLike, workers: int | None = None) -> Built:
     """Write `<out>/report.html`, `<out>/report.md` and `<out>/figures/*.png`; returns their paths.
 
     The store may be local or on an object store; the report is always written to a local folder.
+    `workers`: processes drawing the figures (default: ICL_REPORT_WORKERS, else 2, at most the CPUs;
+    1 where the process cannot fork).
 
     Raises analysis.load.StoreReadError for a store that cannot be analysed or has no fits yet.
     """
@@ -154,10 +236,13 @@ def build(store: str | os.PathLike, out: str | os.PathLike) -> Built:
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     figures: dict[str, Path] = {}
-    for name, draw in plots.FIGURES.items():
-        fig = draw(loaded.tables, fits)
-        if fig is not None:
-            figures[name] = _save(fig, out / "figures" / f"{name}.png")
+    pngs: dict[str, bytes] = {}  # each figure drawn and encoded once: the file and the HTML share the bytes
+    with _drawing((loaded.tables, fits), _workers(workers)) as png_of:
+        for name in plots.FIGURES:
+            png = png_of(name)
+            if png is not None:
+                figures[name], pngs[name] = out / "figures" / f"{name}.png", png
+                _write(figures[name], png)
     for old in (out / "figures").glob("*.png"):
         if old not in figures.values():
             old.unlink()  # a figure of an earlier report that this store no longer supports
@@ -186,7 +271,7 @@ def build(store: str | os.PathLike, out: str | os.PathLike) -> Built:
     body += ["<h2>Verdicts</h2>", f"<p>{html.escape(legend)}</p>", verdicts.to_html(index=False) if len(verdicts) else "<p>No fits.</p>"]
     if "verdicts" in figures:
         md += ["![verdicts](figures/verdicts.png)", ""]
-        body += [_img(figures["verdicts"])]
+        body += [_img("verdicts", pngs["verdicts"])]
 
     md += ["## Claims", ""]
     body += ["<h2>Claims</h2>"]
@@ -219,7 +304,7 @@ def build(store: str | os.PathLike, out: str | os.PathLike) -> Built:
             continue
         doc = (plots.FIGURES[name].__doc__ or name).strip()
         md += [f"**{name}**: {doc}", "", f"![{name}](figures/{path.name})", ""]
-        body += [f"<h3>{html.escape(name)}</h3><p>{html.escape(doc)}</p>", _img(path)]
+        body += [f"<h3>{html.escape(name)}</h3><p>{html.escape(doc)}</p>", _img(name, pngs[name])]
 
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>icl-study report</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>"
     _write(out / "report.html", page)
@@ -227,9 +312,9 @@ def build(store: str | os.PathLike, out: str | os.PathLike) -> Built:
     return Built(out / "report.html", out / "report.md", figures, loaded.skipped, notes)
 
 
-def _img(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f"<img alt='{path.stem}' src='data:image/png;base64,{data}'>"
+def _img(name: str, png: bytes) -> str:
+    data = base64.b64encode(png).decode()
+    return f"<img alt='{name}' src='data:image/png;base64,{data}'>"
 
 
 def _html_table(table: pd.DataFrame) -> str:
