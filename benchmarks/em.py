@@ -70,6 +70,7 @@ import statistics
 import time
 from pathlib import Path
 
+import roofline
 import torch
 from report import emit, environment
 
@@ -174,25 +175,9 @@ def prompt_iterations(x, y, beta0, sigma, iters, tol, grad_steps=0) -> int:
 
 
 def measure_roofs(bw_mib: int = 256, gemm_n: int = 1024) -> dict[str, float]:
-    """Read bandwidth (bytes/s) and float64 GEMM rate (flop/s), medians of 9 and 7 repeats."""
-    x = torch.ones(bw_mib * (1 << 20) // 8, dtype=torch.float64)
-    x.sum()
-    bw = []
-    for _ in range(9):
-        t0 = time.perf_counter()
-        x.sum()
-        bw.append(x.numel() * 8 / (time.perf_counter() - t0))
-    del x
-    g = torch.Generator().manual_seed(1)
-    a, b = torch.randn(gemm_n, gemm_n, generator=g, dtype=torch.float64), torch.randn(gemm_n, gemm_n, generator=g, dtype=torch.float64)
-    c = torch.empty(gemm_n, gemm_n, dtype=torch.float64)
-    torch.matmul(a, b, out=c)
-    rates = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        torch.matmul(a, b, out=c)
-        rates.append(2 * gemm_n**3 / (time.perf_counter() - t0))
-    return {"bandwidth": statistics.median(bw), "gemm64": statistics.median(rates)}
+    """Read bandwidth (bytes/s) and float64 GEMM rate (flop/s), as `benchmarks/roofline.py` measures them."""
+    roofs = roofline.measure_roofs(bw_mib, gemm_n)
+    return {"bandwidth": roofs["bandwidth"], "gemm64": roofs["gemm64"]}
 
 
 def clock(fn) -> tuple[float, float, object]:
