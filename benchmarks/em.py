@@ -66,7 +66,6 @@ from __future__ import annotations
 import argparse
 import math
 import resource
-import statistics
 import time
 from pathlib import Path
 
