@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import json
 from typing import Callable
 
@@ -66,6 +67,11 @@ def _share_mathtext_parses() -> None:
     parsers = {p._output_type: p for p in (MathTextParser("path"), MathTextParser("agg"))}
     shared = functools.lru_cache(1024)(lambda output_type, *args: inner(parsers[output_type], *args))
     MathTextParser._parse_cached = lambda self, *args: shared(self._output_type, *args)
+    # a parse holds its fonts (FreeType faces reading an open file): a forked child must not share
+    # them with its siblings (one file offset, concurrent reads: FT_Load_Glyph fails), so it starts
+    # with an empty cache, as matplotlib's own font cache does
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=shared.cache_clear)
 
 
 _share_mathtext_parses()
