@@ -29,7 +29,7 @@ from typing import Any, Callable
 import yaml
 
 from pipelines.cost import flops, run_bytes, shared_flops
-from study.config import ConfigError, Run, TrialConfig, canonical_json, stable_hash, shape_key
+from study.config import ConfigError, Run, TrialConfig, prompts_key, stable_hash, shape_key
 
 PART_KEYS = ("family", "fixed", "grid", "bundle_size")
 TOP_LEVEL = {"name", "description", "seeds", "bundle_size", "parts", *PART_KEYS}
@@ -112,8 +112,8 @@ class Sweep:
 
     @functools.cached_property
     def _prompts(self) -> dict[str, str]:
-        """Per configuration, what decides its evaluation prompts (with the seed): its data and evaluation."""
-        return {c.config_id: canonical_json([c.task.family, c.task.data_key(), c.eval.model_dump(), list(c.estimators)]) for c in self.configs}
+        """Per configuration, its `prompts_key` (with the seed, what decides its baselines' rows)."""
+        return {c.config_id: prompts_key(c) for c in self.configs}
 
     def units(self, skip: set[str] = frozenset(), seconds: Callable[[Run], float] | None = None, trial_s: float = TRIAL_S, shared: Callable[[Run], float] | None = None) -> list[tuple[Run, ...]]:
         """Stacks grouped into the units that `bundles` packs: consecutive stacks whose runs share

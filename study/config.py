@@ -373,3 +373,9 @@ def shape_key(cfg: TrialConfig) -> tuple:
     """Runs with equal keys can train in one stack."""
     t, m, tr = cfg.task, cfg.model, cfg.train
     return (t.family, m.model, m.param, m.init_scale, t.d, t.n_label, tr.B, tr.steps, tr.log_every, tr.dtype)
+
+
+def prompts_key(cfg: TrialConfig) -> str:
+    """Runs of one seed with equal keys are evaluated on the same prompts by the same baselines:
+    their data, evaluation settings and estimator list (not B or N, which are training fields)."""
+    return canonical_json([cfg.task.family, cfg.task.data_key(), cfg.eval.model_dump(), list(cfg.estimators)])

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from study.config import Run, TrialConfig, canonical_json, shape_key
+from study.config import Run, TrialConfig, canonical_json, prompts_key, shape_key
 from study.covariance import covariance
 from study.families import FAMILIES
 from study.rng import generator
@@ -132,7 +132,7 @@ def run_bundle(runs: list[Run], device: torch.device | str = "cpu") -> BundleOut
     # (baselines) are evaluated once per process and prompts, the runs' models every time
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(runs):
-        key = canonical_json([r.config.task.family, r.config.task.data_key(), r.seed, r.config.eval.model_dump(), list(r.config.estimators), str(device)])
+        key = canonical_json([prompts_key(r.config), r.seed, str(device)])
         groups.setdefault(key, []).append(i)
     for key, members in groups.items():
         r0, cov0 = runs[members[0]], covs[members[0]]
