@@ -36,6 +36,7 @@ class Progress:
         self.every = every
         self.t0 = time.perf_counter()
         self._last = float("-inf")
+        self._failed: set[str] = set()
         self._bar = None
         if self.tty:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
@@ -54,7 +55,16 @@ class Progress:
         return f"{self.runs}/{self.total_runs} runs, {self.failed} failed, ETA {duration(self.eta())}"
 
     def finished(self, bundle_id: str, runs: int, cost: float, detail: str, failed: bool = False) -> None:
-        """Record one finished trial (a bundle of `runs` runs whose estimated cost was `cost`)."""
+        """Record one finished trial (a bundle of `runs` runs whose estimated cost was `cost`).
+
+        A bundle that failed and is run again (`run_sweep` gives a bundle whose worker was lost one
+        more round) replaces its earlier failure.
+        """
+        if bundle_id in self._failed:
+            self._failed.discard(bundle_id)
+            self.bundles, self.runs, self.failed, self.cost = self.bundles - 1, self.runs - runs, self.failed - runs, self.cost - cost
+        if failed:
+            self._failed.add(bundle_id)
         self.bundles += 1
         self.runs += runs
         self.failed += runs if failed else 0

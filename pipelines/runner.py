@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from pipelines.progress import Progress
@@ -254,7 +254,8 @@ def run_sweep(
         trainable = tune.with_resources(tune.with_parameters(BundleTrial, execute=execute), {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
         stamp = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
         chunks = [bundles[i : i + chunk_trials] for i in range(0, len(bundles), chunk_trials)]
-        for k, chunk in enumerate(chunks):
+
+        def fit(chunk: list[Bundle], name: str) -> dict[str, BaseException]:
             space = [
                 {"bundle_id": b.bundle_id, "bundle": b.to_payload(), "store": store.uri, "sweep": sweep.name, "code": code, "device": device, "threads": max(1, int(cpus_per_trial))}
                 for b in chunk
@@ -263,10 +264,10 @@ def run_sweep(
                 trainable,
                 param_space={"job": tune.grid_search(space)},
                 tune_config=tune.TuneConfig(
-                    max_concurrent_trials=max_concurrent, reuse_actors=True, trial_dirname_creator=lambda t: t.trial_id, trial_name_creator=lambda t: t.trial_id
+                    max_concurrent_trials=max_concurrent, reuse_actors=True, trial_dirname_creator=_bundle_of, trial_name_creator=_bundle_of
                 ),
                 run_config=tune.RunConfig(
-                    name=f"{sweep.name}-{stamp}" + (f"-chunk{k:04d}" if len(chunks) > 1 else ""),
+                    name=name,
                     storage_path=storage_path,
                     storage_filesystem=storage_fs,
                     failure_config=tune.FailureConfig(max_failures=2),
@@ -275,9 +276,26 @@ def run_sweep(
                     verbose=0,
                 ),
             )
-            _collect(tuner.fit(), by_id, store, sweep, code, summary)
+            failed = _collect(tuner.fit(), summary)
             del tuner, space
             gc.collect()
+            return failed
+
+        for k, chunk in enumerate(chunks):
+            name = f"{sweep.name}-{stamp}" + (f"-chunk{k:04d}" if len(chunks) > 1 else "")
+            failed = fit(chunk, name)
+            # a worker lost with its node can fail a trial for good despite its retries: in Tune
+            # 2.60, when a reused actor dies during the trial's reset, the actor's failure requeues
+            # the trial and the failed reset then arrives for a pending trial, which is final. One
+            # more round for bundles whose worker was lost, in a fresh Tuner, before a failure is
+            # recorded; a trial that raised is not run again.
+            lost = [i for i, err in failed.items() if isinstance(err, ray.exceptions.RayActorError)]
+            if lost:
+                failed = {i: err for i, err in failed.items() if i not in lost} | fit([by_id[i] for i in lost], f"{name}-again")
+            for i, err in failed.items():
+                record_failure(by_id[i], store, sweep.name, code, repr(err))
+                summary.failed += len(by_id[i].runs)
+                summary.errors.append(f"bundle {i[:8]}: {err!r}"[:500])
     finally:
         if progress_made and progress is not None:
             progress.close()
@@ -288,15 +306,25 @@ def run_sweep(
     return summary
 
 
-def _collect(results: Any, by_id: dict[str, Bundle], store: Store, sweep: Sweep, code: str, summary: Summary) -> None:
-    """Add a chunk's results to the summary; record the bundles whose trial failed for good."""
+def _bundle_of(trial: Any) -> str:
+    """A trial's name and directory: its bundle's id, so that `_tune/` reads by bundle."""
+    return trial.config["job"]["bundle_id"]
+
+
+def _collect(results: Any, summary: Summary) -> dict[str, BaseException]:
+    """Add a chunk's results to the summary; return the errors of the bundles whose trial failed
+    for good, by bundle id.
+
+    A result's bundle is read from its trial directory's name (`_bundle_of`): `res.config` comes
+    from the last reported metrics and is None for a trial that failed before it reported anything
+    (its node lost, say).
+    """
+    failed = {}
     for res in results:
-        b = by_id[res.config["job"]["bundle_id"]]
         if res.error is not None:
-            record_failure(b, store, sweep.name, code, repr(res.error))
-            summary.failed += len(b.runs)
-            summary.errors.append(f"bundle {b.bundle_id[:8]}: {res.error!r}"[:500])
+            failed[PurePosixPath(res.path).name] = res.error
         elif res.metrics:
             for k in ("runs", "ok", "diverged", "rows"):
                 setattr(summary, k, getattr(summary, k) + int(res.metrics.get(k, 0)))
             summary.compute_s += float(res.metrics.get("wall_s", 0.0))
+    return failed

@@ -79,4 +79,6 @@ def test_eta_scales_the_elapsed_time_by_the_estimated_work_left():
     p.finished("b" * 16, 10, 3.0, "boom", failed=True)
     line = out.getvalue().splitlines()[-1]
     assert line.startswith("[2/3 bundles] 20/30 runs, 10 failed, ETA ") and "bundle bbbbbbbb: boom" in line
+    p.finished("b" * 16, 10, 3.0, "10 runs, run again")  # a later round replaces the failure
+    assert out.getvalue().splitlines()[-1].startswith("[2/3 bundles] 20/30 runs, 0 failed, ETA ")
     assert duration(59) == "59s" and duration(61) == "1m01s" and duration(7500) == "2h05m" and duration(float("nan")) == "?"

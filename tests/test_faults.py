@@ -115,6 +115,38 @@ def test_a_write_that_fails_mid_bundle_is_retried_and_leaves_nothing_half_writte
     assert_exactly_once(store.root, 8)
 
 
+def test_a_worker_lost_past_its_retries_gets_one_more_round_and_an_error_does_not(tmp_path):
+    """One bundle's worker process dies on its first three attempts (Tune's retries used up), another
+    bundle raises every time: the first is run once more and stored, the second recorded as failed."""
+    from pipelines.runner import execute_bundle, run_sweep
+
+    sw = sweeps.parse(_doc("lost-worker", 20, {"c": [2, 3], "N": [5, 20], "snr": [1.5]}))
+    bundles = sw.bundles(trial_s=0)
+    dies, raises = bundles[0].bundle_id, bundles[1].bundle_id
+    attempts = tmp_path / "attempts"
+    attempts.mkdir()
+
+    def flaky(payload, store, sweep, code, device):
+        import os
+
+        bundle_id = sweeps.Bundle.from_payload(payload).bundle_id
+        mark = attempts / bundle_id
+        mark.write_text((mark.read_text() if mark.exists() else "") + "x")
+        if bundle_id == dies and len(mark.read_text()) <= 3:
+            os._exit(1)  # the worker process is lost, as with its node
+        if bundle_id == raises:
+            raise RuntimeError("a bug in the trial")
+        return execute_bundle(payload, store, sweep, code, device)
+
+    store = Store(tmp_path / "store")
+    summary = run_sweep(sw, store, bundles, num_cpus=2, execute=flaky)
+    assert (attempts / dies).read_text() == "xxxx" and (attempts / raises).read_text() == "xxx"
+    assert summary.failed == len(bundles[1].runs) and summary.ok == 8 - summary.failed, summary
+    trials = pd.read_parquet(store.root / "trials")
+    assert set(trials[trials.status == "failed"].run_id) == {r.run_id for r in bundles[1].runs}
+    assert set(trials[trials.status == "ok"].run_id) == {r.run_id for b in bundles if b.bundle_id != raises for r in b.runs}
+
+
 def test_a_node_lost_mid_sweep_costs_retries_not_runs(tmp_path):
     """A three-node cluster (ray.cluster_utils) loses a worker node while trials run on it."""
     import ray

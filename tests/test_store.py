@@ -1,10 +1,11 @@
 import os
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 
 from pipelines import store as store_mod
-from pipelines.runner import execute_bundle, record_failure
+from pipelines.runner import Summary, _collect, execute_bundle, record_failure
 from pipelines.store import Store
 from pipelines.sweep import parse
 
@@ -82,6 +83,21 @@ def test_failed_runs_are_recorded_then_retried(tmp_path, sweep):
     assert st.done_runs() == set()  # failed runs are not done
     assert st.forget_failed() == 1
     assert st.read("trials").num_rows == 0
+
+
+def test_a_trial_that_never_reported_is_found_by_its_directory(tmp_path, sweep):
+    """Tune's Result.config is None for a trial whose node died before it reported: its bundle is
+    read from the trial directory (named by the bundle id)."""
+    bundles = sweep.bundles()
+    ok, lost = bundles[0], bundles[1]
+    err = RuntimeError("node died")
+    results = [
+        SimpleNamespace(path=f"{tmp_path}/_tune/x/{ok.bundle_id}", config={"job": {}}, error=None, metrics={"runs": 4, "ok": 4, "rows": 9}),
+        SimpleNamespace(path=f"{tmp_path}/_tune/x/{lost.bundle_id}", config=None, error=err, metrics={}),
+    ]
+    summary = Summary(bundles=2)
+    assert _collect(results, summary) == {lost.bundle_id: err}
+    assert (summary.ok, summary.rows, summary.failed) == (4, 9, 0)
 
 
 def test_unwritable_store_is_reported(tmp_path):
