@@ -150,7 +150,8 @@ def members(cfg: TrialConfig, cov, n: int) -> dict:
     fam, scale = FAMILIES["gmm"], 2.0 if cfg.task.c == 2 else float(cfg.task.c)
     out = {}
     for i in range(n):
-        ests = fam.member_estimators(cfg, cov, {"W": scale * (1 + i / 20) * cov.inv})
+        W = {"W": scale * (1 + i / 20) * cov.inv}
+        ests = {"lsa": fam.lsa_estimator(W), **fam.member_estimators(cfg, cov, W)}
         out.update({f"{i}:{name}": e for name, e in ests.items()})
     return out
 

@@ -26,7 +26,8 @@ from report import emit
 from study.config import TrialConfig
 from study.training import init_params, step
 from study.config import Run
-from study.trial import _cov, run_bundle, stack_problem
+from study.models import LSA
+from study.trial import _cov, run_bundle
 
 GMM = dict(family="gmm", c=3, snr=1.0, N=100, lr=1.0, log_every=10, M=[16, 64, "inf"], n_eval=512, estimators=["bayes", "lda_plugin"])
 CASES = {
@@ -45,7 +46,7 @@ def sync(device: str) -> None:
 
 def time_steps(runs: list[Run], device: str, steps: int) -> float:
     """Run-steps per second of the stack's GD step."""
-    prob, init = stack_problem(runs, [_cov(r.config) for r in runs], device)
+    prob, init = LSA.problem(runs, [_cov(r.config) for r in runs], device)
     params = init if init is not None else init_params(prob, "reduced")
     step(params, prob)  # warm-up
     sync(device)

@@ -42,6 +42,8 @@ _FLOPS: dict[str, float] = {}  # by config id: a plan asks for each run's count 
 
 
 def _flops(cfg: TrialConfig) -> float:
+    if cfg.model.model == "transformer":
+        return _transformer_flops(cfg) + shared_flops(cfg)
     t, tr, ev = cfg.task, cfg.train, cfg.eval
     d, c1, B = t.d, t.n_label, tr.B
     D = d + c1
@@ -53,6 +55,21 @@ def _flops(cfg: TrialConfig) -> float:
         train = 4 * B * (D * D + 2 * D * d) * tr.steps * 10 + 2 * B * tr.N * D * D
     m_max = max(ev.finite_M, default=0)
     return float(train + ev.n_eval * m_max * d * (c1 + d) + shared_flops(cfg))
+
+
+def _forward_flops(cfg: TrialConfig, tokens: int) -> float:
+    """One transformer forward pass over a prompt of `tokens` tokens: projections, scores, MLP."""
+    m = cfg.model
+    w = m.width
+    per_layer = 2 * tokens * (4 * w * w + (8 * w * w if m.mlp else 0)) + 4 * tokens * tokens * w
+    return float(m.layers * per_layer + 2 * tokens * (cfg.task.d + cfg.task.n_label) * w)
+
+
+def _transformer_flops(cfg: TrialConfig) -> float:
+    """Training (forward and backward, about 3 forwards, per prompt of each step) and evaluation."""
+    tr, ev = cfg.train, cfg.eval
+    train = 3 * tr.steps * cfg.model.batch * _forward_flops(cfg, tr.N + 1)
+    return train + ev.n_eval * sum(_forward_flops(cfg, m + 1) for m in ev.finite_M)
 
 
 def shared_flops(cfg: TrialConfig) -> float:
@@ -77,6 +94,14 @@ _SHARED: dict[str, float] = {}
 def run_bytes(cfg: TrialConfig) -> int:
     """Memory of one run's training tensors in a stack: data, logits and gradients in flight."""
     d, c = cfg.task.d, cfg.task.n_label
+    if cfg.model.model == "transformer":
+        m, tr = cfg.model, cfg.train
+        size = 4 if tr.dtype == "float32" else 8
+        weights = m.layers * (4 + 8 * m.mlp) * m.width**2 + (m.positions == "learned") * (tr.N + 1) * m.width
+        T = tr.N + 1
+        activations = m.batch * m.layers * T * (12 * m.width + 2 * m.heads * T)  # kept for the backward pass
+        data = 0 if m.online else (tr.B or 0) * T * (d + c)
+        return size * (4 * weights + activations + data)  # weights, gradients, AdamW's two moments
     per_prompt = (c + 1) * d + (d + c) ** 2 * (cfg.model.param == "full")
     return 8 * cfg.train.B * per_prompt * 3
 
@@ -84,6 +109,16 @@ def run_bytes(cfg: TrialConfig) -> int:
 GPU_CONTEXT_BYTES = 1 << 30  # per trial on a GPU: the CUDA context, the allocator's slack, evaluation chunks
 GPU_USABLE = 0.9  # of a GPU's memory, the share trials may plan to fill
 MAX_TRIALS_PER_GPU = 16
+
+
+def check_gpu_share(share: float, stack_bytes: int, gpu_bytes: int) -> None:
+    """Raise ValueError if trials of GPU share `share` cannot hold a stack of `stack_bytes`: with
+    1/share trials on a GPU, each has share x GPU_USABLE of its memory for its tensors and context."""
+    need = stack_bytes + GPU_CONTEXT_BYTES
+    room = min(share, 1.0) * GPU_USABLE * gpu_bytes
+    if room < need:
+        largest = gpu_fraction(stack_bytes, gpu_bytes)  # raises if no share is enough
+        raise ValueError(f"{share:g} of a GPU gives a trial {room / 2**30:.1f} GiB; its largest stack needs about {need / 2**30:.1f} GiB: give at least {largest:g}, or auto")
 
 
 def gpu_fraction(stack_bytes: int, gpu_bytes: int) -> float:

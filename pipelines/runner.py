@@ -101,12 +101,12 @@ def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> str:
     return hostport
 
 
-def gpu_memory(timeout: float = 120.0) -> int:
+def gpu_memory(option: str = "auto", timeout: float = 120.0) -> int:
     """The memory of one of the cluster's GPUs, asked of the GPU itself by a one-GPU Ray task."""
     import ray
 
     if not ray.cluster_resources().get("GPU"):
-        raise LaunchError("--gpus-per-trial auto: the Ray cluster has no GPU; give --gpus-per-trial 0 to run on CPUs")
+        raise LaunchError(f"--gpus-per-trial {option}: the Ray cluster has no GPU; give --gpus-per-trial 0 to run on CPUs")
 
     @ray.remote(num_gpus=1)
     def probe() -> int:
@@ -237,15 +237,18 @@ def run_sweep(
             ray.init(address="local", num_cpus=num_cpus, **kwargs)
     progress_made = progress is None
     try:
-        if gpus_per_trial is None:
-            from pipelines.cost import run_bytes, gpu_fraction
+        if gpus_per_trial is None or gpus_per_trial > 0:
+            from pipelines.cost import check_gpu_share, gpu_fraction, run_bytes
 
             largest = max(sum(run_bytes(r.config) for r in stack) for b in bundles for stack in b.stacks())
+            option = "auto" if gpus_per_trial is None else f"{gpus_per_trial:g}"
             try:
-                gpus_per_trial = gpu_fraction(largest, gpu_memory())
+                if gpus_per_trial is None:
+                    gpus_per_trial = summary.gpus_per_trial = gpu_fraction(largest, gpu_memory(option))
+                else:
+                    check_gpu_share(gpus_per_trial, largest, gpu_memory(option))
             except ValueError as err:
-                raise LaunchError(f"--gpus-per-trial auto: {err}") from None
-            summary.gpus_per_trial = gpus_per_trial
+                raise LaunchError(f"--gpus-per-trial {option}: {err}") from None
         costs = {b.bundle_id: cost(b) for b in bundles}
         progress = progress or Progress(len(bundles), sum(len(b.runs) for b in bundles), sum(costs.values()))
         callback = ProgressCallback(progress, {b.bundle_id: (len(b.runs), costs[b.bundle_id]) for b in bundles})

@@ -164,6 +164,30 @@ class LSAModel(_Component):
         return self
 
 
+class TransformerModel(_Component):
+    """A multi-layer transformer trained by AdamW (theory.md section 4; `study.transformer`)."""
+
+    model: Literal["transformer"] = "transformer"
+    layers: int = Field(default=3, ge=1, description="blocks (attention and optional MLP)")
+    width: int = Field(default=64, ge=1, description="model width D (a multiple of heads)")
+    heads: int = Field(default=4, ge=1, description="attention heads")
+    mlp: bool = Field(default=True, description="a GELU MLP of width 4 D in every block")
+    attention: Literal["softmax", "linear", "relu"] = Field(default="softmax", description="attention kind")
+    positions: Literal["none", "learned"] = Field(default="none", description="position embeddings")
+    norm: bool = Field(default=True, description="pre-norm LayerNorms (false: none, as the LSA's block structure)")
+    online: bool = Field(default=True, description="fresh prompts every step (false: a fixed set of B prompts)")
+    batch: int = Field(default=64, ge=1, description="prompts per AdamW step")
+    warmup: int = Field(default=0, ge=0, description="steps of linear learning-rate warm-up")
+    clip: float = Field(default=1.0, ge=0, description="gradient-norm clipping per run (0: none)")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW's decoupled weight decay")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TransformerModel:
+        if self.width % self.heads:
+            raise ConfigError("heads", f"must divide width, got width = {self.width}, heads = {self.heads}")
+        return self
+
+
 # ----------------------------------------------------------------------------------------------
 # training and evaluation
 
@@ -173,8 +197,8 @@ class Train(_Component):
 
     N: int = Field(ge=1, description="training prompt length")
     B: int | None = Field(default=4096, ge=1, description="number of training prompts")
-    lr: float = Field(gt=0, description="GD step size")
-    steps: int = Field(ge=0, description="GD steps; 0: no GD, the run is the empirical minimiser (Newton, reduced only)")
+    lr: float = Field(gt=0, description="step size (lsa: GD; transformer: AdamW's peak)")
+    steps: int = Field(ge=0, description="training steps; lsa 0: no GD, the run is the empirical minimiser (Newton, reduced only)")
     log_every: int = Field(default=10, ge=1, description="curve resolution in steps")
     dtype: Literal["float64", "float32"] = "float64"
 
@@ -232,7 +256,7 @@ class Eval(_Component):
 # the trial config
 
 FAMILIES: dict[str, type[_Component]] = {"gmm": GMMTask, "mor": MORTask}
-MODELS: dict[str, type[_Component]] = {"lsa": LSAModel}
+MODEL_CONFIGS: dict[str, type[_Component]] = {"lsa": LSAModel, "transformer": TransformerModel}
 COMPONENTS = ("task", "model", "train", "eval")
 
 
@@ -261,7 +285,7 @@ class TrialConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     task: GMMTask | MORTask
-    model: LSAModel
+    model: LSAModel | TransformerModel
     train: Train
     eval: Eval
 
@@ -277,11 +301,14 @@ class TrialConfig(BaseModel):
         if flat.get("estimators") is None:
             flat["estimators"] = cls.ESTIMATORS.get(flat.get("family", "gmm"))
         task_cls = _lookup(FAMILIES, "family", flat.get("family", "gmm"))
-        model_cls = _lookup(MODELS, "model", flat.get("model", "lsa"))
+        model_cls = _lookup(MODEL_CONFIGS, "model", flat.get("model", "lsa"))
         owners = {"task": task_cls, "model": model_cls, "train": Train, "eval": Eval}
         parts: dict[str, dict[str, Any]] = {k: {} for k in owners}
         for key, value in flat.items():
             owner = next((k for k, c in owners.items() if key in c.model_fields), None)
+            other = next((n for n, c in MODEL_CONFIGS.items() if key in c.model_fields and c is not model_cls), None)
+            if owner is None and other is not None:
+                raise ConfigError(key, f"applies to model {other}, not {model_cls.model_fields['model'].default}")
             if owner is None:
                 allowed = sorted({f for c in owners.values() for f in c.model_fields})
                 raise ConfigError(key, f"unknown field; allowed: {', '.join(allowed)}")
@@ -308,7 +335,15 @@ class TrialConfig(BaseModel):
             for name in ("em_iters", "em_restarts", "em_tol", "em_sigma", "gem_steps"):
                 if getattr(self.eval, name) != defaults[name].default:
                     raise ConfigError(name, "applies to family mor (EM) only")
-        if self.model.model == "lsa" and self.train.B is None:
+        if self.model.model == "transformer":
+            if self.model.online and self.train.B is not None:
+                raise ConfigError("B", "online training draws fresh prompts every step; set B: null, or online: false for a fixed set of B prompts")
+            if not self.model.online and self.train.B is None:
+                raise ConfigError("B", "online: false trains on a fixed set of B prompts; give an integer B >= 1")
+            if self.train.steps < 1:
+                raise ConfigError("steps", "a transformer needs at least 1 AdamW step")
+            return
+        if self.train.B is None:
             raise ConfigError("B", "the LSA trains by full-batch GD on B fixed prompts; give an integer B >= 1")
         if self.train.steps == 0 and self.model.param != "reduced":
             raise ConfigError("steps", "0 (no GD: the empirical minimiser by Newton's method) needs param reduced, whose loss is convex")
@@ -370,8 +405,12 @@ class Run:
 
 
 def shape_key(cfg: TrialConfig) -> tuple:
-    """Runs with equal keys can train in one stack."""
+    """Runs with equal keys can train in one stack: the model's architecture and the tensors'
+    shapes agree (the step size, clipping and data may differ per run)."""
     t, m, tr = cfg.task, cfg.model, cfg.train
+    if m.model == "transformer":
+        arch = (m.layers, m.width, m.heads, m.mlp, m.attention, m.positions, m.norm, m.online, m.batch, m.warmup, m.weight_decay, tr.N)
+        return (t.family, m.model, *arch, t.d, t.n_label, tr.B, tr.steps, tr.log_every, tr.dtype)
     return (t.family, m.model, m.param, m.init_scale, t.d, t.n_label, tr.B, tr.steps, tr.log_every, tr.dtype)
 
 

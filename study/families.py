@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 
-from study import classifiers, evaluation, gmm, mor, regressors
+from study import classifiers, evaluation, gmm, lsa, mor, regressors
 from study.config import TrialConfig
 from study.covariance import Covariance
 from study.theory import excess_risk, gamma_star
+from study.rng import TRAIN_BLOCK
 from study.training import TrainStats
 
 
@@ -38,14 +39,35 @@ class GMM:
     def excess_risk(cfg: TrialConfig, cov: Covariance, params: dict[str, torch.Tensor]) -> float:
         return float("nan")  # no closed-form population risk for the cross-entropy LSA
 
+    lsa_estimator = staticmethod(classifiers.lsa_estimator)
+
     @staticmethod
     def member_estimators(cfg: TrialConfig, cov: Covariance, params: dict[str, torch.Tensor] | None) -> dict[str, Any]:
-        if params is None:
-            return {}
-        out = {cfg.model.model: classifiers.lsa_estimator(params)}
-        if "lsa_projected" in cfg.estimators and "W" in params:  # the run's own W, reduced form
-            out["lsa_projected"] = classifiers.lsa_estimator({"W": classifiers.projected_W(params["W"], cov.inv)})
-        return out
+        """The family's estimators that belong to one run (besides its trained model)."""
+        if params is not None and "lsa_projected" in cfg.estimators and "W" in params:  # the run's own W, reduced form
+            return {"lsa_projected": classifiers.lsa_estimator({"W": classifiers.projected_W(params["W"], cov.inv)})}
+        return {}
+
+    @staticmethod
+    def raw_train(cfg: TrialConfig, cov: Covariance, seed: int, P: int, stream: str, prefix: tuple[int, ...] = ()) -> tuple[torch.Tensor, ...]:
+        """P raw training prompts: x [P, N, d], ytil [P, N, c'], xq [P, d], and the query's class [P].
+
+        With a `prefix` (an online step) the P prompts are one random block; otherwise blocks of
+        TRAIN_BLOCK, so that prompt i of a fixed set does not depend on B."""
+        x, y, t = gmm.sample_prompts(cfg.task, cov, cfg.train.N, P, seed, stream, prefix, block=P if prefix else TRAIN_BLOCK)
+        return x, gmm.label_embedding(cfg.task.c)[y], t.xq, t.yq
+
+    @staticmethod
+    def context(pr: classifiers.Prompts) -> tuple[torch.Tensor, ...] | None:
+        """An evaluation context as raw examples (x, ytil, xq); None at M = inf."""
+        if pr.ctx.x is None:
+            return None
+        return pr.ctx.x, gmm.label_embedding(pr.c).to(pr.ctx.x)[pr.ctx.y], pr.xq
+
+    @staticmethod
+    def output(readout: torch.Tensor) -> torch.Tensor:
+        """A model's read-out at the query [P, c'] as the estimator's prediction: class probabilities."""
+        return lsa.probabilities(readout)
 
     @staticmethod
     def evaluate(cfg: TrialConfig, cov: Covariance, seed: int, estimators: dict[str, Any], device: Any, shared: bool = True) -> list[dict[str, Any]]:
@@ -87,12 +109,32 @@ class MOR:
             return float("nan")
         return float(excess_risk(cfg.task, cov, cfg.train.N, params["W"].double().cpu().T))
 
+    lsa_estimator = staticmethod(regressors.lsa_estimator)
+
     @staticmethod
     def member_estimators(cfg: TrialConfig, cov: Covariance, params: dict[str, torch.Tensor] | None) -> dict[str, Any]:
-        out = {} if params is None else {cfg.model.model: regressors.lsa_estimator(params)}
+        """The family's estimators that belong to one run (besides its trained model)."""
         if "lsa_opt" in cfg.estimators:  # Gamma* depends on the training length N of the run
-            out["lsa_opt"] = regressors.lsa_estimator({"W": gamma_star(cfg.task, cov, cfg.train.N).T})
-        return out
+            return {"lsa_opt": regressors.lsa_estimator({"W": gamma_star(cfg.task, cov, cfg.train.N).T})}
+        return {}
+
+    @staticmethod
+    def raw_train(cfg: TrialConfig, cov: Covariance, seed: int, P: int, stream: str, prefix: tuple[int, ...] = ()) -> tuple[torch.Tensor, ...]:
+        """P raw training prompts: x [P, N, d], ytil [P, N, 1] (the labels), xq [P, d], yq [P]."""
+        p = mor.sample_prompts(cfg.task, cov, cfg.train.N, P, seed, stream, prefix, block=P if prefix else TRAIN_BLOCK)
+        return p.x, p.y[..., None], p.xq, p.yq
+
+    @staticmethod
+    def context(pr: regressors.Prompts) -> tuple[torch.Tensor, ...] | None:
+        """An evaluation context as raw examples (x, y as a column, xq); None at M = inf."""
+        if pr.x is None:
+            return None
+        return pr.x, pr.y[..., None], pr.xq
+
+    @staticmethod
+    def output(readout: torch.Tensor) -> torch.Tensor:
+        """A model's read-out at the query [P, 1] as the estimator's prediction [P]."""
+        return readout[:, 0]
 
     @staticmethod
     def evaluate(cfg: TrialConfig, cov: Covariance, seed: int, estimators: dict[str, Any], device: Any, shared: bool = True) -> list[dict[str, Any]]:

@@ -95,6 +95,25 @@ def sample_train(task: GMMTask, cov: Covariance, N: int, B: int, seed: int, gram
     return TrainStats(V, xq, yq, G)
 
 
+def sample_prompts(task: GMMTask, cov: Covariance, N: int, P: int, seed: int, stream: str, prefix: tuple[int, ...] = (), block: int = TRAIN_BLOCK) -> tuple[torch.Tensor, torch.Tensor, Tasks]:
+    """P raw prompts of N examples (for models that read the examples, such as the transformer).
+
+    `prefix`: indices before the block index in every generator's key (the step of an online
+    stream); prompts come in random blocks of `block`.  Shapes: x [P, N, d], y [P, N] (class
+    indices), and the prompts' `Tasks`.
+    """
+    key = _key(task, seed)
+    xs, ys, ts = [], [], []
+    for b, n in blocks(P, block):
+        t = _draw_tasks(task, cov, n, generator(key, stream, *prefix, b))
+        ex = [_draw_examples(task, cov, t.means, k, generator(key, stream, *prefix, b, e)) for e, k in blocks(N, EXAMPLE_BLOCK)]
+        xs.append(torch.cat([x for x, _ in ex], dim=1))
+        ys.append(torch.cat([y for _, y in ex], dim=1))
+        ts.append(t)
+    tasks = Tasks(*(torch.cat(z) for z in zip(*((t.means, t.xq, t.yq) for t in ts))))
+    return torch.cat(xs), torch.cat(ys), tasks
+
+
 def _exact_class_sums(task: GMMTask, cov: Covariance, means: torch.Tensor, N: int, g: torch.Generator) -> torch.Tensor:
     """sum_{i: y_i = k} x_i for N uniform labels, drawn exactly.  Shapes: [P, c, d]."""
     p, c, d = means.shape

@@ -61,21 +61,25 @@ def _key(task: MORTask, seed: int) -> dict[str, Any]:
     return {"data": task.data_key(), "seed": int(seed)}
 
 
-def prompt_blocks(task: MORTask, cov: Covariance, N: int, P: int, seed: int, stream: str, block: int = TRAIN_BLOCK) -> Iterator[Prompts]:
-    """P prompts of N context examples each, plus a query, one random block of prompts at a time."""
+def prompt_blocks(task: MORTask, cov: Covariance, N: int, P: int, seed: int, stream: str, block: int = TRAIN_BLOCK, prefix: tuple[int, ...] = ()) -> Iterator[Prompts]:
+    """P prompts of N context examples each, plus a query, one random block of prompts at a time.
+
+    `prefix`: indices that come before the block index in every generator's key (the step of an
+    online stream), so that each prefix draws its own prompts.
+    """
     pi = torch.tensor(task.weights, dtype=torch.float64)
     key = _key(task, seed)
     fixed = pool(task) if task.components == "pool" else None
     for b, n_cut in blocks(P, block):
         n = block  # a block is always drawn whole and then cut, so prompt i does not depend on P
-        g = generator(key, stream, b)
+        g = generator(key, stream, *prefix, b)
         betas = fixed.expand(n, task.K, task.d) if fixed is not None else _sphere(n, task.K, task.d, task.radius, task.symmetric, g)
         zq = torch.multinomial(pi, n, replacement=True, generator=g)
         xq = torch.randn(n, task.d, generator=g, dtype=torch.float64) @ cov.half
         yq = (betas[torch.arange(n), zq] * xq).sum(-1) + task.sigma * torch.randn(n, generator=g, dtype=torch.float64)
         xs, ys, zs = [], [], []
         for e, m in blocks(N, EXAMPLE_BLOCK):
-            ge = generator(key, stream, b, e)
+            ge = generator(key, stream, *prefix, b, e)
             # draw whole blocks so that example i is the same whatever N is
             z = torch.multinomial(pi, n * EXAMPLE_BLOCK, replacement=True, generator=ge).reshape(n, EXAMPLE_BLOCK)[:, :m]
             if task.assignment == "prompt":
@@ -92,9 +96,9 @@ def prompt_blocks(task: MORTask, cov: Covariance, N: int, P: int, seed: int, str
         yield Prompts(*(getattr(p, f)[:n_cut] for f in Prompts.__dataclass_fields__))
 
 
-def sample_prompts(task: MORTask, cov: Covariance, N: int, P: int, seed: int, stream: str = "train") -> Prompts:
-    """P prompts of N context examples each, plus a query."""
-    parts = list(prompt_blocks(task, cov, N, P, seed, stream))
+def sample_prompts(task: MORTask, cov: Covariance, N: int, P: int, seed: int, stream: str = "train", prefix: tuple[int, ...] = (), block: int = TRAIN_BLOCK) -> Prompts:
+    """P prompts of N context examples each, plus a query (in random blocks of `block` prompts)."""
+    parts = list(prompt_blocks(task, cov, N, P, seed, stream, block, prefix))
     return Prompts(*(torch.cat([getattr(p, f) for p in parts]) for f in Prompts.__dataclass_fields__))
 
 

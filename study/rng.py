@@ -15,7 +15,7 @@ import torch
 
 from study.config import stable_hash
 
-STREAMS = ("task", "train", "eval", "init")
+STREAMS = ("task", "train", "eval", "init", "online", "batch")  # online: fresh training prompts per step; batch: minibatches of a fixed set
 TRAIN_BLOCK = 1024  # training prompts per random block
 EVAL_BLOCK = 64  # evaluation prompts per random block
 EXAMPLE_BLOCK = 64  # context examples per random block (always drawn whole, then cut)

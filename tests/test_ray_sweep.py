@@ -39,19 +39,29 @@ MOR_PART = {
 }
 
 
+TRANSFORMER_PART = {
+    "family": "gmm",
+    "fixed": {"d": 2, "c": 2, "snr": 1.5, "model": "transformer", "layers": 1, "width": 8, "heads": 2, "N": 8, "B": None, "lr": 1e-3, "steps": 10, "log_every": 5,
+              "M": [8, 16, "inf"], "n_eval": 64, "dtype": "float32", "estimators": ["bayes"]},
+}
+
+
 def test_smoke_sweep_then_rerun_adds_nothing(tmp_path):
-    doc = {"name": "smoke", "seeds": 2, "bundle_size": 4, "parts": [{k: SMOKE[k] for k in ("family", "fixed", "grid")}, MOR_PART]}
+    doc = {"name": "smoke", "seeds": 2, "bundle_size": 4, "parts": [{k: SMOKE[k] for k in ("family", "fixed", "grid")}, MOR_PART, TRANSFORMER_PART]}
     path, store = _sweep(tmp_path, doc), tmp_path / "store"
     result = CliRunner().invoke(app, ["run", str(path), "--store", str(store), "--num-cpus", "2", "--chunk-trials", "2", "--trial-seconds", "0"])
     assert result.exit_code == 0, result.output
-    assert "20 ok, 0 diverged, 0 failed of 20 runs" in result.output
-    assert "[5/5 bundles] 20/20 runs, 0 failed, ETA 0s" in result.output  # progress across 3 chunks of Tuner runs
+    assert "22 ok, 0 diverged, 0 failed of 22 runs" in result.output
+    assert "[6/6 bundles] 22/22 runs, 0 failed, ETA 0s" in result.output  # progress across 3 chunks of Tuner runs
     assert len(list((store / "_tune").iterdir())) == 3
     trials = pd.read_parquet(store / "trials")
-    assert len(trials) == 20 and trials.run_id.is_unique and set(trials.status) == {"ok"}
+    assert len(trials) == 22 and trials.run_id.is_unique and set(trials.status) == {"ok"}
     assert set(trials.device) == {"cpu"} and (trials.schema_version == SCHEMA_VERSION).all()
-    assert trials.groupby("family", observed=True).size().to_dict() == {"gmm": 16, "mor": 4}
+    assert trials.groupby("family", observed=True).size().to_dict() == {"gmm": 18, "mor": 4}
+    tf = trials[trials.model == "transformer"]
+    assert len(tf) == 2 and (tf.layers == 1).all() and tf.param.isna().all() and tf.opt_loss.isna().all() and trials[trials.model == "lsa"].layers.isna().all()
     evals = pd.read_parquet(store / "evals")
+    assert set(evals[evals.run_id.isin(tf.run_id) & (evals.estimator == "transformer")].M) == {8.0, 16.0}
     assert set(evals.run_id) == set(trials.run_id)
     assert {"mse", "excess_mse", "param_error", "tv_error"} <= set(evals.metric)
     assert set(pd.read_parquet(store / "params").name) == {"W", "W_opt", "W_PV", "W_KQ", "W_PV_opt", "W_KQ_opt", "Gamma", "Gamma_opt"}
@@ -62,7 +72,7 @@ def test_smoke_sweep_then_rerun_adds_nothing(tmp_path):
     assert sorted(p.name for p in store.rglob("*.parquet") if "_tune" not in p.parts) == files
 
     status = CliRunner().invoke(app, ["status", "--store", str(store)])
-    assert status.exit_code == 0 and "smoke" in status.output and "trials 20" in status.output
+    assert status.exit_code == 0 and "smoke" in status.output and "trials 22" in status.output
 
 
 def test_killed_run_resumes_exactly_the_missing_runs(tmp_path):
