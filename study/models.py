@@ -11,7 +11,6 @@ A new model is a config class in `study.config.MODEL_CONFIGS` and an adapter her
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -11,7 +11,7 @@ from study import lsa, transformer
 from study.config import ConfigError, Run, TrialConfig, shape_key
 from study.models import LSA_COLUMNS, Transformer
 from study.rng import generator
-from study.trial import run_bundle
+from study.trial import _cov, run_bundle
 
 GMM = dict(family="gmm", d=3, c=3, snr=2.0, model="transformer", layers=2, width=16, heads=2, N=12, B=None, lr=3e-3, steps=40, log_every=10, M=[6, 12, 24, "inf"], n_eval=64, estimators=["bayes"])
 MOR = dict(family="mor", d=3, K=1, snr=3.0, sigma=0.3, model="transformer", layers=2, width=16, heads=2, N=12, B=None, lr=3e-3, steps=40, log_every=10, M=[6, 12, 24, "inf"], n_eval=64, estimators=["oracle", "ridge"])
@@ -86,9 +86,6 @@ def test_one_linear_layer_with_the_lsa_block_structure_is_the_lsa():
 
 def test_an_ensemble_equals_separate_runs():
     runs = [Run(cfg(steps=6, log_every=2, lr=1e-2), s) for s in range(3)]
-    covs = [None] * 3
-    from study.trial import _cov
-
     covs = [_cov(r.config) for r in runs]
     together = Transformer.fit(runs, covs, "cpu")
     for i, r in enumerate(runs):
