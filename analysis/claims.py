@@ -36,7 +36,7 @@ GMM_TASK = ("d", "c", "snr", "cov", "kappa", "symmetric", "B", "param")
 MOR_TASK = ("d", "K", "snr", "sigma", "components", "assignment", "cov", "kappa")
 GROUPS = {"gmm": GMM_TASK, "mor": MOR_TASK}  # the task fields that label a run (rates are per run)
 TRAIN_FIELDS = ("model", "param", "init_scale", "N", "B", "lr", "steps", "log_every", "dtype")
-EVAL_FIELDS = ("M", "n_eval", "estimators", "em_iters", "em_restarts", "em_tol", "em_sigma", "gem_steps")
+EVAL_FIELDS = ("M", "n_eval", "estimators", "shifts", "em_iters", "em_restarts", "em_tol", "em_sigma", "gem_steps")
 GD_FIELDS = ("lr", "steps", "log_every")  # the empirical minimiser does not depend on how GD approached it
 # columns that are results or bookkeeping, not configuration (evals' own M and shift are configuration)
 NOT_CONFIG = frozenset(
@@ -47,6 +47,10 @@ NOT_CONFIG = frozenset(
 )
 
 EXPONENT_LAWS = ("power", "excess")  # laws whose estimate is an exponent of x
+
+
+def _unshifted(s: pd.Series) -> pd.Series:
+    return s == "none"
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,8 @@ class Claim:
             object.__setattr__(self, "tolerance", round(max(0.05, 0.1 * abs(self.theory)), 10) if self.kind == "bound" else 0.05)
         if self.limit is None:
             object.__setattr__(self, "limit", round(max(0.15, 1.5 * self.tolerance), 10))
+        if self.table == "evals" and "shift" not in self.where:  # a claim about the training distribution
+            object.__setattr__(self, "where", {**self.where, "shift": _unshifted})
 
     @property
     def window(self) -> str:

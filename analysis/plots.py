@@ -87,10 +87,11 @@ def _label(df: pd.DataFrame, skip: tuple[str, ...] = ()) -> pd.Series:
 
 
 def _evals(tables: Tables, family: str, metric: str, estimators: list[str] | None = None) -> pd.DataFrame:
+    """The evals rows of one family and metric, on the training distribution (shift none)."""
     ev = tables.get("evals", pd.DataFrame())
     if ev.empty or "family" not in ev:
         return pd.DataFrame()
-    ev = ev[(ev["family"] == family) & (ev["metric"] == metric) & (ev["status"] == "ok") & np.isfinite(ev["value"])]
+    ev = ev[(ev["family"] == family) & (ev["metric"] == metric) & (ev["status"] == "ok") & np.isfinite(ev["value"]) & (ev["shift"] == "none")]
     return ev[ev["estimator"].isin(estimators)] if estimators is not None else ev
 
 

@@ -44,8 +44,11 @@ def _plain(v: Any) -> Any:
 LISTY = (list, tuple, np.ndarray)
 
 
-def _tuple(v: list | tuple | np.ndarray) -> tuple:
-    """tuple(v); a 1-d object array (a list of strings) by way of tolist, the same objects, faster."""
+def _tuple(v: list | tuple | np.ndarray) -> tuple | None:
+    """tuple(v); a 1-d object array (a list of strings) by way of tolist, the same objects, faster.
+    An empty list (no `shifts`) is None: pandas cannot group on an empty tuple."""
+    if len(v) == 0:
+        return None
     return tuple(v.tolist()) if isinstance(v, np.ndarray) and v.dtype == object and v.ndim == 1 else tuple(v)
 
 

@@ -54,7 +54,7 @@ def _flops(cfg: TrialConfig) -> float:
     else:
         train = 4 * B * (D * D + 2 * D * d) * tr.steps * 10 + 2 * B * tr.N * D * D
     m_max = max(ev.finite_M, default=0)
-    return float(train + ev.n_eval * m_max * d * (c1 + d) + shared_flops(cfg))
+    return float(train + (1 + len(ev.shifts)) * ev.n_eval * m_max * d * (c1 + d) + shared_flops(cfg))
 
 
 def _forward_flops(cfg: TrialConfig, tokens: int) -> float:
@@ -69,7 +69,7 @@ def _transformer_flops(cfg: TrialConfig) -> float:
     """Training (forward and backward, about 3 forwards, per prompt of each step) and evaluation."""
     tr, ev = cfg.train, cfg.eval
     train = 3 * tr.steps * cfg.model.batch * _forward_flops(cfg, tr.N + 1)
-    return train + ev.n_eval * sum(_forward_flops(cfg, m + 1) for m in ev.finite_M)
+    return train + (1 + len(ev.shifts)) * ev.n_eval * sum(_forward_flops(cfg, m + 1) for m in ev.finite_M)
 
 
 def shared_flops(cfg: TrialConfig) -> float:
@@ -84,7 +84,7 @@ def shared_flops(cfg: TrialConfig) -> float:
         for name in ("em", "gradient_em"):
             if name in cfg.estimators:
                 per_prompt += sum(4 * ev.em_iters * ev.em_restarts * t.K * m * d * d for m in ev.finite_M)
-        _SHARED[cfg.config_id] = float(ev.n_eval * per_prompt)
+        _SHARED[cfg.config_id] = float((1 + len(ev.shifts)) * ev.n_eval * per_prompt)  # every shift has its own prompts
     return _SHARED[cfg.config_id]
 
 

@@ -32,8 +32,10 @@ class Prompts:
 
     tasks: Tasks
     ctx: Context
-    cov: Covariance
+    cov: Covariance  # the test distribution's (shifted or not)
     c: int
+    train_cov: Covariance | None = None  # the training distribution's (default: cov)
+    log_prior: torch.Tensor | None = None  # [c] under a prior shift; None: uniform
 
     @property
     def xq(self) -> torch.Tensor:
@@ -43,16 +45,18 @@ class Prompts:
 Estimator = Callable[[Prompts], torch.Tensor]
 
 
-def _lda(means: torch.Tensor, prec: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
-    """softmax_k(m_k^T S^-1 x - m_k^T S^-1 m_k / 2) with uniform priors.  prec: [d, d] or [P, d, d]."""
+def _lda(means: torch.Tensor, prec: torch.Tensor, xq: torch.Tensor, log_prior: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax_k(m_k^T S^-1 x - m_k^T S^-1 m_k / 2 + log pi_k) (uniform pi by default).  prec: [d, d] or [P, d, d]."""
     pm = means @ prec  # [P, c, d]; prec is symmetric
     logits = torch.einsum("pkd,pd->pk", pm, xq) - 0.5 * (pm * means).sum(-1)
+    if log_prior is not None:
+        logits = logits + log_prior
     return torch.softmax(logits, dim=-1)
 
 
 def bayes(pr: Prompts) -> torch.Tensor:
-    """The true posterior given the task's means and Lam."""
-    return _lda(pr.tasks.means, pr.cov.inv, pr.xq)
+    """The true posterior given the task's means, the test Lam and the class prior."""
+    return _lda(pr.tasks.means, pr.cov.inv, pr.xq, pr.log_prior)
 
 
 def context_V(ctx: Context, c: int) -> torch.Tensor:
@@ -104,9 +108,9 @@ def projected_W(W: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
 
 
 def lsa_limit(pr: Prompts) -> torch.Tensor:
-    """The LSA at its theoretical limit W = 2 Lam^-1 (binary) or c Lam^-1."""
+    """The LSA at its theoretical limit W = 2 Lam^-1 (binary) or c Lam^-1, Lam the training covariance."""
     scale = 2.0 if pr.c == 2 else float(pr.c)
-    return lsa_estimator({"W": scale * pr.cov.inv})(pr)
+    return lsa_estimator({"W": scale * (pr.train_cov or pr.cov).inv})(pr)
 
 
 def lda_plugin(pr: Prompts) -> torch.Tensor:

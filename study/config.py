@@ -17,6 +17,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from study import shifts
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field and what is allowed."""
@@ -235,6 +237,7 @@ class Eval(_Component):
         default=None, description="estimators compared with the model (default: all of the family)"
     )
 
+    shifts: tuple[str, ...] = Field(default=(), description="test distributions besides the training one (study.shifts), e.g. cov_scale(2)")
     em_iters: int = Field(default=50, ge=1, description="mor: EM iteration budget")
     em_restarts: int = Field(default=4, ge=1, description="mor: EM random restarts (the best likelihood is kept)")
     em_tol: float = Field(default=1e-8, ge=0, description="mor: EM stops when no log-likelihood moves more")
@@ -313,6 +316,11 @@ class TrialConfig(BaseModel):
                 allowed = sorted({f for c in owners.values() for f in c.model_fields})
                 raise ConfigError(key, f"unknown field; allowed: {', '.join(allowed)}")
             parts[owner][key] = value
+        if parts["eval"].get("shifts") is not None:
+            try:
+                parts["eval"]["shifts"] = shifts.canonical(_as_list(parts["eval"]["shifts"]), task_cls.model_fields["family"].default)
+            except ValueError as err:
+                raise ConfigError("shifts", str(err)) from None
         try:
             built = {k: owners[k](**v) for k, v in parts.items()}
         except ValidationError as err:
@@ -358,14 +366,28 @@ class TrialConfig(BaseModel):
         for part in COMPONENTS:
             out.update(getattr(self, part).model_dump())
         out["estimators"] = list(out["estimators"])
+        out["shifts"] = list(out["shifts"])
         return out
 
     @functools.cached_property
     def config_id(self) -> str:
-        return stable_hash(self.to_flat())  # cached: a sweep asks for it once per run and more
+        return stable_hash(_identity(self.to_flat()))  # cached: a sweep asks for it once per run and more
 
     def run_id(self, seed: int) -> str:
         return stable_hash({"config_id": self.config_id, "seed": int(seed)})
+
+
+# fields added after stores existed, at the default that gives the earlier behaviour: left out of the
+# ids there, so that every earlier run keeps its run_id (and a rerun finds it done)
+NEUTRAL_DEFAULTS: dict[str, Any] = {"shifts": []}
+
+
+def _identity(flat: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in flat.items() if not (k in NEUTRAL_DEFAULTS and list(v) == NEUTRAL_DEFAULTS[k])}
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [value] if isinstance(value, str) else list(value)
 
 
 def canonical_json(obj: Any) -> str:
@@ -417,4 +439,4 @@ def shape_key(cfg: TrialConfig) -> tuple:
 def prompts_key(cfg: TrialConfig) -> str:
     """Runs of one seed with equal keys are evaluated on the same prompts by the same baselines:
     their data, evaluation settings and estimator list (not B or N, which are training fields)."""
-    return canonical_json([cfg.task.family, cfg.task.data_key(), cfg.eval.model_dump(), list(cfg.estimators)])
+    return canonical_json([cfg.task.family, cfg.task.data_key(), _identity(cfg.eval.model_dump()), list(cfg.estimators)])

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from study import classifiers, gmm, mor, regressors
+from study import classifiers, gmm, mor, regressors, shifts
 from study.config import Eval, GMMTask, MORTask
 from study.covariance import Covariance
 from study.rng import EVAL_BLOCK
@@ -31,8 +31,9 @@ def evaluate(
     reference: Callable,
     per_prompt: Callable[[torch.Tensor, torch.Tensor, Any], dict[str, torch.Tensor]],
     versus_limit: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    shift: str = "none",
 ) -> list[dict[str, Any]]:
-    """Rows of the `evals` table (without run_id) for every estimator, M and metric.
+    """Rows of the `evals` table (without run_id) for every estimator, M and metric, under `shift`.
 
     `versus_limit(out, out_inf)`: metrics of an estimator at finite M against its own prediction
     at M = inf on the same queries (gmm: `tv_limit`), for batches whose chunk yields its M = inf
@@ -63,19 +64,27 @@ def evaluate(
     for (name, M, metric), (s1, s2, n) in sums.items():
         mean = s1 / n
         var = max(s2 / n - mean * mean, 0.0) * n / max(n - 1, 1)
-        rows.append(dict(estimator=name, M=float(M), shift="none", metric=metric, value=mean, n_prompts=n, stderr=math.sqrt(var / n)))
+        rows.append(dict(estimator=name, M=float(M), shift=shift, metric=metric, value=mean, n_prompts=n, stderr=math.sqrt(var / n)))
     return rows
 
 
-def gmm_batches(task: GMMTask, cov: Covariance, seed: int, ev: Eval, within: bool, device: torch.device | str) -> Iterator[tuple[float, classifiers.Prompts]]:
-    cov_d = cov.to(device)
-    for chunk in gmm.eval_chunks(task, cov, seed, ev.n_eval, ev.M, within, device=device):
+def gmm_batches(task: GMMTask, cov: Covariance, seed: int, ev: Eval, within: bool, device: torch.device | str, shift: str = "none") -> Iterator[tuple[float, classifiers.Prompts]]:
+    """Evaluation prompts under `shift` (`study.shifts`), with the training covariance beside the test one."""
+    test = shifts.gmm_setting(shift, task, cov)
+    cov_d, test_d = cov.to(device), test.cov.to(device)
+    log_prior = None if test.prior is None else test.prior.log().to(device)
+    for chunk in gmm.eval_chunks(task, cov, seed, ev.n_eval, ev.M, within, device=device, test=test):
         for ctx in chunk.contexts:
-            yield ctx.M, classifiers.Prompts(chunk.tasks, ctx, cov_d, task.c)
+            yield ctx.M, classifiers.Prompts(chunk.tasks, ctx, test_d, task.c, cov_d, log_prior)
 
 
-def mor_batches(task: MORTask, cov: Covariance, seed: int, ev: Eval, device: torch.device | str, budget: int = 1 << 22) -> Iterator[tuple[float, regressors.Prompts]]:
-    """Evaluation prompts in chunks of whole random blocks; the context at M is a prefix of the longest."""
+def mor_batches(task: MORTask, cov: Covariance, seed: int, ev: Eval, device: torch.device | str, budget: int = 1 << 22, shift: str = "none") -> Iterator[tuple[float, regressors.Prompts]]:
+    """Evaluation prompts in chunks of whole random blocks; the context at M is a prefix of the longest.
+
+    Under `shift` the prompts come from the shifted task and covariance, drawn from the original
+    task's random streams."""
+    original = task
+    task, cov = shifts.mor_setting(shift, task, cov)
     finite = ev.finite_M
     m_max = max(finite, default=0)
     cov_d = cov.to(device)
@@ -89,7 +98,7 @@ def mor_batches(task: MORTask, cov: Covariance, seed: int, ev: Eval, device: tor
             yield M, regressors.Prompts(M, x, y, p.xq, p.yq, p.betas, p.zq, task, cov_d, seed, first_block)
 
     buf: list[mor.Prompts] = []
-    for i, block in enumerate(mor.prompt_blocks(task, cov, m_max, ev.n_eval, seed, "eval", block=EVAL_BLOCK)):
+    for i, block in enumerate(mor.prompt_blocks(task, cov, m_max, ev.n_eval, seed, "eval", block=EVAL_BLOCK, key_task=original)):
         buf.append(block)
         if len(buf) == blocks_per_chunk:
             yield from contexts(buf, i + 1 - len(buf))

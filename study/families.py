@@ -75,8 +75,11 @@ class GMM:
         shared = {name: classifiers.get(name) for name in cfg.estimators if name != "lsa_projected"} if shared else {}
         ests = {**shared, **estimators}
         within = any(getattr(e, "needs_within", False) for e in ests.values())
-        batches = evaluation.gmm_batches(cfg.task, cov, seed, cfg.eval, within, device)
-        return evaluation.evaluate(batches, ests, classifiers.bayes, classifiers.per_prompt, classifiers.versus_limit)
+        rows = []
+        for shift in ("none", *cfg.eval.shifts):
+            batches = evaluation.gmm_batches(cfg.task, cov, seed, cfg.eval, within, device, shift)
+            rows += evaluation.evaluate(batches, ests, classifiers.bayes, classifiers.per_prompt, classifiers.versus_limit, shift)
+        return rows
 
     @staticmethod
     def export(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -142,8 +145,11 @@ class MOR:
         built = {"em": lambda: regressors.em_estimator(cfg.eval), "gradient_em": lambda: regressors.em_estimator(cfg.eval, cfg.eval.gem_steps)}
         names = [name for name in cfg.estimators if name != "lsa_opt"] if shared else []
         shared = {name: regressors.ESTIMATORS[name] if name in regressors.ESTIMATORS else built[name]() for name in names}
-        batches = evaluation.mor_batches(cfg.task, cov, seed, cfg.eval, device)
-        return evaluation.evaluate(batches, {**shared, **estimators}, regressors.oracle, regressors.per_prompt)
+        rows = []
+        for shift in ("none", *cfg.eval.shifts):
+            batches = evaluation.mor_batches(cfg.task, cov, seed, cfg.eval, device, shift=shift)
+            rows += evaluation.evaluate(batches, {**shared, **estimators}, regressors.oracle, regressors.per_prompt, shift=shift)
+        return rows
 
     @staticmethod
     def export(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -53,24 +53,34 @@ def _key(task: GMMTask, seed: int) -> dict[str, Any]:
     return {"data": task.data_key(), "seed": int(seed)}
 
 
-def _draw_tasks(task: GMMTask, cov: Covariance, n: int, g: torch.Generator) -> Tasks:
+def _labels(task: GMMTask, shape: tuple[int, ...], g: torch.Generator, prior: torch.Tensor | None) -> torch.Tensor:
+    if prior is None:
+        return torch.randint(task.c, shape, generator=g)
+    return torch.multinomial(prior, math.prod(shape), replacement=True, generator=g).reshape(shape)
+
+
+def _draw_tasks(task: GMMTask, cov: Covariance, n: int, g: torch.Generator, test: Any = None) -> Tasks:
+    """Tasks and queries; `test` (a `study.shifts.GMMSetting`) shifts the query's distribution."""
     u = torch.randn(n, task.c, task.d, generator=g, dtype=torch.float64)
     u = task.snr * u / u.norm(dim=-1, keepdim=True)
     if task.symmetric:
         u[:, 0] = -u[:, 1]
     means = u @ cov.half  # half is symmetric: rows are Lam^{1/2} u_k, so ||mu_k||_{Lam^-1} = snr
-    yq = torch.randint(task.c, (n,), generator=g)
-    xq = means[torch.arange(n), yq] + torch.randn(n, task.d, generator=g, dtype=torch.float64) @ cov.half
+    if test is not None and test.mean_scale is not None:
+        means = means * test.mean_scale[:, None]
+    yq = _labels(task, (n,), g, None if test is None else test.prior)
+    noise = cov if test is None else test.cov
+    xq = means[torch.arange(n), yq] + torch.randn(n, task.d, generator=g, dtype=torch.float64) @ noise.half
     return Tasks(means, xq, yq)
 
 
-def _draw_examples(task: GMMTask, cov: Covariance, means: torch.Tensor, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _draw_examples(task: GMMTask, cov: Covariance, means: torch.Tensor, n: int, g: torch.Generator, test: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first n of a block of EXAMPLE_BLOCK context examples per prompt.  Shapes: x [P, n, d], y [P, n]."""
     p = means.shape[0]
     # draw the whole block so that example i is the same whatever the prompt length
-    y = torch.randint(task.c, (p, EXAMPLE_BLOCK), generator=g)[:, :n]
+    y = _labels(task, (p, EXAMPLE_BLOCK), g, None if test is None else test.prior)[:, :n]
     xi = torch.randn(p, EXAMPLE_BLOCK, task.d, generator=g, dtype=torch.float64)[:, :n]
-    x = torch.gather(means, 1, y[..., None].expand(p, n, task.d)) + xi @ cov.half
+    x = torch.gather(means, 1, y[..., None].expand(p, n, task.d)) + xi @ (cov if test is None else test.cov).half
     return x, y
 
 
@@ -172,11 +182,14 @@ class EvalChunk:
     contexts: list[Context]
 
 
-def exact_context(task: GMMTask, cov: Covariance, tasks: Tasks, within: bool) -> Context:
+def exact_context(task: GMMTask, cov: Covariance, tasks: Tasks, within: bool, prior: torch.Tensor | None = None) -> Context:
     """The M = inf context: class frequencies, means and scatter replaced by their true values."""
     p = tasks.means.shape[0]
     dev = tasks.means.device
-    frac = torch.full((p, task.c), 1.0 / task.c, dtype=torch.float64, device=dev)
+    if prior is None:
+        frac = torch.full((p, task.c), 1.0 / task.c, dtype=torch.float64, device=dev)
+    else:
+        frac = prior.to(dev, torch.float64).expand(p, task.c)
     lam = cov.lam.to(dev).expand(p, task.d, task.d) if within else None
     return Context(math.inf, frac, tasks.means, lam)
 
@@ -190,12 +203,14 @@ def eval_chunks(
     within: bool,
     device: torch.device | str = "cpu",
     budget: int = 1 << 22,
+    test: Any = None,
 ) -> Iterator[EvalChunk]:
     """Evaluation prompts in chunks of whole random blocks, each with its contexts at every M.
 
     Contexts are nested: the context at M is the first M examples of the longest one, so every
     estimator and every M is compared on the same tasks and queries. The exact (M = inf) context
-    comes first.
+    comes first. `test` (a `study.shifts.GMMSetting`) draws them from a shifted distribution with
+    the same random streams.
     """
     finite = sorted(int(m) for m in lengths if math.isfinite(m))
     m_max = max(finite, default=0)
@@ -206,16 +221,16 @@ def eval_chunks(
     for start in range(0, len(block_list), blocks_per_chunk):
         tasks, xs, ys = [], [], []
         for b, n in block_list[start : start + blocks_per_chunk]:
-            t = _draw_tasks(task, cov, EVAL_BLOCK, generator(key, "eval", b))  # whole block, then cut
+            t = _draw_tasks(task, cov, EVAL_BLOCK, generator(key, "eval", b), test)  # whole block, then cut
             tasks.append(Tasks(t.means[:n], t.xq[:n], t.yq[:n]))
             if m_max:
-                ex = [_draw_examples(task, cov, t.means, k, generator(key, "eval", b, e)) for e, k in blocks(m_max, EXAMPLE_BLOCK)]
+                ex = [_draw_examples(task, cov, t.means, k, generator(key, "eval", b, e), test) for e, k in blocks(m_max, EXAMPLE_BLOCK)]
                 xs.append(torch.cat([x for x, _ in ex], dim=1)[:n])
                 ys.append(torch.cat([y for _, y in ex], dim=1)[:n])
         t = Tasks(*(torch.cat(z) for z in zip(*((t.means, t.xq, t.yq) for t in tasks)))).to(device)
         contexts = []
         if any(math.isinf(m) for m in lengths):  # first: every finite context is compared with it
-            contexts.append(exact_context(task, cov, t, within))
+            contexts.append(exact_context(task, cov if test is None else test.cov, t, within, None if test is None else test.prior))
         if m_max:
             x, y = torch.cat(xs).to(device), torch.cat(ys).to(device)
             contexts += _prefix_contexts(task.c, x, y, finite, within)

@@ -61,14 +61,17 @@ def _key(task: MORTask, seed: int) -> dict[str, Any]:
     return {"data": task.data_key(), "seed": int(seed)}
 
 
-def prompt_blocks(task: MORTask, cov: Covariance, N: int, P: int, seed: int, stream: str, block: int = TRAIN_BLOCK, prefix: tuple[int, ...] = ()) -> Iterator[Prompts]:
+def prompt_blocks(
+    task: MORTask, cov: Covariance, N: int, P: int, seed: int, stream: str, block: int = TRAIN_BLOCK, prefix: tuple[int, ...] = (), key_task: MORTask | None = None
+) -> Iterator[Prompts]:
     """P prompts of N context examples each, plus a query, one random block of prompts at a time.
 
     `prefix`: indices that come before the block index in every generator's key (the step of an
-    online stream), so that each prefix draws its own prompts.
+    online stream), so that each prefix draws its own prompts. `key_task`: the task whose random
+    streams are used (default `task`): a shifted task draws the same numbers as its original.
     """
     pi = torch.tensor(task.weights, dtype=torch.float64)
-    key = _key(task, seed)
+    key = _key(key_task or task, seed)
     fixed = pool(task) if task.components == "pool" else None
     for b, n_cut in blocks(P, block):
         n = block  # a block is always drawn whole and then cut, so prompt i does not depend on P

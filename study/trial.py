@@ -89,7 +89,7 @@ def run_bundle(runs: list[Run], device: torch.device | str = "cpu") -> BundleOut
         else:
             _shared_rows.move_to_end(key)
             rows = rows + kept
-        rows.sort(key=lambda row: (row["estimator"], row["M"], row["metric"]))  # the same order whether kept or not
+        rows.sort(key=lambda row: (row["estimator"], row["shift"] != "none", row["shift"], row["M"], row["metric"]))  # the same order whether kept or not
         for i in members:
             for row in rows:
                 owner, _, name = row["estimator"].rpartition(":")

@@ -372,9 +372,9 @@ def test_comparison_claim_pairs_the_model_with_the_baseline_by_seed():
         for M, factor in ((8, 0.5), (512, 1.5)):  # the model wins at small M and loses at large M
             base = float(np.exp(rng.standard_normal()))
             for est, v in (("em", base), ("lsa", base * factor * np.exp(0.02 * rng.standard_normal()))):
-                rows.append(dict(run_id=f"r{seed}", estimator=est, metric="excess_mse", M=float(M), value=v, **config, seed=seed))
+                rows.append(dict(run_id=f"r{seed}", estimator=est, metric="excess_mse", M=float(M), shift="none", value=v, **config, seed=seed))
     evals = pd.DataFrame(rows)
-    trials = evals.drop_duplicates("run_id").drop(columns=["estimator", "metric", "M", "value"])
+    trials = evals.drop_duplicates("run_id").drop(columns=["estimator", "metric", "M", "shift", "value"])
     trials = pd.concat([trials, trials.iloc[:1].assign(run_id="diverged", seed=99, status="diverged")])
     claim = tuple(c for c in claims.CLAIMS if c.name == "mor-4-lsa-vs-em")
     out, skipped = verdicts.evaluate({"evals": evals, "trials": trials}, claim)
@@ -388,6 +388,9 @@ def test_comparison_claim_pairs_the_model_with_the_baseline_by_seed():
     assert len(split) == 4 and sorted(json.loads(g)["lr"] for g in split["group"]) == [0.1, 0.1, 0.2, 0.2]
     alone, why = verdicts.evaluate({"evals": evals[evals.estimator == "lsa"], "trials": trials}, claim)
     assert alone.empty and "needs rows of both lsa and em" in why[0][1]
+    shifted = pd.concat([evals, evals.assign(shift="noise(2)", value=np.where(evals.estimator == "lsa", 10.0, 1.0) * evals.value)])
+    same, _ = verdicts.evaluate({"evals": shifted, "trials": trials}, claim)  # a claim about the training distribution ignores shifted rows
+    pd.testing.assert_frame_equal(same, out)
 
 
 def test_kwon_regimes_label_each_point_and_are_fitted_apart():
@@ -402,9 +405,9 @@ def test_kwon_regimes_label_each_point_and_are_fitted_apart():
         for seed in range(6):
             for M in (64, 128, 256, 512, 1024):
                 config = dict(family="mor", status="ok", d=4, K=2, snr=eta, sigma=1.0, components="fresh", assignment="sample", symmetric=True, cov="identity", kappa=1.0)
-                rows.append(dict(run_id=f"{eta}-{seed}", estimator="em", metric="param_error", M=float(M), value=law(4, M) * np.exp(0.01 * rng.standard_normal()), seed=seed, **config))
+                rows.append(dict(run_id=f"{eta}-{seed}", estimator="em", metric="param_error", M=float(M), shift="none", value=law(4, M) * np.exp(0.01 * rng.standard_normal()), seed=seed, **config))
     evals = pd.DataFrame(rows)
-    trials = evals.drop_duplicates("run_id").drop(columns=["estimator", "metric", "M", "value"])
+    trials = evals.drop_duplicates("run_id").drop(columns=["estimator", "metric", "M", "shift", "value"])
     kinds = tuple(c for c in claims.CLAIMS if c.name.startswith("mor-1-em-vs-M"))
     out, skipped = verdicts.evaluate({"evals": evals, "trials": trials}, kinds)
     got = {(r["claim"], r["snr"]): r["verdict"] for r in out.to_dict("records")}
