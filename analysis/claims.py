@@ -43,7 +43,7 @@ NOT_CONFIG = frozenset(
     "run_id config_id bundle_id sweep seed status steps_done final_train_loss final_dist_theory opt_loss opt_converged "
     "opt_dist_theory opt_g opt_noise rho_theory excess_risk error wall_s device created_at code_version schema_version family "
     "estimator metric value n_prompts stderr y step train_loss subopt dist_opt dist_theory subopt_theory name shape values "
-    "regime M_per_d".split()
+    "regime M_per_d M_per_N".split()
 )
 
 EXPONENT_LAWS = ("power", "excess")  # laws whose estimate is an exponent of x
@@ -82,7 +82,8 @@ class Claim:
     x_min: float | str = 0.0  # a field's name: x >= that field (M >= N)
     x_max: float = math.inf
     estimator: str | None = None  # evals: whose rows
-    baseline: str | None = None  # compare: the estimator `estimator` is set against
+    baseline: str | None = None  # compare: the estimator `estimator` is set against (pair_by shift: the reference shift)
+    pair_by: str = "estimator"  # compare: the evals column whose values are paired (shift: every shift against `baseline`)
     where: dict[str, Callable[[pd.Series], pd.Series]] = field(default_factory=dict)
     ignore: tuple[str, ...] = ()  # configuration fields averaged over rather than grouped by
     signed: bool = False  # the metric may be negative: its sign (that of the group's mean) is fitted out
@@ -93,7 +94,7 @@ class Claim:
             object.__setattr__(self, "tolerance", round(max(0.05, 0.1 * abs(self.theory)), 10) if self.kind == "bound" else 0.05)
         if self.limit is None:
             object.__setattr__(self, "limit", round(max(0.15, 1.5 * self.tolerance), 10))
-        if self.table == "evals" and "shift" not in self.where:  # a claim about the training distribution
+        if self.table == "evals" and "shift" not in self.where and self.pair_by != "shift":  # a claim about the training distribution
             object.__setattr__(self, "where", {**self.where, "shift": _unshifted})
 
     @property
@@ -114,6 +115,7 @@ def snr_regime(df: pd.DataFrame) -> pd.Series:
 DERIVED: dict[str, Callable[[pd.DataFrame], pd.Series]] = {
     "regime": snr_regime,
     "M_per_d": lambda df: df["M"] / df["d"],
+    "M_per_N": lambda df: df["M"] / df["N"],  # the test length against the training length
 }
 
 _inf = {"M": lambda s: np.isinf(s)}
@@ -123,6 +125,15 @@ _converged = {"opt_converged": lambda s: s.astype(bool)}
 # [K]'s model: the symmetric two-component mixture with a component per example; N >= 16 d (EM at N ~ d is in neither regime)
 _kwon = {"symmetric": lambda s: s.astype(bool), "K": lambda s: s == 2, "assignment": lambda s: s == "sample", "M_per_d": lambda s: s >= 16}
 _regime = lambda r: {"regime": lambda s: s == r}  # noqa: E731
+
+_transformer = {"model": lambda s: s == "transformer"}
+_erm = {**_transformer, "online": lambda s: ~s.astype(bool)}  # a fixed set of B training prompts
+_high = {"snr": lambda s: s.astype(float) >= 1.0}  # [J]'s high SNR (||beta|| / sigma >= 1)
+_seen = {"M_per_N": lambda s: s <= 1.0}  # test lengths the transformer was trained for
+_at_N = {"M_per_N": lambda s: s == 1.0}
+_asym = {"symmetric": lambda s: ~s.astype(bool)}  # not [J] claim 5's degenerate model
+TRANSFORMER = ("layers", "width", "heads", "mlp", "attention", "positions")  # the architecture labels a group
+FLOOR = math.log(2.0)  # a shift's floor: the unshifted error at most half the shifted one
 
 _not_c = tuple(g for g in (*GMM_TASK, "N") if g != "c")
 _not_d = (*(g for g in MOR_TASK if g != "d"), "M")
@@ -180,6 +191,19 @@ CLAIMS: tuple[Claim, ...] = (
         "evals", "tv_error", "M", "bound", 0.0, (*GMM_TASK, "N"), estimator="lsa", law="monotone", tolerance=0.02, limit=0.1, x_min="N", where=_finite,
         needs="3 or more finite M >= N (the gmm-length sweep: M from N/4 to 16 N)",
     ),
+    Claim(
+        "gmm-4-transformer-length", "gmm", "a transformer's tv_error beyond its training length N: the LSA's does not rise (gmm-4-length-generalisation); a softmax transformer with learned positions need not ([S] reports a 3-layer GPT-2 deviating), so either verdict is a finding (largest log increase <= 0.02)",
+        "evals", "tv_error", "M", "bound", 0.0, (*GMM_TASK, "N", *TRANSFORMER), estimator="transformer", law="monotone", tolerance=0.02, limit=0.1, x_min="N", where=_finite,
+        needs="transformer runs and 3 or more finite M >= N (the gmm-depth sweeps)",
+    ),
+    *(
+        Claim(
+            f"gmm-5-shift-floor-{who}", "gmm", f"a test distribution unlike the training one (Lam' != Lam, means of unequal norms, a skewed prior) leaves the {who} a tv_error that does not vanish as M grows: at M >= N its unshifted error is at most half the shifted one, per shift (log ratio of seed means <= -log 2)",
+            "evals", "tv_error", "M", "bound", -FLOOR, (*GMM_TASK, "N", *extra), estimator=who, baseline="none", pair_by="shift", law="compare", tolerance=0.0, limit=2.0, x_min="N",
+            where={**_finite, **({} if who == "lsa" else _transformer)}, needs=f"{who} rows under shift none and at least one shift, at M >= N (the gmm-depth sweeps)",
+        )
+        for who, extra in (("lsa", ()), ("transformer", TRANSFORMER))
+    ),
     # mor [J], [K], theory.md section 3
     *(
         Claim(
@@ -227,6 +251,32 @@ CLAIMS: tuple[Claim, ...] = (
         "evals", "excess_mse", "M", "bound", 0.0, (*MOR_TASK, "N", "B", "param"), estimator="lsa", baseline="em", law="compare", tolerance=0.1, limit=2.0,
         where={**_finite, "symmetric": lambda s: ~s.astype(bool)},
         needs="rows of both lsa and em at finite M",
+    ),
+    # mor with transformers [J], theory.md section 4
+    Claim(
+        "mor-1-transformer-vs-M", "mor", "a trained transformer's prediction error is O(sqrt(d/n)) at high SNR: its excess_mse over the oracle (the error squared) falls at least like 1/M in the test length M <= N it was trained for",
+        "evals", "excess_mse", "M", "bound", -1.0, (*MOR_TASK, "N", "B", *TRANSFORMER), estimator="transformer", x_min=4, where={**_finite, **_high, **_seen, **_asym},
+        needs="transformer runs at snr >= 1 with 4 or more finite M <= N (the mor-transformer sweeps)",
+    ),
+    Claim(
+        "mor-1-transformer-vs-d", "mor", "a trained transformer's excess_mse at its training length grows at most like d at high SNR (the error O(sqrt(d/n)) squared)",
+        "evals", "excess_mse", "d", "bound", 1.0, (*(g for g in MOR_TASK if g != "d"), "N", "B", *TRANSFORMER), estimator="transformer", where={**_finite, **_high, **_at_N, **_asym},
+        needs="transformer runs at 4 or more values of d, evaluated at M = N (the mor-transformer sweeps)",
+    ),
+    Claim(
+        "mor-2-transformer-vs-B", "mor", "the excess risk of a transformer trained by ERM on B prompts is O(L / sqrt(B)): its excess_mse at M = N falls at least like 1/sqrt(B)",
+        "evals", "excess_mse", "B", "bound", -0.5, (*MOR_TASK, "N", *TRANSFORMER), estimator="transformer", x_min=256, where={**_finite, **_erm, **_at_N, **_asym},
+        needs="transformer runs with online: false at 4 or more values of B >= 256, evaluated at M = N (the mor-transformer sweeps)",
+    ),
+    Claim(
+        "mor-2-transformer-vs-L", "mor", "the ERM excess risk O(L / sqrt(B)) grows at most like the depth L at fixed B",
+        "evals", "excess_mse", "layers", "bound", 1.0, (*MOR_TASK, "N", "B", *(g for g in TRANSFORMER if g != "layers")), estimator="transformer", where={**_finite, **_erm, **_at_N, **_asym},
+        needs="transformer runs with online: false at 4 or more depths at a fixed B, evaluated at M = N (the mor-transformer sweeps)",
+    ),
+    Claim(
+        "mor-4-transformer-vs-em", "mor", "a trained transformer matches or beats EM, most of all at small N and low SNR: its excess_mse over the oracle, on the same prompts, at most 10% above EM's (log ratio of the seed means <= 0.1; intervals up to +-2 decide)",
+        "evals", "excess_mse", "M", "bound", 0.0, (*MOR_TASK, "N", "B", *TRANSFORMER), estimator="transformer", baseline="em", law="compare", tolerance=0.1, limit=2.0, where={**_finite, **_asym},
+        needs="rows of both transformer and em at finite M (the mor-transformer sweeps)",
     ),
 )
 

@@ -12,6 +12,7 @@ on. Every claim the store cannot fit is skipped with its reason and what a sweep
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -144,20 +145,21 @@ def _select(claim: Claim, tables: dict[str, pd.DataFrame], window: bool = True, 
     needed = [claim.x, "status", "seed", "run_id", *(c for c in claim.where if c not in DERIVED), *claim.group]
     needed += ["rho_theory", "opt_loss", "step"] if claim.law == "rate" else []
     needed += ["subopt_theory", "opt_loss"] if claim.law == "curve" else []
-    needed += ["metric", "estimator", "value"] if claim.table == "evals" else [claim.metric]
+    needed += ["metric", "estimator", "value", *(["shift"] if claim.pair_by == "shift" else [])] if claim.table == "evals" else [claim.metric]
     needed += [claim.x_min] if isinstance(claim.x_min, str) else []
     missing = sorted({c for c in needed if c not in df})
     if missing:
         return pd.DataFrame(), f"the {claim.table} table has no column {', '.join(missing)}{_older(missing)}"
     rows = np.arange(len(family.at))  # positions among the family's rows of the rows still in
     if claim.table == "evals":
-        rows = _kept((family["metric"] == claim.metric) & family["estimator"].isin([claim.estimator, claim.baseline]))
+        whose = [claim.estimator] if claim.pair_by == "shift" else [claim.estimator, claim.baseline]
+        rows = _kept((family["metric"] == claim.metric) & family["estimator"].isin(whose))
         if not len(rows):
             return df.iloc[:0], f"no {claim.estimator} rows of metric {claim.metric}"
     source = "value" if claim.table == "evals" else claim.metric
     derived = {}  # the derived columns (the [K] regime, M / d) the claim filters on, of the rows still in
     if any(c in claim.where and c not in df for c in DERIVED) and {"snr", "d", "M"} <= set(df.columns):
-        inputs = pd.DataFrame({c: family[c].iloc[rows] for c in ("snr", "d", "M")})
+        inputs = pd.DataFrame({c: family[c].iloc[rows] for c in ("snr", "d", "M", "N") if c in df})
         derived = {c: f(inputs) for c, f in DERIVED.items() if c in claim.where and c not in df}
     for column, test in claim.where.items():
         if len(rows):
@@ -356,18 +358,39 @@ def _evaluate_per_run(claim: Claim, df: pd.DataFrame, rows: list, skipped: list)
 
 def _evaluate_compare(claim: Claim, df: pd.DataFrame, tables: dict[str, pd.DataFrame], rows: list, skipped: list) -> None:
     """One row per group and test length: log(seed mean of estimator's metric / baseline's), paired
-    by seed. An excess may be negative for a seed (noise), so every finite value is kept."""
-    data = df[(df["status"] == "ok") & np.isfinite(df["y"].astype(float))]
+    by seed. An excess may be negative for a seed (noise), so every finite value is kept.
+
+    With `pair_by: shift`, the estimator's rows under its reference shift `baseline` (none) against
+    its rows under each other shift, one row per group, test length and shift: log(seed mean under
+    the reference / seed mean under the shift)."""
+    if claim.pair_by == "shift":
+        data = df[(df["status"] == "ok") & np.isfinite(df["y"].astype(float))]
+        others = sorted(set(data["shift"]) - {claim.baseline})
+        if claim.baseline not in set(data["shift"]) or not others:
+            skipped.append((claim.name, f"needs {claim.estimator} rows under {claim.baseline} and under at least one shift"))
+            return
+        for shift in others:
+            part = data[data["shift"].isin([claim.baseline, shift])]
+            _compare_pairs(dataclasses.replace(claim, ignore=(*claim.ignore, "shift"), estimator=claim.baseline, pair_by="shift"), part.rename(columns={"estimator": "_whose"}).rename(columns={"shift": "estimator"}), tables, rows, skipped, shift, (claim.baseline, shift), claim)
+        return
+    _compare_pairs(claim, df[(df["status"] == "ok") & np.isfinite(df["y"].astype(float))], tables, rows, skipped, None, (claim.estimator, claim.baseline), claim)
+
+
+def _compare_pairs(claim: Claim, data: pd.DataFrame, tables: dict[str, pd.DataFrame], rows: list, skipped: list, shift: str | None, sides: tuple[str, str], named: Claim) -> None:
+    """`_evaluate_compare` on one pair of sides: the `estimator` column's values `sides` (model, baseline)."""
     group = _group_fields(claim, data, extra=(claim.x,))
     pairs = data[[*group, "seed", "estimator", "y"]].pivot_table(index=[*group, "seed"], columns="estimator", values="y", aggfunc="mean", dropna=False)
-    if claim.estimator not in pairs or claim.baseline not in pairs:
-        skipped.append((claim.name, f"needs rows of both {claim.estimator} and {claim.baseline}"))
+    first, second = sides
+    if first not in pairs or second not in pairs:
+        skipped.append((named.name, f"needs rows of both {first} and {second}"))
         return
-    pairs = pairs[[claim.estimator, claim.baseline]].dropna().reset_index()
+    pairs = pairs[[first, second]].dropna().reset_index()
+    claim = dataclasses.replace(claim, estimator=first, baseline=second)
+    tail = f" {shift}" if shift else ""
     runs = data[data["estimator"] == claim.estimator]
     excluded = _excluded(claim, tables, group, runs)
     reasons: dict[str, int] = {}
-    model, baseline, seed = (pairs[c].to_numpy() for c in (claim.estimator, claim.baseline, "seed"))
+    model, baseline, seed = (pairs[c].to_numpy() for c in (first, second, "seed"))
     for key, at in _groups(pairs, group):
         labels = _labels(group, key)
         try:
@@ -376,10 +399,10 @@ def _evaluate_compare(claim: Claim, df: pd.DataFrame, tables: dict[str, pd.DataF
             reasons[str(err)] = reasons.get(str(err), 0) + 1
             continue
         key = key if isinstance(key, tuple) else (key,)
-        rows.append(_row(claim, labels, fit, claim.theory, excluded.get(key, 0), window=f"{claim.x}={labels[claim.x]:g}"))
-    skipped.extend((claim.name, f"{n} group(s): {reason}") for reason, n in reasons.items())
+        rows.append(_row(named, labels, fit, named.theory, excluded.get(key, 0), window=f"{claim.x}={labels[claim.x]:g}{tail}"))
+    skipped.extend((named.name, f"{n} group(s): {reason}") for reason, n in reasons.items())
     if pairs.empty:
-        skipped.append((claim.name, f"no seed has usable rows of both {claim.estimator} and {claim.baseline}"))
+        skipped.append((named.name, f"no seed has usable rows of both {first} and {second}"))
 
 
 def _points(claim: Claim, part: pd.DataFrame) -> pd.DataFrame:

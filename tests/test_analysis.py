@@ -415,3 +415,47 @@ def test_kwon_regimes_label_each_point_and_are_fitted_apart():
     assert "mor-1-em-vs-M-middle" in dict(skipped)  # no point in the middle regime: said
     asym = evals.assign(symmetric=False)  # outside [K]'s model: not fitted
     assert verdicts.evaluate({"evals": asym, "trials": trials.assign(symmetric=False)}, kinds)[0].empty
+
+
+def test_a_shift_floor_is_judged_per_shift_against_the_unshifted_rows():
+    """gmm-5-shift-floor-lsa: under a shift with a floor the unshifted error is far below the
+    shifted one at M >= N (within); a shift that changes nothing is violated; M < N is not read."""
+    rng = np.random.default_rng(3)
+    config = dict(family="gmm", status="ok", model="lsa", d=4, c=2, snr=2.0, cov="identity", kappa=1.0, symmetric=False, N=40, B=4096, param="reduced")
+    rows = []
+    for seed in range(6):
+        for M in (10.0, 40.0, 160.0, 640.0):
+            base = 0.2 / np.sqrt(M) * np.exp(0.05 * rng.standard_normal())
+            for shift, v in (("none", base), ("cov_scale(3)", base + 0.05), ("mean_norms(1.01)", base * np.exp(0.01 * rng.standard_normal()))):
+                rows.append(dict(run_id=f"r{seed}", estimator="lsa", metric="tv_error", M=M, shift=shift, value=v, seed=seed, **config))
+    evals = pd.DataFrame(rows)
+    trials = evals.drop_duplicates("run_id").drop(columns=["estimator", "metric", "M", "shift", "value"])
+    claim = (claims.BY_NAME["gmm-5-shift-floor-lsa"],)
+    out, skipped = verdicts.evaluate({"evals": evals, "trials": trials}, claim)
+    assert not skipped, skipped
+    got = out.set_index("window")["verdict"].to_dict()
+    assert got == {"M=40 cov_scale(3)": "within", "M=160 cov_scale(3)": "within", "M=640 cov_scale(3)": "within",
+                   "M=40 mean_norms(1.01)": "violated", "M=160 mean_norms(1.01)": "violated", "M=640 mean_norms(1.01)": "violated"}
+    alone, why = verdicts.evaluate({"evals": evals[evals["shift"] == "none"], "trials": trials}, claim)
+    assert alone.empty and "at least one shift" in why[0][1]
+
+
+@pytest.mark.parametrize("slope, verdict", [(-0.5, "within"), (-0.2, "violated")])
+def test_the_erm_transformer_bound_in_B_can_fail(slope, verdict):
+    """mor-2-transformer-vs-B on synthetic excess_mse = C B^slope (1 + 5/B) with seed noise; only
+    transformer rows with online: false at M = N are read."""
+    rng = np.random.default_rng(11)
+    config = dict(family="mor", status="ok", model="transformer", layers=2, width=32, heads=4, mlp=True, attention="softmax", positions="none", d=4, K=2, snr=2.0,
+                  sigma=0.5, components="fresh", assignment="sample", symmetric=False, cov="identity", kappa=1.0, N=20)
+    rows = []
+    for online in (False, True):
+        for seed in range(8):
+            for B in (256, 1024, 4096, 16384, 65536):
+                for M in (10.0, 20.0):
+                    v = 3.0 * B**slope * (1 + 5 / B) * np.exp(0.03 * rng.standard_normal()) * (1 if M == 20 and not online else 50)
+                    rows.append(dict(run_id=f"{online}-{seed}-{B}", estimator="transformer", metric="excess_mse", M=M, shift="none", value=v, seed=seed, B=B, online=online, **config))
+    evals = pd.DataFrame(rows)
+    trials = evals.drop_duplicates("run_id").drop(columns=["estimator", "metric", "M", "shift", "value"])
+    out, skipped = verdicts.evaluate({"evals": evals, "trials": trials}, (claims.BY_NAME["mor-2-transformer-vs-B"],))
+    assert not skipped and len(out) == 1, skipped
+    assert out["verdict"].iloc[0] == verdict and json.loads(out["group"].iloc[0])["layers"] == 2
