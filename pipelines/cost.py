@@ -42,34 +42,8 @@ _FLOPS: dict[str, float] = {}  # by config id: a plan asks for each run's count 
 
 
 def _flops(cfg: TrialConfig) -> float:
-    if cfg.model.model == "transformer":
-        return _transformer_flops(cfg) + shared_flops(cfg)
-    t, tr, ev = cfg.task, cfg.train, cfg.eval
-    d, c1, B = t.d, t.n_label, tr.B
-    D = d + c1
-    if cfg.model.param == "reduced":
-        # small steps are bound by per-prompt elementwise work, not the d^2 products: the 36 is
-        # that work in flop-equivalents (measured on a 2-core CPU: d = 2 costs a third of d = 6)
-        train = 4 * B * (c1 * d * d + 36) * tr.steps + 15 * 2 * B * c1 * d**4
-    else:
-        train = 4 * B * (D * D + 2 * D * d) * tr.steps * 10 + 2 * B * tr.N * D * D
-    m_max = max(ev.finite_M, default=0)
-    return float(train + (1 + len(ev.shifts)) * ev.n_eval * m_max * d * (c1 + d) + shared_flops(cfg))
-
-
-def _forward_flops(cfg: TrialConfig, tokens: int) -> float:
-    """One transformer forward pass over a prompt of `tokens` tokens: projections, scores, MLP."""
-    m = cfg.model
-    w = m.width
-    per_layer = 2 * tokens * (4 * w * w + (8 * w * w if m.mlp else 0)) + 4 * tokens * tokens * w
-    return float(m.layers * per_layer + 2 * tokens * (cfg.task.d + cfg.task.n_label) * w)
-
-
-def _transformer_flops(cfg: TrialConfig) -> float:
-    """Training (forward and backward, about 3 forwards, per prompt of each step) and evaluation."""
-    tr, ev = cfg.train, cfg.eval
-    train = 3 * tr.steps * cfg.model.batch * _forward_flops(cfg, tr.N + 1)
-    return train + (1 + len(ev.shifts)) * ev.n_eval * sum(_forward_flops(cfg, m + 1) for m in ev.finite_M)
+    """The model's training and evaluation (its config class's `flops`), and the baselines'."""
+    return float(cfg.model.flops(cfg) + shared_flops(cfg))
 
 
 def shared_flops(cfg: TrialConfig) -> float:
@@ -92,18 +66,8 @@ _SHARED: dict[str, float] = {}
 
 
 def run_bytes(cfg: TrialConfig) -> int:
-    """Memory of one run's training tensors in a stack: data, logits and gradients in flight."""
-    d, c = cfg.task.d, cfg.task.n_label
-    if cfg.model.model == "transformer":
-        m, tr = cfg.model, cfg.train
-        size = 4 if tr.dtype == "float32" else 8
-        weights = m.layers * (4 + 8 * m.mlp) * m.width**2 + (m.positions == "learned") * (tr.N + 1) * m.width
-        T = tr.N + 1
-        activations = m.batch * m.layers * T * (12 * m.width + 2 * m.heads * T)  # kept for the backward pass
-        data = 0 if m.online else (tr.B or 0) * T * (d + c)
-        return size * (4 * weights + activations + data)  # weights, gradients, AdamW's two moments
-    per_prompt = (c + 1) * d + (d + c) ** 2 * (cfg.model.param == "full")
-    return 8 * cfg.train.B * per_prompt * 3
+    """Memory of one run's training tensors in a stack (its model config class's `run_bytes`)."""
+    return cfg.model.run_bytes(cfg)
 
 
 GPU_CONTEXT_BYTES = 1 << 30  # per trial on a GPU: the CUDA context, the allocator's slack, evaluation chunks

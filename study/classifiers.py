@@ -80,20 +80,9 @@ def context_gram(ctx: Context, xq: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def lsa_estimator(params: dict[str, torch.Tensor]) -> Estimator:
-    """The LSA with given parameters (`W`, or `W_PV` and `W_KQ` of the full form)."""
-
-    def predict(pr: Prompts) -> torch.Tensor:
-        xq = pr.xq
-        if "W" in params:
-            logits = lsa.reduced_logits(params["W"][None].to(xq), context_V(pr.ctx, pr.c)[None], xq[None])[0]
-        else:
-            d = xq.shape[1]
-            P, K = params["W_PV"][None, d:, :].to(xq), params["W_KQ"][None, :, :d].to(xq)
-            logits = lsa.full_logits(P, K, context_gram(pr.ctx, xq, pr.c)[None], xq[None])[0][0]
-        return lsa.probabilities(logits)
-
-    predict.needs_within = "W" not in params  # the full form reads the context's Gram matrix
-    return predict
+    """The LSA with given parameters (`W`, or `W_PV` and `W_KQ` of the full form): `lsa.estimator`
+    on the context's class statistics, class probabilities out."""
+    return lsa.estimator(params, lambda pr, full: context_gram(pr.ctx, pr.xq, pr.c) if full else context_V(pr.ctx, pr.c), lsa.probabilities, needs_within=True)
 
 
 def projected_W(W: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:

@@ -165,6 +165,32 @@ class LSAModel(_Component):
             raise ConfigError("init_scale", "applies to param full; reduced starts at W = 0")
         return self
 
+    # what the planner needs of a model (`shape_key`, `pipelines.cost`), without torch
+
+    def shape(self, cfg: TrialConfig) -> tuple:
+        """The fields beside the task's and training's shapes that runs of one stack share."""
+        return (self.param, self.init_scale)
+
+    def flops(self, cfg: TrialConfig) -> float:
+        """A rough count of training (GD, the optimum) and evaluation, the baselines excluded."""
+        t, tr, ev = cfg.task, cfg.train, cfg.eval
+        d, c1, B = t.d, t.n_label, tr.B
+        D = d + c1
+        if self.param == "reduced":
+            # small steps are bound by per-prompt elementwise work, not the d^2 products: the 36 is
+            # that work in flop-equivalents (measured on a 2-core CPU: d = 2 costs a third of d = 6)
+            train = 4 * B * (c1 * d * d + 36) * tr.steps + 15 * 2 * B * c1 * d**4
+        else:
+            train = 4 * B * (D * D + 2 * D * d) * tr.steps * 10 + 2 * B * tr.N * D * D
+        m_max = max(ev.finite_M, default=0)
+        return float(train + (1 + len(ev.shifts)) * ev.n_eval * m_max * d * (c1 + d))
+
+    def run_bytes(self, cfg: TrialConfig) -> int:
+        """Memory of one run's training tensors in a stack: data, logits and gradients in flight."""
+        d, c = cfg.task.d, cfg.task.n_label
+        per_prompt = (c + 1) * d + (d + c) ** 2 * (self.param == "full")
+        return 8 * cfg.train.B * per_prompt * 3
+
 
 class TransformerModel(_Component):
     """A multi-layer transformer trained by AdamW (theory.md section 4; `study.transformer`)."""
@@ -188,6 +214,34 @@ class TransformerModel(_Component):
         if self.width % self.heads:
             raise ConfigError("heads", f"must divide width, got width = {self.width}, heads = {self.heads}")
         return self
+
+    # what the planner needs of a model (`shape_key`, `pipelines.cost`), without torch
+
+    def shape(self, cfg: TrialConfig) -> tuple:
+        """The architecture and training fields that runs of one stack share (not lr or clip), and N."""
+        return (self.layers, self.width, self.heads, self.mlp, self.attention, self.positions, self.norm, self.online, self.batch, self.warmup, self.weight_decay, cfg.train.N)
+
+    def _forward(self, cfg: TrialConfig, tokens: int) -> float:
+        """One forward pass over a prompt of `tokens` tokens: projections, scores, MLP, embedding."""
+        w = self.width
+        per_layer = 2 * tokens * (4 * w * w + (8 * w * w if self.mlp else 0)) + 4 * tokens * tokens * w
+        return float(self.layers * per_layer + 2 * tokens * (cfg.task.d + cfg.task.n_label) * w)
+
+    def flops(self, cfg: TrialConfig) -> float:
+        """Training (forward and backward, about 3 forwards, per prompt of each step) and evaluation."""
+        tr, ev = cfg.train, cfg.eval
+        train = 3 * tr.steps * self.batch * self._forward(cfg, tr.N + 1)
+        return train + (1 + len(ev.shifts)) * ev.n_eval * sum(self._forward(cfg, m + 1) for m in ev.finite_M)
+
+    def run_bytes(self, cfg: TrialConfig) -> int:
+        """Weights, gradients and AdamW's two moments, the activations kept for the backward pass, the fixed set."""
+        tr, d, c = cfg.train, cfg.task.d, cfg.task.n_label
+        size = 4 if tr.dtype == "float32" else 8
+        weights = self.layers * (4 + 8 * self.mlp) * self.width**2 + (self.positions == "learned") * (tr.N + 1) * self.width
+        T = tr.N + 1
+        activations = self.batch * self.layers * T * (12 * self.width + 2 * self.heads * T)
+        data = 0 if self.online else (tr.B or 0) * T * (d + c)
+        return size * (4 * weights + activations + data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,10 +484,7 @@ def shape_key(cfg: TrialConfig) -> tuple:
     """Runs with equal keys can train in one stack: the model's architecture and the tensors'
     shapes agree (the step size, clipping and data may differ per run)."""
     t, m, tr = cfg.task, cfg.model, cfg.train
-    if m.model == "transformer":
-        arch = (m.layers, m.width, m.heads, m.mlp, m.attention, m.positions, m.norm, m.online, m.batch, m.warmup, m.weight_decay, tr.N)
-        return (t.family, m.model, *arch, t.d, t.n_label, tr.B, tr.steps, tr.log_every, tr.dtype)
-    return (t.family, m.model, m.param, m.init_scale, t.d, t.n_label, tr.B, tr.steps, tr.log_every, tr.dtype)
+    return (t.family, m.model, *m.shape(cfg), t.d, t.n_label, tr.B, tr.steps, tr.log_every, tr.dtype)
 
 
 def prompts_key(cfg: TrialConfig) -> str:

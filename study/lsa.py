@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,28 @@ def full_logits(P: torch.Tensor, K: torch.Tensor, G: torch.Tensor, xq: torch.Ten
     a = torch.bmm(xq, K.transpose(1, 2))  # K x_q: [S, B, D]
     h = torch.einsum("sbij,sbj->sbi", G, a)  # G K x_q
     return torch.bmm(h, P.transpose(1, 2)), a, h
+
+
+def estimator(params: dict[str, torch.Tensor], statistic: Callable[[Any, bool], torch.Tensor], output: Callable[[torch.Tensor], torch.Tensor], needs_within: bool = False) -> Callable:
+    """The LSA with parameters `W` (reduced) or `W_PV` and `W_KQ` (full) as an estimator of a family.
+
+    The family gives `statistic(prompts, full)`: the context's V [P, c', d] (reduced) or its Gram
+    matrix Z Z^T / M [P, D, D] (full), and `output(logits [P, c'])`: its prediction. `needs_within`:
+    the full form's Gram matrix needs the context's within-class scatter (gmm).
+    """
+
+    def predict(pr: Any) -> torch.Tensor:
+        xq = pr.xq
+        if "W" in params:
+            logits = reduced_logits(params["W"][None].to(xq), statistic(pr, False)[None], xq[None])[0]
+        else:
+            d = xq.shape[1]
+            P, K = params["W_PV"][None, d:, :].to(xq), params["W_KQ"][None, :, :d].to(xq)
+            logits = full_logits(P, K, statistic(pr, True)[None], xq[None])[0][0]
+        return output(logits)
+
+    predict.needs_within = needs_within and "W" not in params
+    return predict
 
 
 # ----------------------------------------------------------------------------------------------

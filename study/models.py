@@ -3,8 +3,9 @@
 An adapter trains a stack of runs (one `shape_key`, so one architecture and tensor shapes) and
 gives, per run, its `trials` columns, its curve, its stored parameters and its estimator. The
 estimator has every estimator's call signature (`study.evaluation`), so evaluation does not know
-which model it meets. What a model's configuration is, its shape key and its cost live with its
-config class (`study.config`, `pipelines.cost`), which must not import torch.
+which model it meets. The model's torch-free half is its config class in `study.config`: its
+fields and their validation, `shape` (what its stacks share, for `shape_key`), and `flops` and
+`run_bytes` (what `pipelines.cost` plans with), because the planner must not import torch.
 
 A new model is a config class in `study.config.MODEL_CONFIGS` and an adapter here.
 """

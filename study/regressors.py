@@ -125,19 +125,9 @@ def ridge(pr: Prompts) -> torch.Tensor:
 
 
 def lsa_estimator(params: dict[str, torch.Tensor]) -> Estimator:
-    """The regression LSA with given parameters: `W` (= Gamma^T), or `W_PV` and `W_KQ`."""
-
-    def predict(pr: Prompts) -> torch.Tensor:
-        xq = pr.xq
-        if "W" in params:
-            pred = lsa.reduced_logits(params["W"][None].to(xq), pr.h()[None, :, None, :], xq[None])[0]
-        else:
-            d = xq.shape[1]
-            P, K = params["W_PV"][None, d:, :].to(xq), params["W_KQ"][None, :, :d].to(xq)
-            pred = lsa.full_logits(P, K, pr.gram()[None], xq[None])[0][0]
-        return pred[:, 0]
-
-    return predict
+    """The regression LSA with given parameters: `W` (= Gamma^T), or `W_PV` and `W_KQ`: `lsa.estimator`
+    on the context's h (as V = h^T) or Gram matrix, the one logit out."""
+    return lsa.estimator(params, lambda pr, full: pr.gram() if full else pr.h()[:, None, :], lambda out: out[:, 0])
 
 
 def _posterior_predict(beta: torch.Tensor, pi: torch.Tensor, sigma: torch.Tensor, pr: Prompts) -> torch.Tensor:
