@@ -59,3 +59,23 @@ def test_gpu_fraction_packs_as_many_trials_as_memory_allows():
     assert gpu_fraction(70 * gib, 80 * gib) == 1.0
     with pytest.raises(ValueError, match="does not fit"):
         gpu_fraction(90 * gib, 80 * gib)
+
+
+@pytest.mark.ray
+def test_a_gpu_share_too_small_for_the_largest_stack_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    """`run --gpus-per-trial 0.001` on a cluster whose GPUs have 8 GiB (the probe stubbed: no GPU
+    here): exit 2 naming the option and the share needed, and nothing in the store."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipelines import runner
+    from pipelines.cli import app
+
+    monkeypatch.setattr(runner, "gpu_memory", lambda option="auto", timeout=120.0: 8 << 30)
+    doc = {"name": "tiny-share", "family": "gmm", "fixed": {"d": 2, "snr": 1.0, "lr": 1.0, "steps": 5, "B": 64, "N": 5, "M": [4], "n_eval": 16}, "seeds": 1}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = CliRunner().invoke(app, ["run", str(path), "--store", str(tmp_path / "store"), "--num-cpus", "2", "--gpus-per-trial", "0.001"])
+    assert result.exit_code == 2, result.output
+    assert "--gpus-per-trial 0.001" in result.output and "give at least" in result.output
+    assert not list((tmp_path / "store").glob("trials/**/*.parquet"))
