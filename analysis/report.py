@@ -38,7 +38,7 @@ import pandas as pd
 from analysis import plots
 from analysis.claims import BY_NAME
 from analysis.fits import rate_ratio
-from analysis.verdicts import read_fits, verdict_table
+from analysis.verdicts import SKIPPED, read_fits, verdict_table
 from analysis.load import list_files, load, open_store
 
 RATE_ROWS = 12  # rate claims have a row per run: the report shows a summary and this many rows
@@ -231,7 +231,7 @@ def build(store: str | os.PathLike, out: str | os.PathLike, workers: int | None 
             fits = fits[~fits["family"].isin(gone)]
             notes.append(f"fits of {', '.join(gone)} left out: the store has no such runs now")
     newest = max((i.mtime_ns for i in list_files(loc, "trials")), default=0)
-    if newest > loc.fs.get_file_info(loc.join("fits", "_skipped.parquet")).mtime_ns:
+    if newest > loc.fs.get_file_info(loc.join(*SKIPPED)).mtime_ns:
         notes.append(f"the store has runs newer than its fits: run `icl-study fit --store {loc.uri}` again")
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)

@@ -593,12 +593,16 @@ def verdict_table(fits_table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+SKIPPED = ("fits_skipped", "skipped.parquet")  # the claims `fit` skipped, and why: claim, reason
+
+
 def write_fits(store: str | os.PathLike | Location, rows: pd.DataFrame, skipped: list[tuple[str, str]]) -> list[str]:
     """Replace the store's `fits` table (one file per family) and its list of skipped claims.
 
     Each file is written under a hidden name and moved into place (on an object store: uploaded
     whole to its key); a family with no fits now loses its old file once the new ones are in place.
-    `fits/_skipped.parquet` is invisible to Parquet dataset readers (leading `_`). Returns the paths.
+    The skipped claims are a table of their own (`fits_skipped/skipped.parquet`), so that a glob of
+    `fits/**/*.parquet` reads one schema, hive-partitioned, in every reader. Returns the paths.
     """
     loc = open_store(store)
     root = loc.join("fits")
@@ -610,10 +614,13 @@ def write_fits(store: str | os.PathLike | Location, rows: pd.DataFrame, skipped:
     for family in sorted(families):
         part = table.filter(pa.array((rows["family"] == family).to_numpy()))
         written.append(_replace(loc, f"{root}/family={family}/fits.parquet", part))
-    _replace(loc, f"{root}/_skipped.parquet", pd.DataFrame(skipped, columns=["claim", "reason"]))
+    _replace(loc, loc.join(*SKIPPED), pd.DataFrame(skipped, columns=["claim", "reason"]))
     for old in _fits_files(loc):  # after the new files are in place
         if old.rsplit("/", 2)[-2].split("=", 1)[1] not in families:
             loc.fs.delete_file(old)
+    legacy = loc.join("fits", "_skipped.parquet")  # where icl-study before 2026-11-27 kept them
+    if loc.fs.get_file_info(legacy).type == pafs.FileType.File:
+        loc.fs.delete_file(legacy)
     return written
 
 
@@ -639,7 +646,7 @@ def _replace(loc: Location, path: str, data: pd.DataFrame | pa.Table) -> str:
 def read_fits(store: str | os.PathLike | Location) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """The `fits` table (with `family`) and the skipped claims, as `icl-study fit` last wrote them."""
     loc = open_store(store)
-    skipped_path = loc.join("fits", "_skipped.parquet")
+    skipped_path = loc.join(*SKIPPED)
     if loc.fs.get_file_info(skipped_path).type != pafs.FileType.File:
         raise StoreReadError(f"{loc.uri}: no fits yet; run `icl-study fit --store {loc.uri}` first")
     files = _fits_files(loc)

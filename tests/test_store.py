@@ -111,3 +111,31 @@ def test_schema_has_every_config_field():
     names = set(store_mod.SCHEMAS["trials"].names)
     cfg = parse(SWEEP).configs[0]
     assert set(cfg.to_flat()) - {"family"} <= names
+
+
+def test_every_table_reads_the_same_in_pandas_pyarrow_duckdb_and_polars(tmp_path, sweep):
+    """Each table, the fits and the skipped claims included, globbed as `<table>/**/*.parquet`
+    with hive partitioning where it has it: the same rows and the partition column `family`."""
+    import duckdb
+    import polars as pl
+    import pyarrow.dataset as ds
+
+    from analysis import verdicts
+
+    for b in sweep.bundles():
+        execute_bundle(b.to_payload(), str(tmp_path), sweep.name, "test", "cpu")
+    (tmp_path / "fits").mkdir()
+    pd.DataFrame({"claim": ["old"], "reason": ["old"]}).to_parquet(tmp_path / "fits" / "_skipped.parquet")  # an earlier fit's layout
+    fits = pd.DataFrame([dict(family=f, claim=f"{f}-claim", kind="bound", estimate=-1.0, ci_low=-1.1, ci_high=-0.9, verdict="within", group='{"N": 5}', N=5.0) for f in ("gmm", "mor")])
+    verdicts.write_fits(str(tmp_path), fits, [("gmm-1-rate", "no curves")])
+    for table in ("trials", "curves", "evals", "params", "fits", "fits_skipped"):
+        root = tmp_path / table
+        hive = table != "fits_skipped"
+        n = len(pd.read_parquet(root))
+        arrow = ds.dataset(root, format="parquet", partitioning="hive" if hive else None).to_table()
+        duck = duckdb.sql(f"select * from read_parquet('{root}/**/*.parquet', hive_partitioning={str(hive).lower()})").df()
+        polar = pl.scan_parquet(f"{root}/**/*.parquet", hive_partitioning=hive).collect()
+        assert n > 0 and arrow.num_rows == len(duck) == polar.height == n, table
+        if hive:
+            assert set(arrow.column("family").to_pylist()) == set(duck["family"]) == set(polar["family"].to_list()) == ({"gmm", "mor"} if table == "fits" else {"gmm"}), table
+    assert not (tmp_path / "fits" / "_skipped.parquet").exists()  # the earlier layout is gone

@@ -477,7 +477,7 @@ def test_fit_and_report_on_s3(s3, bucket, sweep, tmp_path, monkeypatch):
     runner = CliRunner()
     fit = runner.invoke(app, ["fit", "--store", s3])
     assert fit.exit_code == 0, fit.output
-    assert f"runs/a/fits/_skipped.parquet" in keys(bucket)
+    assert "runs/a/fits_skipped/skipped.parquet" in keys(bucket)
     monkeypatch.chdir(tmp_path)
     report = runner.invoke(app, ["report", "--store", s3])
     assert report.exit_code == 0, report.output
