@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import json
+import os
 from typing import Callable
 
 import matplotlib

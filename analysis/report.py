@@ -38,8 +38,8 @@ import pandas as pd
 from analysis import plots
 from analysis.claims import BY_NAME
 from analysis.fits import rate_ratio
-from analysis.verdicts import SKIPPED, read_fits, verdict_table
 from analysis.load import list_files, load, open_store
+from analysis.verdicts import SKIPPED, read_fits, verdict_table
 
 RATE_ROWS = 12  # rate claims have a row per run: the report shows a summary and this many rows
 DPI = 110

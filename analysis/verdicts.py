@@ -370,8 +370,9 @@ def _evaluate_compare(claim: Claim, df: pd.DataFrame, tables: dict[str, pd.DataF
             skipped.append((claim.name, f"needs {claim.estimator} rows under {claim.baseline} and under at least one shift"))
             return
         for shift in others:
-            part = data[data["shift"].isin([claim.baseline, shift])]
-            _compare_pairs(dataclasses.replace(claim, ignore=(*claim.ignore, "shift"), estimator=claim.baseline, pair_by="shift"), part.rename(columns={"estimator": "_whose"}).rename(columns={"shift": "estimator"}), tables, rows, skipped, shift, (claim.baseline, shift), claim)
+            # the two shifts play the estimators' part: the shift column becomes the paired one
+            part = data[data["shift"].isin([claim.baseline, shift])].drop(columns="estimator").rename(columns={"shift": "estimator"})
+            _compare_pairs(dataclasses.replace(claim, ignore=(*claim.ignore, "shift")), part, tables, rows, skipped, shift, (claim.baseline, shift), claim)
         return
     _compare_pairs(claim, df[(df["status"] == "ok") & np.isfinite(df["y"].astype(float))], tables, rows, skipped, None, (claim.estimator, claim.baseline), claim)
 

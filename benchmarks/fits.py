@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
+from report import emit
 from scipy import optimize
 
 from analysis import fits, laws
-from report import emit
 
 
 def groups(n: int, seeds: int, levels: tuple[float, ...], rng: np.random.Generator) -> list[tuple[np.ndarray, ...]]:

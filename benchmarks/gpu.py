@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 from report import emit
 
-from study.config import TrialConfig
-from study.training import init_params, step
-from study.config import Run
+from study.config import Run, TrialConfig
 from study.models import LSA
+from study.training import init_params, step
 from study.trial import _cov, run_bundle
 
 GMM = dict(family="gmm", c=3, snr=1.0, N=100, lr=1.0, log_every=10, M=[16, 64, "inf"], n_eval=512, estimators=["bayes", "lda_plugin"])
@@ -35,7 +34,10 @@ CASES = {
     "gmm reduced d=16, B=4096, 16 runs": (dict(GMM, d=16, B=4096, steps=100), 16),
     "gmm reduced d=32, B=4096, 16 runs": (dict(GMM, d=32, B=4096, steps=100), 16),
     "gmm full d=16, B=4096, 16 runs": (dict(GMM, d=16, B=4096, steps=50, param="full"), 16),
-    "mor reduced d=4, B=8192, 12 runs (quickstart)": (dict(family="mor", d=4, K=2, snr=5.0, sigma=0.5, N=40, lr=0.5, B=8192, steps=300, log_every=5, M=[8, 32, 128, 512, "inf"], n_eval=512, estimators=["oracle", "ols", "ridge", "lsa_opt", "em"]), 12),
+    "mor reduced d=4, B=8192, 12 runs (quickstart)": (
+        dict(family="mor", d=4, K=2, snr=5.0, sigma=0.5, N=40, lr=0.5, B=8192, steps=300, log_every=5, M=[8, 32, 128, 512, "inf"], n_eval=512, estimators=["oracle", "ols", "ridge", "lsa_opt", "em"]),
+        12,
+    ),
 }
 
 

@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 
 import torch
-from report import emit, environment
 import torch.nn.functional as F
+from report import emit, environment
 
 from study import lsa
 from study.training import Problem, gd
@@ -179,7 +179,7 @@ def run_form(form: str, data, Zs, args) -> dict:
     # the statistics path's loss curve over the literal steps, for the agreement check
     k = args.literal_steps
     params_k, diverged_at, log = gd(p0, prob, k, log_every=1)
-    stat_losses = [float(l[0]) for _, l, _ in log][:k]
+    stat_losses = [float(loss[0]) for _, loss, _ in log][:k]
     loss_diff = max(abs(a - b) for a, b in zip(stat_losses, lit_losses))
     param_diff = max(float((params_k[name][0] - lit_leaves[name]).abs().max()) for name in lit_leaves)
 

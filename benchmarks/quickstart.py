@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         store = str(tmp / "store") if args.keep is None else str(tmp)
         print(f"running icl-study run {args.sweep} --store {store} ...", file=sys.stderr, flush=True)
         wall, out = cli("run", args.sweep, "--store", store, root=root)
-        done = [l for l in out.splitlines() if l.startswith("done:")]
+        done = [line for line in out.splitlines() if line.startswith("done:")]
         fit_s, _ = cli("fit", "--store", store, root=root)
         report_s, _ = cli("report", "--store", store, root=root)
         plan_s, _ = cli("plan", args.sweep, "--store", store, root=root)

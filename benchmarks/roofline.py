@@ -794,7 +794,8 @@ def markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
         "| roof | before | after | used |",
         "|---|---:|---:|---:|",
-        f"| read bandwidth, x.sum() over {meta['bw_mib']} MiB float64 (GB/s) | {ro['before']['bandwidth'] / 1e9:.2f} | {ro['after']['bandwidth'] / 1e9:.2f} | **{ro['used']['bandwidth'] / 1e9:.2f}** |",
+        f"| read bandwidth, x.sum() over {meta['bw_mib']} MiB float64 (GB/s) "
+        f"| {ro['before']['bandwidth'] / 1e9:.2f} | {ro['after']['bandwidth'] / 1e9:.2f} | **{ro['used']['bandwidth'] / 1e9:.2f}** |",
         f"| GEMM float64, {meta['gemm_n']}^3 torch.matmul (GFLOP/s) | {ro['before']['gemm64'] / 1e9:.2f} | {ro['after']['gemm64'] / 1e9:.2f} | **{ro['used']['gemm64'] / 1e9:.2f}** |",
         f"| GEMM float32, {meta['gemm_n']}^3 torch.matmul (GFLOP/s) | {ro['before']['gemm32'] / 1e9:.2f} | {ro['after']['gemm32'] / 1e9:.2f} | **{ro['used']['gemm32'] / 1e9:.2f}** |",
         "",
@@ -805,7 +806,8 @@ def markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
         once = f"{k['fraction_once']:.1%}" if "fraction_once" in k else ""
         binds = ROOF_NAMES.get(k["binds"], k["binds"])
         lines.append(
-            f"| {k['name']} | {1e3 * k['s']:.3g} | {1e3 * k['cpu_s']:.3g} | {fmt_bytes_rate(k['gbps'])} | {k['gflops']:.2f} | {binds} | {1e3 * k['roof_s']:.3g} | **{k['fraction']:.1%}** | {once} | {notes(k)} |"
+            f"| {k['name']} | {1e3 * k['s']:.3g} | {1e3 * k['cpu_s']:.3g} | {fmt_bytes_rate(k['gbps'])} | {k['gflops']:.2f} | {binds} "
+            f"| {1e3 * k['roof_s']:.3g} | **{k['fraction']:.1%}** | {once} | {notes(k)} |"
         )
     p = r["peer"]
     lines += [
@@ -853,7 +855,8 @@ def compare_markdown(this: dict[str, Any], base: dict[str, Any], base_root: str)
             lines.append(f"| {k['name']} | | {1e3 * k['s']:.3g} | | | | {k['fraction']:.1%} | {ROOF_NAMES.get(k['binds'], k['binds'])} |")
             continue
         lines.append(
-            f"| {k['name']} | {1e3 * o['s']:.3g} | {1e3 * k['s']:.3g} | **{o['s'] / k['s']:.2f}x** | {o['cpu_s'] / k['cpu_s']:.2f}x | {o['fraction']:.1%} | {k['fraction']:.1%} | {ROOF_NAMES.get(k['binds'], k['binds'])} |"
+            f"| {k['name']} | {1e3 * o['s']:.3g} | {1e3 * k['s']:.3g} | **{o['s'] / k['s']:.2f}x** | {o['cpu_s'] / k['cpu_s']:.2f}x "
+            f"| {o['fraction']:.1%} | {k['fraction']:.1%} | {ROOF_NAMES.get(k['binds'], k['binds'])} |"
         )
     pb, pa = base["peer"], this["peer"]
     lines += ["", f"Peer ratio, project ÷ Ahn-style peer (wall; CPU): reduced before {pb['ratio_reduced']:.0f}x; {pb['ratio_reduced_cpu']:.0f}x, "

@@ -66,7 +66,12 @@ def torch_step(cfg: TrialConfig, Z: torch.Tensor, y: torch.Tensor, device: str):
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(m.width, m.heads, 4 * m.width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
     net = torch.nn.ModuleDict(
-        {"embed": torch.nn.Linear(5, m.width), "encoder": torch.nn.TransformerEncoder(layer, m.layers, enable_nested_tensor=False), "norm": torch.nn.LayerNorm(m.width), "head": torch.nn.Linear(m.width, 1)}
+        {
+            "embed": torch.nn.Linear(5, m.width),
+            "encoder": torch.nn.TransformerEncoder(layer, m.layers, enable_nested_tensor=False),
+            "norm": torch.nn.LayerNorm(m.width),
+            "head": torch.nn.Linear(m.width, 1),
+        }
     ).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
     z, target = Z[0].clone(), y[0]
@@ -137,7 +142,8 @@ def main() -> None:
     }
     table = "\n".join(
         [
-            f"transformer L={cfg.model.layers} width={cfg.model.width} heads={cfg.model.heads} softmax+MLP, mor d=4 N={cfg.train.N} batch {cfg.model.batch}, float32, {dev}, {torch.get_num_threads()} threads",
+            f"transformer L={cfg.model.layers} width={cfg.model.width} heads={cfg.model.heads} softmax+MLP, "
+            f"mor d=4 N={cfg.train.N} batch {cfg.model.batch}, float32, {dev}, {torch.get_num_threads()} threads",
             "",
             "| comparison | this project | baseline | ratio |",
             "|---|---:|---:|---:|",

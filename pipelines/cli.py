@@ -17,8 +17,7 @@ from pathlib import Path
 
 import typer
 
-from pipelines import launch
-from pipelines import sweep as sweeps
+from pipelines import launch, sweep as sweeps
 from pipelines.location import explain
 from pipelines.runner import CHUNK_TRIALS
 from pipelines.store import Store, StoreError
@@ -96,7 +95,8 @@ def plan(
         label = "  estimate        " if i == 0 else " " * 18
         typer.echo(f"{label}{c.device} ({c.threads} thread{'s' * (c.threads != 1)}): ~{_seconds(secs)} of trial compute ({source}, code {c.code})")
     cpus = os.cpu_count() or 1
-    typer.echo(f"  here            ~{_seconds(sum(sw.cost(b.runs, cal.seconds, cal.shared_seconds) for b in bundles) / cpus)} of wall on this machine's {cpus} CPUs, one trial per CPU, plus Ray's start")
+    wall = sum(sw.cost(b.runs, cal.seconds, cal.shared_seconds) for b in bundles) / cpus
+    typer.echo(f"  here            ~{_seconds(wall)} of wall on this machine's {cpus} CPUs, one trial per CPU, plus Ray's start")
 
 
 def _seconds(s: float) -> str:

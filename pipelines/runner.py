@@ -14,7 +14,6 @@ import gc
 import logging
 import os
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import yaml
 
 from pipelines.cost import flops, run_bytes, shared_flops
-from study.config import ConfigError, Run, TrialConfig, prompts_key, stable_hash, shape_key
+from study.config import ConfigError, Run, TrialConfig, prompts_key, shape_key, stable_hash
 
 PART_KEYS = ("family", "fixed", "grid", "bundle_size")
 TOP_LEVEL = {"name", "description", "seeds", "bundle_size", "parts", *PART_KEYS}

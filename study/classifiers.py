@@ -168,8 +168,8 @@ def _logreg_layout(c: int, d: int, like: torch.Tensor) -> tuple[torch.Tensor, to
     S[ka * (c - 1) + kb, torch.arange(U)] = 1.0
     S[kb * (c - 1) + ka, torch.arange(U)] = 1.0
     k, i = torch.arange(c)[:, None, None, None], torch.arange(e)[None, :, None, None]
-    l, j = torch.arange(c)[None, None, :, None], torch.arange(e)[None, None, None, :]
-    gidx = ((k * c + l) * T + col[i, j]).reshape(-1)
+    k2, j = torch.arange(c)[None, None, :, None], torch.arange(e)[None, None, None, :]
+    gidx = ((k * c + k2) * T + col[i, j]).reshape(-1)
     dev, dt = like.device, like.dtype
     return Q.to(dev, dt), (torch.kron(Q, Q) @ S).to(dev, dt), gidx.to(dev), list(zip(ka.tolist(), kb.tolist()))
 

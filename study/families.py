@@ -15,8 +15,8 @@ import torch
 from study import classifiers, evaluation, gmm, lsa, mor, regressors
 from study.config import TrialConfig
 from study.covariance import Covariance
-from study.theory import excess_risk, gamma_star
 from study.rng import TRAIN_BLOCK
+from study.theory import excess_risk, gamma_star
 from study.training import TrainStats
 
 

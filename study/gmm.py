@@ -25,9 +25,8 @@ import torch
 
 from study.config import GMMTask
 from study.covariance import Covariance
-from study.training import TrainStats
 from study.rng import EVAL_BLOCK, EXAMPLE_BLOCK, TRAIN_BLOCK, blocks, generator
-
+from study.training import TrainStats
 
 
 def label_embedding(c: int) -> torch.Tensor:

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 
 def reduced_logits(W: torch.Tensor, V: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,7 @@ class LSA:
             c = res.curves
             out.curves.append(
                 [
-                    dict(step=step, train_loss=float(c.train_loss[j, i]), subopt=float(c.subopt[j, i]), dist_opt=float(c.dist_opt[j, i]), dist_theory=float(c.dist_theory[j, i]), subopt_theory=float(c.subopt_theory[j, i]))
+                    dict(step=step, **{name: float(getattr(c, name)[j, i]) for name in ("train_loss", "subopt", "dist_opt", "dist_theory", "subopt_theory")})
                     for j, step in enumerate(c.steps)
                 ]
             )

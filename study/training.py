@@ -227,7 +227,7 @@ def train(prob: Problem, param: str, steps: int, log_every: int, init: dict[str,
         params, diverged_at, log = gd(params, prob, steps, log_every)
         # GD with a stable step never ends above its starting loss; a run that does is unstable even
         # when its loss stays finite (the CE gradient is bounded, so W only grows linearly)
-        logged = torch.stack([l for _, l, _ in log])  # [T, S]
+        logged = torch.stack([loss for _, loss, _ in log])  # [T, S]
         above = logged > logged[0]
         unstable = above[-1] & (diverged_at < 0)
         logged_steps = torch.tensor([t for t, _, _ in log], device=diverged_at.device)

@@ -23,7 +23,6 @@ from study.covariance import covariance
 from study.families import FAMILIES
 from study.models import MODELS
 
-
 SHARED_ROWS = 256  # evaluation groups whose shared estimators' rows a process keeps
 _shared_rows: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
 

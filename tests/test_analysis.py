@@ -78,7 +78,8 @@ def _synthetic(b, status="ok", correction=0.0, seeds=6, levels=(25, 50, 100, 200
     for seed in range(seeds):
         for N in levels:
             g = -3 * N**b * (1 + correction / N) * np.exp(0.02 * rng.standard_normal())
-            rows.append(dict(family="gmm", run_id=f"{status}-{seed}-{N}", seed=seed, N=N, d=2, c=2, snr=1.0, cov="identity", kappa=1.0, symmetric=False, B=100, param="reduced", status=status, opt_converged=True, opt_g=g))
+            config = dict(d=2, c=2, snr=1.0, cov="identity", kappa=1.0, symmetric=False, B=100, param="reduced")
+            rows.append(dict(family="gmm", run_id=f"{status}-{seed}-{N}", seed=seed, N=N, **config, status=status, opt_converged=True, opt_g=g))
     return pd.DataFrame(rows)
 
 

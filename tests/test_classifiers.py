@@ -108,8 +108,7 @@ def test_tv_limit_compares_each_estimator_with_itself_at_M_inf():
     """The context's fluctuation alone: 0 for Bayes, shrinking with M, absent at M = inf or without it."""
     import pandas as pd
 
-    from study.config import TrialConfig
-    from study.config import Run
+    from study.config import Run, TrialConfig
     from study.trial import run_bundle
 
     base = dict(family="gmm", d=2, c=2, snr=1.0, N=40, B=512, lr=2.0, steps=20, log_every=10, n_eval=512)
@@ -126,9 +125,8 @@ def test_the_projected_lsa_keeps_g_and_drops_the_noise_off_the_line_of_lam_inv()
     """lsa_projected: the trained W on the line of Lam^-1, c''(1 + g) Lam^-1, the population
     minimiser's form (theory.md section 5); its M = inf error has no finite-B floor."""
     from study.classifiers import projected_W
-    from study.config import TrialConfig
+    from study.config import Run, TrialConfig
     from study.covariance import covariance
-    from study.config import Run
     from study.trial import run_bundle
 
     cov = covariance("diag", 3, 2.0)

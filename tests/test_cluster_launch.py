@@ -175,9 +175,8 @@ def test_local_ssh_installs_into_its_own_venv():
 def _ray_processes(home: Path | None = None) -> list[tuple[int, str]]:
     """Processes that `ray stop` would end, matched as `ray stop` matches them; with `home`, those
     started by the test's head (their HOME is its head home)."""
-    from ray.autoscaler._private.constants import RAY_PROCESSES
-
     import psutil  # Ray's own copy (ray/thirdparty_files), on sys.path once ray is imported
+    from ray.autoscaler._private.constants import RAY_PROCESSES
 
     found = []
     for proc in psutil.process_iter(["pid", "name", "cmdline"]):

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from pipelines.cost import gpu_fraction
-from study.config import TrialConfig
-from study.config import Run
+from study.config import Run, TrialConfig
 from study.trial import run_bundle
 
 RTOL, ATOL = 1e-6, 1e-9

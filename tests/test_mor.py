@@ -1,12 +1,16 @@
 """Family mor: the sampler, and the closed-form population optimum Gamma* against Monte Carlo."""
 
+import math
+
 import pytest
 import torch
 
-from study.config import ConfigError, MORTask
+from study import regressors
+from study.config import ConfigError, MORTask, Run, TrialConfig
 from study.covariance import covariance
 from study.mor import context_h, pool, sample_prompts
 from study.theory import excess_risk, gamma_star
+from study.trial import run_bundle
 
 VARIANTS = {
     "linear-regression": dict(d=2, K=1, sigma=0.0, snr=1.0),
@@ -114,12 +118,6 @@ def test_bad_mor_configs(bad, field):
 # ----------------------------------------------------------------------------------------------
 # the mor pipeline: training, estimators, evaluation
 
-import math  # noqa: E402
-
-from study import regressors  # noqa: E402
-from study.config import TrialConfig  # noqa: E402
-from study.config import Run
-from study.trial import run_bundle  # noqa: E402
 
 BASE = dict(family="mor", d=2, K=2, snr=2.0, sigma=0.5, components="pool", N=8, B=40000, lr=0.2, steps=300, log_every=100, M=[1, 4, "inf"], n_eval=256)
 

@@ -46,9 +46,8 @@ class StrictMotoServer(moto_server.ThreadedMotoServer):
     """
 
     def _server_entry(self) -> None:
-        from werkzeug.serving import make_server
-
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
 
         app = DomainDispatcherApplication(create_backend_app)
 

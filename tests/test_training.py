@@ -4,12 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from study.config import GMMTask, TrialConfig
+from study.config import GMMTask, Run, TrialConfig
 from study.covariance import covariance
 from study.gmm import sample_train
 from study.optimum import empirical_optimum
 from study.training import Problem, gd, init_params, train
-from study.config import Run
 from study.trial import run_bundle
 
 

@@ -14,7 +14,8 @@ from study.rng import generator
 from study.trial import _cov, run_bundle
 
 GMM = dict(family="gmm", d=3, c=3, snr=2.0, model="transformer", layers=2, width=16, heads=2, N=12, B=None, lr=3e-3, steps=40, log_every=10, M=[6, 12, 24, "inf"], n_eval=64, estimators=["bayes"])
-MOR = dict(family="mor", d=3, K=1, snr=3.0, sigma=0.3, model="transformer", layers=2, width=16, heads=2, N=12, B=None, lr=3e-3, steps=40, log_every=10, M=[6, 12, 24, "inf"], n_eval=64, estimators=["oracle", "ridge"])
+MOR = {**GMM, "family": "mor", "K": 1, "snr": 3.0, "sigma": 0.3, "estimators": ["oracle", "ridge"]}
+del MOR["c"]
 
 
 def cfg(**kw):
@@ -107,7 +108,8 @@ def test_short_training_lowers_the_loss_and_evaluates_at_every_M(flat):
 
 
 def test_bad_transformer_configs_name_their_field():
-    for kw, field in [(dict(width=10, heads=3), "heads"), (dict(layers=0), "layers"), (dict(attention="cosine"), "attention"), (dict(param="full"), "param"), (dict(B=100), "B"), (dict(online=False), "B")]:
+    bad = [(dict(width=10, heads=3), "heads"), (dict(layers=0), "layers"), (dict(attention="cosine"), "attention"), (dict(param="full"), "param")]
+    for kw, field in [*bad, (dict(B=100), "B"), (dict(online=False), "B")]:
         with pytest.raises(ConfigError) as err:
             cfg(**kw)
         assert err.value.field == field, (kw, err.value)
