@@ -110,6 +110,18 @@ def _reference(ax, x: np.ndarray, y: np.ndarray, slope: float, text: str) -> Non
     ax.plot(xs, y0 * (xs / x0) ** slope, "k--", lw=1, label=text)
 
 
+def _log_ticks(ax, x: pd.Series) -> None:
+    """A log x axis labelled at the data's own levels (up to 10), without the minor labels that a
+    log axis spanning less than a decade or two would crowd together."""
+    levels = np.sort(pd.unique(x.astype(float)))
+    levels = levels[np.isfinite(levels) & (levels > 0)]
+    if 0 < len(levels) <= 10:
+        ax.set_xticks(levels, [f"{v:g}" for v in levels])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        if len(levels) > 5:
+            ax.tick_params(axis="x", labelrotation=45)
+
+
 def _scaling(df: pd.DataFrame, x: str, y: str, slope: float | None, slope_text: str, title: str, col: str | None = None, ylabel: str | None = None, ignore: tuple[str, ...] = ()) -> plt.Figure | None:
     """y against x on log-log axes, one line per configuration, a facet per value of `col`."""
     if df.empty or df[x].nunique() < 2:
@@ -126,6 +138,7 @@ def _scaling(df: pd.DataFrame, x: str, y: str, slope: float | None, slope_text: 
             means = part.groupby([x, "config"])[y].mean().reset_index()
             _reference(ax, means[x], means[y], slope, slope_text)
         ax.set(xscale="log", yscale="log", ylabel=ylabel or y, title=title if value is None else f"{title}, {col}={value:g}")
+        _log_ticks(ax, part[x])
     handles, labels = axes[0][-1].get_legend_handles_labels()
     if axes[0][-1].get_legend():
         axes[0][-1].get_legend().remove()

@@ -22,6 +22,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import sys
 import uuid
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -252,7 +253,7 @@ def build(store: str | os.PathLike, out: str | os.PathLike, workers: int | None 
     versions = ", ".join(sorted(trials["code_version"].dropna().unique()))
     md = [f"# icl-study report: `{loc.uri}`", "", f"{len(trials)} runs; code {versions}.", "", *[f"**Note:** {n}.\n" for n in notes], "## Sweeps covered", "", cov.to_markdown(index=False), ""]
     body = [f"<h1>icl-study report: <code>{html.escape(loc.uri)}</code></h1>", f"<p>{len(trials)} runs; code {html.escape(versions)}.</p>"]
-    body += [f"<p><b>Note:</b> {html.escape(n)}.</p>" for n in notes] + ["<h2>Sweeps covered</h2>", cov.to_html(index=False)]
+    body += [f"<p><b>Note:</b> {_inline(n)}.</p>" for n in notes] + ["<h2>Sweeps covered</h2>", cov.to_html(index=False)]
     legend = (
         "Each claim is a bound or an equality (theory.md section 5). A bound (an O() claim) is judged on "
         "the leading exponent of y = A x^beta (1 + c/x), the law with its first correction (|c| / x_min <= 1), fitted "
@@ -268,7 +269,7 @@ def build(store: str | os.PathLike, out: str | os.PathLike, workers: int | None 
         "NaN or non-positive values are left out of a fit and counted in its `excluded` column."
     )
     md += ["## Verdicts", "", legend, "", verdicts.to_markdown(index=False) if len(verdicts) else "No fits.", ""]
-    body += ["<h2>Verdicts</h2>", f"<p>{html.escape(legend)}</p>", verdicts.to_html(index=False) if len(verdicts) else "<p>No fits.</p>"]
+    body += ["<h2>Verdicts</h2>", f"<p>{_inline(legend)}</p>", verdicts.to_html(index=False) if len(verdicts) else "<p>No fits.</p>"]
     if "verdicts" in figures:
         md += ["![verdicts](figures/verdicts.png)", ""]
         body += [_img("verdicts", pngs["verdicts"])]
@@ -281,11 +282,11 @@ def build(store: str | os.PathLike, out: str | os.PathLike, workers: int | None 
         rate = claim is not None and claim.law in ("rate", "curve")
         table = claim_table(rows, digits=6 if rate else 4)  # rates agree to the 4th digit: show where they differ
         md += [f"### {title}", ""]
-        body += [f"<h3>{html.escape(title)}</h3>"]
+        body += [f"<h3>{_inline(title)}</h3>"]
         if rate:
             summary = per_run_summary(rows)
             md += [summary, "", f"First {RATE_ROWS} of {len(rows)} rows (all in the `fits` table):", ""]
-            body += [f"<p>{html.escape(summary)}</p>"]
+            body += [f"<p>{_inline(summary)}</p>"]
             table_md = table.head(RATE_ROWS)
         else:
             table_md = table
@@ -293,7 +294,7 @@ def build(store: str | os.PathLike, out: str | os.PathLike, workers: int | None 
         body += [f"<details{' open' if len(table) <= 40 else ''}><summary>{len(table)} fits</summary>", _html_table(table), "</details>"]
     if skipped:
         md += ["## Claims skipped", "", *[f"- **{n}**: {r}" for n, r in skipped], ""]
-        body += ["<h2>Claims skipped</h2><ul>", *[f"<li><b>{html.escape(n)}</b>: {html.escape(r)}</li>" for n, r in skipped], "</ul>"]
+        body += ["<h2>Claims skipped</h2><ul>", *[f"<li><b>{html.escape(n)}</b>: {_inline(r)}</li>" for n, r in skipped], "</ul>"]
     if loaded.skipped:
         md += ["## Unreadable files (skipped)", "", *[f"- {s}" for s in loaded.skipped], ""]
         body += ["<h2>Unreadable files (skipped)</h2><ul>", *[f"<li>{html.escape(s)}</li>" for s in loaded.skipped], "</ul>"]
@@ -304,12 +305,20 @@ def build(store: str | os.PathLike, out: str | os.PathLike, workers: int | None 
             continue
         doc = (plots.FIGURES[name].__doc__ or name).strip()
         md += [f"**{name}**: {doc}", "", f"![{name}](figures/{path.name})", ""]
-        body += [f"<h3>{html.escape(name)}</h3><p>{html.escape(doc)}</p>", _img(name, pngs[name])]
+        body += [f"<h3>{html.escape(name)}</h3><p>{_inline(doc)}</p>", _img(name, pngs[name])]
 
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>icl-study report</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>"
     _write(out / "report.html", page)
     _write(out / "report.md", "\n".join(md))
     return Built(out / "report.html", out / "report.md", figures, loaded.skipped, notes)
+
+
+_CODE = re.compile(r"`([^`]+)`")
+
+
+def _inline(text: str) -> str:
+    """Text for the HTML page: escaped, with the Markdown it shares with report.md (`code`) as HTML."""
+    return _CODE.sub(r"<code>\1</code>", html.escape(text))
 
 
 def _img(name: str, png: bytes) -> str:

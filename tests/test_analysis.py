@@ -302,6 +302,7 @@ def test_report_builds_every_figure_from_a_small_store(rich_store, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (tmp_path / "rep" / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(FIGURES) and "Verdicts" in page and "rich" in page
+    assert "`" not in page and "<code>within</code>" in page  # report.md's inline code, as HTML
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| claim" in md and "mor-3-rate" in md and all(f"figures/{n}.png" in md for n in FIGURES)
     assert "## Claims skipped" in md  # the small store cannot support every claim: each is said
@@ -460,3 +461,15 @@ def test_the_erm_transformer_bound_in_B_can_fail(slope, verdict):
     out, skipped = verdicts.evaluate({"evals": evals, "trials": trials}, (claims.BY_NAME["mor-2-transformer-vs-B"],))
     assert not skipped and len(out) == 1, skipped
     assert out["verdict"].iloc[0] == verdict and json.loads(out["group"].iloc[0])["layers"] == 2
+
+
+def test_a_log_axis_is_labelled_at_the_data_levels_without_crowded_minor_labels():
+    """gmm_error_vs_N's N axis (issue: its labels overlapped): one label per N level, no minor labels."""
+    from analysis.plots import _scaling
+
+    df = pd.DataFrame([dict(N=float(N), value=1.0 / N, seed=s, run_id=f"{N}-{s}", snr=1.0) for N in (50, 100, 200, 400) for s in range(2)])
+    fig = _scaling(df, "N", "value", -1.0, "slope -1", "t", col="snr")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels() if t.get_text()] == ["50", "100", "200", "400"]
+    assert not [t.get_text() for t in ax.xaxis.get_minorticklabels() if t.get_text()]
