@@ -1,6 +1,8 @@
 """The store loader and the claims registry (analysis reads Parquet only)."""
 
+import html
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -473,3 +475,42 @@ def test_a_log_axis_is_labelled_at_the_data_levels_without_crowded_minor_labels(
     fig.canvas.draw()
     assert [t.get_text() for t in ax.get_xticklabels() if t.get_text()] == ["50", "100", "200", "400"]
     assert not [t.get_text() for t in ax.xaxis.get_minorticklabels() if t.get_text()]
+
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+CHECK = """<script>window.addEventListener("load", () => {
+  const imgs = [...document.images];
+  const broken = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);
+  const markdown = (document.body.innerText.match(/`|\\*\\*|^#{1,6} |\\]\\(/gm) || []);
+  document.title = "CHECK" + JSON.stringify({images: imgs.length, broken, markdown});
+});</script>"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium on this machine (Debian: apt-get install chromium)")
+def test_the_report_renders_in_a_real_browser(rich_store, tmp_path):
+    """report.html in headless Chromium: every figure loads (naturalWidth > 0) and no Markdown
+    syntax (backticks, **, # headings, links) shows as text."""
+    import json
+    import re
+    import subprocess
+
+    from typer.testing import CliRunner
+
+    from analysis.plots import FIGURES
+    from pipelines.cli import app
+
+    store = tmp_path / "s"
+    shutil.copytree(rich_store, store)
+    runner = CliRunner()
+    assert runner.invoke(app, ["fit", "--store", str(store)]).exit_code == 0
+    assert runner.invoke(app, ["report", "--store", str(store), "--out", str(tmp_path / "rep")]).exit_code == 0
+    page = (tmp_path / "rep" / "report.html").read_text()
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", CHECK + "</body>"))
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    found = re.search(r"<title>CHECK(.*?)</title>", dom, re.S)
+    assert found, dom[-2000:]
+    result = json.loads(html.unescape(found.group(1)))
+    assert result == {"images": len(FIGURES), "broken": [], "markdown": []}, result
