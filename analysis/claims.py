@@ -53,7 +53,7 @@ def _unshifted(s: pd.Series) -> pd.Series:
     return s == "none"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Claim:
     """One testable claim: `metric` of `table` against `x`, per group, in the regime `where` and
     the window of x, judged as a `kind` with `tolerance` and inconclusive `limit`.
@@ -142,64 +142,64 @@ _not_B = tuple(g for g in GMM_TASK if g != "B")
 CLAIMS: tuple[Claim, ...] = (
     # gmm [S], theory.md section 2
     Claim(
-        "gmm-1-rate", "gmm", "GD converges linearly at rho = max|1 - lr lambda(H)| of the Hessian at the optimum (|log rho / log rho_H - 1| <= 2%)",
-        "curves", "subopt", "step", "equality", float("nan"), (), law="rate", tolerance=0.02, limit=0.02, ignore=EVAL_FIELDS,
+        name="gmm-1-rate", family="gmm", description="GD converges linearly at rho = max|1 - lr lambda(H)| of the Hessian at the optimum (|log rho / log rho_H - 1| <= 2%)",
+        table="curves", metric="subopt", x="step", kind="equality", theory=float("nan"), group=(), law="rate", tolerance=0.02, limit=0.02, ignore=EVAL_FIELDS,
         needs="GD curves (steps > 0) with at least 3 logged points above float noise",
     ),
     Claim(
-        "gmm-2-optimum-vs-N", "gmm", "W* = c''(Lam^-1 + G) with G = O(1/N): the signed projection g_N of W_opt/c'' - Lam^-1 on Lam^-1, seed-averaged, is O(1/N)",
-        "trials", "opt_g", "N", "bound", -1.0, GMM_TASK, x_min=50, where=_converged, ignore=(*EVAL_FIELDS, *GD_FIELDS), signed=True,
+        name="gmm-2-optimum-vs-N", family="gmm", description="W* = c''(Lam^-1 + G) with G = O(1/N): the signed projection g_N of W_opt/c'' - Lam^-1 on Lam^-1, seed-averaged, is O(1/N)",
+        table="trials", metric="opt_g", x="N", kind="bound", theory=-1.0, group=GMM_TASK, x_min=50, where=_converged, ignore=(*EVAL_FIELDS, *GD_FIELDS), signed=True,
         needs="4 or more values of N >= 50 (theory.md: the asymptotic window)",
     ),
     Claim(
-        "gmm-2-noise-vs-B", "gmm", "the rest of W_opt/c'', off the line of Lam^-1 (opt_noise), is finite-B sampling noise: it falls like B^-1/2 (averaged over N, whose value sets only its level)",
-        "trials", "opt_noise", "B", "equality", -0.5, _not_B, correction=None, x_min=1024, where=_converged, ignore=(*EVAL_FIELDS, *GD_FIELDS, "N"),
+        name="gmm-2-noise-vs-B", family="gmm", description="the rest of W_opt/c'', off the line of Lam^-1 (opt_noise), is finite-B sampling noise: it falls like B^-1/2 (averaged over N, whose value sets only its level)",
+        table="trials", metric="opt_noise", x="B", kind="equality", theory=-0.5, group=_not_B, correction=None, x_min=1024, where=_converged, ignore=(*EVAL_FIELDS, *GD_FIELDS, "N"),
         needs="4 or more values of B >= 1024 (the gmm-b-ladder sweep)",
     ),
     Claim(
-        "gmm-2-optimum-vs-c", "gmm", "||G|| = O(c/N): N g_N grows at most like c at fixed N",
-        "trials", "opt_g", "c", "bound", 1.0, _not_c, where=_converged, ignore=(*EVAL_FIELDS, *GD_FIELDS), signed=True,
+        name="gmm-2-optimum-vs-c", family="gmm", description="||G|| = O(c/N): N g_N grows at most like c at fixed N",
+        table="trials", metric="opt_g", x="c", kind="bound", theory=1.0, group=_not_c, where=_converged, ignore=(*EVAL_FIELDS, *GD_FIELDS), signed=True,
         needs="4 or more values of c at a fixed N (the gmm-c-scaling sweep)",
     ),
     Claim(
-        "gmm-3-error-vs-N", "gmm", "tv_error at M = inf (no context noise) of the trained LSA's B -> inf limit (lsa_projected: its W on the line of Lam^-1) is O(1/N)",
-        "evals", "tv_error", "N", "bound", -1.0, GMM_TASK, estimator="lsa_projected", x_min=50, where=_inf,
+        name="gmm-3-error-vs-N", family="gmm", description="tv_error at M = inf (no context noise) of the trained LSA's B -> inf limit (lsa_projected: its W on the line of Lam^-1) is O(1/N)",
+        table="evals", metric="tv_error", x="N", kind="bound", theory=-1.0, group=GMM_TASK, estimator="lsa_projected", x_min=50, where=_inf,
         needs="lsa_projected in the estimators, M = inf in the M grid and 4 or more values of N >= 50",
     ),
     Claim(
-        "gmm-3-excess-vs-M", "gmm", "tv_error(M) - tv_error(inf) of the trained LSA's B -> inf limit (lsa_projected) is O(1/sqrt(M)) at fixed N (the M = inf error measured per seed)",
-        "evals", "tv_error", "M", "bound", -0.5, (*GMM_TASK, "N"), estimator="lsa_projected", law="excess", x_min=32,
+        name="gmm-3-excess-vs-M", family="gmm", description="tv_error(M) - tv_error(inf) of the trained LSA's B -> inf limit (lsa_projected) is O(1/sqrt(M)) at fixed N (the M = inf error measured per seed)",
+        table="evals", metric="tv_error", x="M", kind="bound", theory=-0.5, group=(*GMM_TASK, "N"), estimator="lsa_projected", law="excess", x_min=32,
         needs="M = inf and 4 or more finite M >= 32 in the M grid",
     ),
     Claim(
-        "gmm-3-fluctuation-vs-M", "gmm", "tv_limit (the trained LSA at M against itself at M = inf: the context's fluctuation, no bias) falls exactly like 1/sqrt(M)",
-        "evals", "tv_limit", "M", "equality", -0.5, (*GMM_TASK, "N"), estimator="lsa", correction=None, x_min=32, where=_finite,
+        name="gmm-3-fluctuation-vs-M", family="gmm", description="tv_limit (the trained LSA at M against itself at M = inf: the context's fluctuation, no bias) falls exactly like 1/sqrt(M)",
+        table="evals", metric="tv_limit", x="M", kind="equality", theory=-0.5, group=(*GMM_TASK, "N"), estimator="lsa", correction=None, x_min=32, where=_finite,
         needs="M = inf and 4 or more finite M >= 32 in the M grid",
     ),
     Claim(
-        "gmm-3-error-vs-c", "gmm", "tv_error at M = inf (lsa_projected) is O(c^2/N): grows at most like c^2 at fixed N",
-        "evals", "tv_error", "c", "bound", 2.0, _not_c, estimator="lsa_projected", where=_inf,
+        name="gmm-3-error-vs-c", family="gmm", description="tv_error at M = inf (lsa_projected) is O(c^2/N): grows at most like c^2 at fixed N",
+        table="evals", metric="tv_error", x="c", kind="bound", theory=2.0, group=_not_c, estimator="lsa_projected", where=_inf,
         needs="M = inf and 4 or more values of c at a fixed N (the gmm-c-scaling sweep)",
     ),
     Claim(
-        "gmm-3-fluctuation-vs-c", "gmm", "the 1/sqrt(M) term is O(c^(3/2)/sqrt(M)): tv_limit grows at most like c^(3/2) at fixed N and M",
-        "evals", "tv_limit", "c", "bound", 1.5, (*_not_c, "M"), estimator="lsa", where=_finite,
+        name="gmm-3-fluctuation-vs-c", family="gmm", description="the 1/sqrt(M) term is O(c^(3/2)/sqrt(M)): tv_limit grows at most like c^(3/2) at fixed N and M",
+        table="evals", metric="tv_limit", x="c", kind="bound", theory=1.5, group=(*_not_c, "M"), estimator="lsa", where=_finite,
         needs="M = inf in the M grid and 4 or more values of c (the gmm-c-scaling sweep)",
     ),
     Claim(
-        "gmm-4-length-generalisation", "gmm", "the LSA normalises by the prompt length, so its tv_error does not rise for M beyond the training N (largest log increase <= 0.02)",
-        "evals", "tv_error", "M", "bound", 0.0, (*GMM_TASK, "N"), estimator="lsa", law="monotone", tolerance=0.02, limit=0.1, x_min="N", where=_finite,
+        name="gmm-4-length-generalisation", family="gmm", description="the LSA normalises by the prompt length, so its tv_error does not rise for M beyond the training N (largest log increase <= 0.02)",
+        table="evals", metric="tv_error", x="M", kind="bound", theory=0.0, group=(*GMM_TASK, "N"), estimator="lsa", law="monotone", tolerance=0.02, limit=0.1, x_min="N", where=_finite,
         needs="3 or more finite M >= N (the gmm-length sweep: M from N/4 to 16 N)",
     ),
     Claim(
-        "gmm-4-transformer-length", "gmm", "a transformer's tv_error beyond its training length N: the LSA's does not rise (gmm-4-length-generalisation); a softmax transformer with learned positions need not ([S] reports a 3-layer GPT-2 deviating), so either verdict is a finding (largest log increase <= 0.02)",
-        "evals", "tv_error", "M", "bound", 0.0, (*GMM_TASK, "N", *TRANSFORMER), estimator="transformer", law="monotone", tolerance=0.02, limit=0.1, x_min="N", where=_finite,
+        name="gmm-4-transformer-length", family="gmm", description="a transformer's tv_error beyond its training length N: the LSA's does not rise (gmm-4-length-generalisation); a softmax transformer with learned positions need not ([S] reports a 3-layer GPT-2 deviating), so either verdict is a finding (largest log increase <= 0.02)",
+        table="evals", metric="tv_error", x="M", kind="bound", theory=0.0, group=(*GMM_TASK, "N", *TRANSFORMER), estimator="transformer", law="monotone", tolerance=0.02, limit=0.1, x_min="N", where=_finite,
         needs="transformer runs and 3 or more finite M >= N (the gmm-depth sweeps)",
     ),
     *(
         Claim(
-            f"gmm-5-shift-floor-{who}", "gmm", f"a test distribution unlike the training one (Lam' != Lam, means of unequal norms, a skewed prior) leaves the {who} a tv_error that does not vanish as M grows: at M >= N its unshifted error is at most half the shifted one, per shift (log ratio of seed means <= -log 2)",
-            "evals", "tv_error", "M", "bound", -FLOOR, (*GMM_TASK, "N", *extra), estimator=who, baseline="none", pair_by="shift", law="compare", tolerance=0.0, limit=2.0, x_min="N",
+            name=f"gmm-5-shift-floor-{who}", family="gmm", description=f"a test distribution unlike the training one (Lam' != Lam, means of unequal norms, a skewed prior) leaves the {who} a tv_error that does not vanish as M grows: at M >= N its unshifted error is at most half the shifted one, per shift (log ratio of seed means <= -log 2)",
+            table="evals", metric="tv_error", x="M", kind="bound", theory=-FLOOR, group=(*GMM_TASK, "N", *extra), estimator=who, baseline="none", pair_by="shift", law="compare", tolerance=0.0, limit=2.0, x_min="N",
             where={**_finite, **({} if who == "lsa" else _transformer)}, needs=f"{who} rows under shift none and at least one shift, at M >= N (the gmm-depth sweeps)",
         )
         for who, extra in (("lsa", ()), ("transformer", TRANSFORMER))
@@ -207,75 +207,75 @@ CLAIMS: tuple[Claim, ...] = (
     # mor [J], [K], theory.md section 3
     *(
         Claim(
-            f"mor-1-em-vs-M-{regime}", "mor", f"EM's parameter error is {rate} in [K]'s {regime}-SNR regime (symmetric K = 2, a component per example, M >= 16 d)",
-            "evals", "param_error", "M", "bound", -slope, MOR_TASK, estimator="em", where={**_finite, **_kwon, **_regime(regime)}, ignore=TRAIN_FIELDS,
+            name=f"mor-1-em-vs-M-{regime}", family="mor", description=f"EM's parameter error is {rate} in [K]'s {regime}-SNR regime (symmetric K = 2, a component per example, M >= 16 d)",
+            table="evals", metric="param_error", x="M", kind="bound", theory=-slope, group=MOR_TASK, estimator="em", where={**_finite, **_kwon, **_regime(regime)}, ignore=TRAIN_FIELDS,
             needs=f"[K]'s model (symmetric: true, K: 2, assignment: sample) with 4 or more M >= 16 d in the {regime} regime (the mor-em-regimes sweeps)",
         )
         for regime, rate, slope in (("low", "O((d/M)^(1/4))", 0.25), ("middle", "O(sqrt(d/M) / eta)", 0.5), ("high", "O(sqrt(d/M))", 0.5))
     ),
     *(
         Claim(
-            f"mor-1-em-vs-d-{regime}", "mor", f"EM's parameter error grows at most like d^{slope:g} at fixed M in [K]'s {regime}-SNR regime (M >= 16 d; d spans too few values for a correction: the plain slope)",
-            "evals", "param_error", "d", "bound", slope, _not_d, estimator="em", correction=None, where={**_finite, **_kwon, **_regime(regime)}, ignore=TRAIN_FIELDS,
+            name=f"mor-1-em-vs-d-{regime}", family="mor", description=f"EM's parameter error grows at most like d^{slope:g} at fixed M in [K]'s {regime}-SNR regime (M >= 16 d; d spans too few values for a correction: the plain slope)",
+            table="evals", metric="param_error", x="d", kind="bound", theory=slope, group=_not_d, estimator="em", correction=None, where={**_finite, **_kwon, **_regime(regime)}, ignore=TRAIN_FIELDS,
             needs=f"[K]'s model with 3 or more d at a fixed M >= 16 d in the {regime} regime (the mor-em-regimes sweeps)",
         )
         for regime, slope in (("low", 0.25), ("middle", 0.5), ("high", 0.5))
     ),
     Claim(
-        "mor-2-excess-risk-vs-B", "mor", "the ERM-trained LSA's population excess risk over Gamma* is O(1/sqrt(B))",
-        "trials", "excess_risk", "B", "bound", -0.5, (*MOR_TASK, "N"), x_min=256, where=_reduced, ignore=EVAL_FIELDS,
+        name="mor-2-excess-risk-vs-B", family="mor", description="the ERM-trained LSA's population excess risk over Gamma* is O(1/sqrt(B))",
+        table="trials", metric="excess_risk", x="B", kind="bound", theory=-0.5, group=(*MOR_TASK, "N"), x_min=256, where=_reduced, ignore=EVAL_FIELDS,
         needs="the reduced LSA at 4 or more values of B >= 256",
     ),
     Claim(
-        "mor-3-rate", "mor", "GD on the quadratic LSA loss follows the curve the Hessian predicts from the start (|log(subopt / predicted)| <= 1%)",
-        "curves", "subopt", "step", "equality", 0.0, (), law="curve", tolerance=0.01, limit=math.inf, where=_reduced, ignore=EVAL_FIELDS,
+        name="mor-3-rate", family="mor", description="GD on the quadratic LSA loss follows the curve the Hessian predicts from the start (|log(subopt / predicted)| <= 1%)",
+        table="curves", metric="subopt", x="step", kind="equality", theory=0.0, group=(), law="curve", tolerance=0.01, limit=math.inf, where=_reduced, ignore=EVAL_FIELDS,
         needs="GD curves of the reduced LSA (steps > 0) with at least 3 logged points above float noise",
     ),
     Claim(
-        "mor-3-optimum-vs-B", "mor", "the empirical optimum approaches Gamma* like 1/sqrt(B) (finite-B noise only)",
-        "trials", "opt_dist_theory", "B", "equality", -0.5, (*MOR_TASK, "N"), correction=None, x_min=256, where={**_converged, **_reduced}, ignore=(*EVAL_FIELDS, *GD_FIELDS),
+        name="mor-3-optimum-vs-B", family="mor", description="the empirical optimum approaches Gamma* like 1/sqrt(B) (finite-B noise only)",
+        table="trials", metric="opt_dist_theory", x="B", kind="equality", theory=-0.5, group=(*MOR_TASK, "N"), correction=None, x_min=256, where={**_converged, **_reduced}, ignore=(*EVAL_FIELDS, *GD_FIELDS),
         needs="the reduced LSA at 4 or more values of B >= 256",
     ),
     Claim(
-        "mor-3-full-vs-B", "mor", "the full LSA trained by GD from the Zhang-Frei-Bartlett start reaches Gamma*: its final distance falls like 1/sqrt(B) (a stationary point elsewhere would leave a floor)",
-        "trials", "final_dist_theory", "B", "equality", -0.5, (*MOR_TASK, "N", "init_scale"), correction=None, x_min=256, where={"param": lambda s: s == "full"}, ignore=EVAL_FIELDS,
+        name="mor-3-full-vs-B", family="mor", description="the full LSA trained by GD from the Zhang-Frei-Bartlett start reaches Gamma*: its final distance falls like 1/sqrt(B) (a stationary point elsewhere would leave a floor)",
+        table="trials", metric="final_dist_theory", x="B", kind="equality", theory=-0.5, group=(*MOR_TASK, "N", "init_scale"), correction=None, x_min=256, where={"param": lambda s: s == "full"}, ignore=EVAL_FIELDS,
         needs="the full LSA at 4 or more values of B >= 256 (the mor-full sweeps)",
     ),
     Claim(
-        "mor-3-full-vs-steps", "mor", "the full LSA's GD contracts to its limit point: dist_opt falls linearly in the step (the interval of rho below 1)",
-        "curves", "dist_opt", "step", "bound", 1.0, (), law="rate", tolerance=0.0, limit=0.05, where={"param": lambda s: s == "full"}, ignore=EVAL_FIELDS,
+        name="mor-3-full-vs-steps", family="mor", description="the full LSA's GD contracts to its limit point: dist_opt falls linearly in the step (the interval of rho below 1)",
+        table="curves", metric="dist_opt", x="step", kind="bound", theory=1.0, group=(), law="rate", tolerance=0.0, limit=0.05, where={"param": lambda s: s == "full"}, ignore=EVAL_FIELDS,
         needs="GD curves of the full LSA with at least 3 logged points above float noise",
     ),
     Claim(
-        "mor-4-lsa-vs-em", "mor", "the trained LSA is not worse than EM: its excess_mse over the oracle, on the same prompts, at most 10% above EM's (log ratio of the seed means <= 0.1; intervals up to +-2, a factor 7 either way, decide); not in the symmetric model, where every prediction metric is degenerate ([J] claim 5)",
-        "evals", "excess_mse", "M", "bound", 0.0, (*MOR_TASK, "N", "B", "param"), estimator="lsa", baseline="em", law="compare", tolerance=0.1, limit=2.0,
+        name="mor-4-lsa-vs-em", family="mor", description="the trained LSA is not worse than EM: its excess_mse over the oracle, on the same prompts, at most 10% above EM's (log ratio of the seed means <= 0.1; intervals up to +-2, a factor 7 either way, decide); not in the symmetric model, where every prediction metric is degenerate ([J] claim 5)",
+        table="evals", metric="excess_mse", x="M", kind="bound", theory=0.0, group=(*MOR_TASK, "N", "B", "param"), estimator="lsa", baseline="em", law="compare", tolerance=0.1, limit=2.0,
         where={**_finite, "symmetric": lambda s: ~s.astype(bool)},
         needs="rows of both lsa and em at finite M",
     ),
     # mor with transformers [J], theory.md section 4
     Claim(
-        "mor-1-transformer-vs-M", "mor", "a trained transformer's prediction error is O(sqrt(d/n)) at high SNR: its excess_mse over the oracle (the error squared) falls at least like 1/M in the test length M <= N it was trained for",
-        "evals", "excess_mse", "M", "bound", -1.0, (*MOR_TASK, "N", "B", *TRANSFORMER), estimator="transformer", x_min=4, where={**_finite, **_high, **_seen, **_asym},
+        name="mor-1-transformer-vs-M", family="mor", description="a trained transformer's prediction error is O(sqrt(d/n)) at high SNR: its excess_mse over the oracle (the error squared) falls at least like 1/M in the test length M <= N it was trained for",
+        table="evals", metric="excess_mse", x="M", kind="bound", theory=-1.0, group=(*MOR_TASK, "N", "B", *TRANSFORMER), estimator="transformer", x_min=4, where={**_finite, **_high, **_seen, **_asym},
         needs="transformer runs at snr >= 1 with 4 or more finite M <= N (the mor-transformer sweeps)",
     ),
     Claim(
-        "mor-1-transformer-vs-d", "mor", "a trained transformer's excess_mse at its training length grows at most like d at high SNR (the error O(sqrt(d/n)) squared)",
-        "evals", "excess_mse", "d", "bound", 1.0, (*(g for g in MOR_TASK if g != "d"), "N", "B", *TRANSFORMER), estimator="transformer", where={**_finite, **_high, **_at_N, **_asym},
+        name="mor-1-transformer-vs-d", family="mor", description="a trained transformer's excess_mse at its training length grows at most like d at high SNR (the error O(sqrt(d/n)) squared)",
+        table="evals", metric="excess_mse", x="d", kind="bound", theory=1.0, group=(*(g for g in MOR_TASK if g != "d"), "N", "B", *TRANSFORMER), estimator="transformer", where={**_finite, **_high, **_at_N, **_asym},
         needs="transformer runs at 4 or more values of d, evaluated at M = N (the mor-transformer sweeps)",
     ),
     Claim(
-        "mor-2-transformer-vs-B", "mor", "the excess risk of a transformer trained by ERM on B prompts is O(L / sqrt(B)): its excess_mse at M = N falls at least like 1/sqrt(B)",
-        "evals", "excess_mse", "B", "bound", -0.5, (*MOR_TASK, "N", *TRANSFORMER), estimator="transformer", x_min=256, where={**_finite, **_erm, **_at_N, **_asym},
+        name="mor-2-transformer-vs-B", family="mor", description="the excess risk of a transformer trained by ERM on B prompts is O(L / sqrt(B)): its excess_mse at M = N falls at least like 1/sqrt(B)",
+        table="evals", metric="excess_mse", x="B", kind="bound", theory=-0.5, group=(*MOR_TASK, "N", *TRANSFORMER), estimator="transformer", x_min=256, where={**_finite, **_erm, **_at_N, **_asym},
         needs="transformer runs with online: false at 4 or more values of B >= 256, evaluated at M = N (the mor-transformer sweeps)",
     ),
     Claim(
-        "mor-2-transformer-vs-L", "mor", "the ERM excess risk O(L / sqrt(B)) grows at most like the depth L at fixed B",
-        "evals", "excess_mse", "layers", "bound", 1.0, (*MOR_TASK, "N", "B", *(g for g in TRANSFORMER if g != "layers")), estimator="transformer", where={**_finite, **_erm, **_at_N, **_asym},
+        name="mor-2-transformer-vs-L", family="mor", description="the ERM excess risk O(L / sqrt(B)) grows at most like the depth L at fixed B",
+        table="evals", metric="excess_mse", x="layers", kind="bound", theory=1.0, group=(*MOR_TASK, "N", "B", *(g for g in TRANSFORMER if g != "layers")), estimator="transformer", where={**_finite, **_erm, **_at_N, **_asym},
         needs="transformer runs with online: false at 4 or more depths at a fixed B, evaluated at M = N (the mor-transformer sweeps)",
     ),
     Claim(
-        "mor-4-transformer-vs-em", "mor", "a trained transformer matches or beats EM, most of all at small N and low SNR: its excess_mse over the oracle, on the same prompts, at most 10% above EM's (log ratio of the seed means <= 0.1; intervals up to +-2 decide)",
-        "evals", "excess_mse", "M", "bound", 0.0, (*MOR_TASK, "N", "B", *TRANSFORMER), estimator="transformer", baseline="em", law="compare", tolerance=0.1, limit=2.0, where={**_finite, **_asym},
+        name="mor-4-transformer-vs-em", family="mor", description="a trained transformer matches or beats EM, most of all at small N and low SNR: its excess_mse over the oracle, on the same prompts, at most 10% above EM's (log ratio of the seed means <= 0.1; intervals up to +-2 decide)",
+        table="evals", metric="excess_mse", x="M", kind="bound", theory=0.0, group=(*MOR_TASK, "N", "B", *TRANSFORMER), estimator="transformer", baseline="em", law="compare", tolerance=0.1, limit=2.0, where={**_finite, **_asym},
         needs="rows of both transformer and em at finite M (the mor-transformer sweeps)",
     ),
 )
