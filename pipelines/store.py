@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from pipelines.lease import Lease, LeaseError
 from pipelines.location import LocationError, check_bucket, explain, locate
-from study.config import FAMILIES, MODEL_CONFIGS, Eval, Train
+from study.config import MODEL_CONFIGS, TASK_CONFIGS, Eval, Train
 
 SCHEMA_VERSION = 3  # 3: trials.final_dist_theory, opt_g, opt_noise; curves.subopt_theory
 TABLES = ("trials", "curves", "evals", "params")
@@ -74,7 +74,7 @@ def _arrow_type(annotation: Any) -> pa.DataType:
 def config_fields() -> list[pa.Field]:
     """One column per config field of every family and model (null where a field does not apply)."""
     fields: dict[str, pa.DataType] = {}
-    for cls in [*FAMILIES.values(), *MODEL_CONFIGS.values(), Train, Eval]:
+    for cls in [*TASK_CONFIGS.values(), *MODEL_CONFIGS.values(), Train, Eval]:
         for name, info in cls.model_fields.items():
             if name != "family":
                 fields.setdefault(name, _arrow_type(info.annotation))

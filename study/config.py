@@ -312,8 +312,8 @@ class Eval(_Component):
 # ----------------------------------------------------------------------------------------------
 # the trial config
 
-FAMILIES: dict[str, type[_Component]] = {"gmm": GMMTask, "mor": MORTask}
-MODEL_CONFIGS: dict[str, type[_Component]] = {"lsa": LSAModel, "transformer": TransformerModel}
+TASK_CONFIGS: dict[str, type[_Component]] = {"gmm": GMMTask, "mor": MORTask}  # family -> its config (study.families.FAMILIES: its behaviour)
+MODEL_CONFIGS: dict[str, type[_Component]] = {"lsa": LSAModel, "transformer": TransformerModel}  # model -> its config (study.models.MODELS: its training)
 COMPONENTS = ("task", "model", "train", "eval")
 
 
@@ -357,7 +357,7 @@ class TrialConfig(BaseModel):
         flat = dict(flat)
         if flat.get("estimators") is None:
             flat["estimators"] = cls.ESTIMATORS.get(flat.get("family", "gmm"))
-        task_cls = _lookup(FAMILIES, "family", flat.get("family", "gmm"))
+        task_cls = _lookup(TASK_CONFIGS, "family", flat.get("family", "gmm"))
         model_cls = _lookup(MODEL_CONFIGS, "model", flat.get("model", "lsa"))
         owners = {"task": task_cls, "model": model_cls, "train": Train, "eval": Eval}
         parts: dict[str, dict[str, Any]] = {k: {} for k in owners}
