@@ -23,6 +23,8 @@ STACKS = {
     "gmm": dict(family="gmm", d=3, c=3, snr=1.5, N=20, lr=1.0, steps=50, log_every=10, B=1024, M=[8, 32, "inf"], n_eval=128),
     "gmm-full": dict(family="gmm", d=3, c=2, snr=1.5, N=20, lr=0.5, steps=50, log_every=10, B=1024, M=[8, "inf"], n_eval=128, param="full", init_scale=0.1),
     "mor": dict(family="mor", d=3, K=2, snr=2.0, sigma=0.5, N=20, lr=0.2, steps=50, log_every=10, B=1024, M=[8, 32, "inf"], n_eval=64, em_iters=20),
+    # float64, so that the two devices differ by reduction order only (not yet run on a GPU: 2026-11-27)
+    "transformer": dict(family="gmm", d=3, c=3, snr=1.5, model="transformer", layers=2, width=16, heads=2, N=12, B=None, lr=1e-3, steps=20, log_every=5, M=[8, 24], n_eval=64, estimators=["bayes"]),
 }
 
 
