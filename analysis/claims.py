@@ -32,19 +32,18 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from study.config import MODEL_CONFIGS, TASK_CONFIGS, Eval, Train
+
 GMM_TASK = ("d", "c", "snr", "cov", "kappa", "symmetric", "B", "param")
 MOR_TASK = ("d", "K", "snr", "sigma", "components", "assignment", "cov", "kappa")
 GROUPS = {"gmm": GMM_TASK, "mor": MOR_TASK}  # the task fields that label a run (rates are per run)
 TRAIN_FIELDS = ("model", "param", "init_scale", "N", "B", "lr", "steps", "log_every", "dtype")
 EVAL_FIELDS = ("M", "n_eval", "estimators", "shifts", "em_iters", "em_restarts", "em_tol", "em_sigma", "gem_steps")
 GD_FIELDS = ("lr", "steps", "log_every")  # the empirical minimiser does not depend on how GD approached it
-# columns that are results or bookkeeping, not configuration (evals' own M and shift are configuration)
-NOT_CONFIG = frozenset(
-    "run_id config_id bundle_id sweep seed status steps_done final_train_loss final_dist_theory opt_loss opt_converged "
-    "opt_dist_theory opt_g opt_noise rho_theory excess_risk error wall_s device created_at code_version schema_version family "
-    "estimator metric value n_prompts stderr y step train_loss subopt dist_opt dist_theory subopt_theory name shape values "
-    "regime M_per_d M_per_N".split()
-)
+# the configuration columns, from the config classes themselves (every task's and model's fields,
+# training's and evaluation's), and evals' own shift: the only columns a group is made of, so that a
+# new result column can never become a grouping field
+CONFIG = frozenset(f for cls in (*TASK_CONFIGS.values(), *MODEL_CONFIGS.values(), Train, Eval) for f in cls.model_fields if f != "family") | {"shift"}
 
 EXPONENT_LAWS = ("power", "excess")  # laws whose estimate is an exponent of x
 

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from analysis.claims import BY_NAME, CLAIMS, EVAL_FIELDS, EXPONENT_LAWS, NOT_CONFIG, TRAIN_FIELDS, snr_regime  # noqa: E402
+from analysis.claims import BY_NAME, CLAIMS, CONFIG, EVAL_FIELDS, EXPONENT_LAWS, TRAIN_FIELDS, snr_regime  # noqa: E402
 from analysis.verdicts import local_slopes, varying  # noqa: E402
 
 MAX_LINES = 8
@@ -259,7 +259,7 @@ def mor_em_vs_M(tables: Tables, fits: pd.DataFrame) -> plt.Figure | None:
     ev = ev[np.isfinite(ev["M"]) & ev["symmetric"].astype(bool) & (ev["K"] == 2) & (ev["assignment"] == "sample") & (ev["M"] >= 16 * ev["d"])]
     if ev.empty:
         return None
-    scalar = [c for c in ev.columns if c not in NOT_CONFIG and c not in TRAIN_FIELDS and not ev[c].map(lambda v: isinstance(v, (list, np.ndarray))).any()]
+    scalar = [c for c in ev.columns if c in CONFIG and c not in TRAIN_FIELDS and not ev[c].map(lambda v: isinstance(v, (list, np.ndarray))).any()]
     ev = ev.drop_duplicates(["seed", *scalar])  # one row per evaluation, not one per trained model
     fig = _scaling(ev, "M", "value", None, "", "EM param_error", col="snr", ylabel="param_error", ignore=TRAIN_FIELDS)
     if fig is not None:

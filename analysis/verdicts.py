@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from analysis import fits
-from analysis.claims import CLAIMS, DERIVED, EXPONENT_LAWS, GROUPS, NOT_CONFIG, Claim
+from analysis.claims import CLAIMS, CONFIG, DERIVED, EXPONENT_LAWS, GROUPS, Claim
 from analysis.load import Location, StoreReadError, list_files, open_store
 
 NOISE = 1e-12  # a loss gap below NOISE * max(1, |opt_loss|) is float noise: a rate window ends there
@@ -133,7 +133,7 @@ def _select(claim: Claim, tables: dict[str, pd.DataFrame], window: bool = True, 
     The filters run one after the other on the rows that passed the ones before (a test sees the
     rows it always saw), each on the column it reads; the selected rows are copied once, at the
     end. `cache` (a dict) keeps each table's family rows for the next claim. `narrow`: of the
-    columns that are not configuration (`NOT_CONFIG`), only those `evaluate` reads (`READ`, y and
+    columns that are not configuration (`CONFIG`), only those `evaluate` reads (`READ`, y and
     the derived ones); for a per-run claim only the columns it reads (`_per_run_columns`).
     """
     df = tables.get(claim.table, pd.DataFrame())
@@ -180,7 +180,7 @@ def _select(claim: Claim, tables: dict[str, pd.DataFrame], window: bool = True, 
     if narrow and claim.law in ("rate", "curve"):
         keep = [c for c in df.columns if c in _per_run_columns(claim)]
     else:
-        keep = [c for c in df.columns if not narrow or c not in NOT_CONFIG or c in READ]
+        keep = [c for c in df.columns if not narrow or c in CONFIG or c in READ]
     out = (df[keep] if len(keep) < len(df.columns) else df).iloc[at]
     return _hashable(out.assign(y=df[source].iloc[at], **derived)), ""
 
@@ -196,7 +196,7 @@ def _older(missing: list[str]) -> str:
 
 def varying(df: pd.DataFrame, skip: tuple[str, ...] | set[str] = ()) -> list[str]:
     """The configuration columns of df (not results, not `skip`) that take more than one value."""
-    return [c for c in df.columns if c not in NOT_CONFIG and c not in skip and _distinct_reprs(df[c]) > 1]
+    return [c for c in df.columns if c in CONFIG and c not in skip and _distinct_reprs(df[c]) > 1]
 
 
 def _distinct_reprs(column: pd.Series) -> int:
