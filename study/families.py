@@ -72,8 +72,8 @@ class GMM:
     @staticmethod
     def evaluate(cfg: TrialConfig, cov: Covariance, seed: int, estimators: dict[str, Any], device: Any, shared: bool = True) -> list[dict[str, Any]]:
         """Rows of `estimators` and, with `shared`, of the configuration's own estimator list."""
-        shared = {name: classifiers.get(name) for name in cfg.estimators if name != "lsa_projected"} if shared else {}
-        ests = {**shared, **estimators}
+        baselines = {name: classifiers.get(name) for name in cfg.estimators if name != "lsa_projected"} if shared else {}
+        ests = {**baselines, **estimators}
         within = any(getattr(e, "needs_within", False) for e in ests.values())
         rows = []
         for shift in ("none", *cfg.eval.shifts):
@@ -144,11 +144,11 @@ class MOR:
         """Rows of `estimators` and, with `shared`, of the configuration's own estimator list."""
         built = {"em": lambda: regressors.em_estimator(cfg.eval), "gradient_em": lambda: regressors.em_estimator(cfg.eval, cfg.eval.gem_steps)}
         names = [name for name in cfg.estimators if name != "lsa_opt"] if shared else []
-        shared = {name: regressors.ESTIMATORS[name] if name in regressors.ESTIMATORS else built[name]() for name in names}
+        ests = {**{name: regressors.ESTIMATORS[name] if name in regressors.ESTIMATORS else built[name]() for name in names}, **estimators}
         rows = []
         for shift in ("none", *cfg.eval.shifts):
             batches = evaluation.mor_batches(cfg.task, cov, seed, cfg.eval, device, shift=shift)
-            rows += evaluation.evaluate(batches, {**shared, **estimators}, regressors.oracle, regressors.per_prompt, shift=shift)
+            rows += evaluation.evaluate(batches, ests, regressors.oracle, regressors.per_prompt, shift=shift)
         return rows
 
     @staticmethod

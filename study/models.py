@@ -168,8 +168,8 @@ class Transformer:
                 idx = torch.stack([torch.randperm(tr.B, generator=generator({"data": r.config.task.data_key(), "seed": r.seed}, "batch", step))[: m.batch] for r in runs]).to(device)
                 Z, y = torch.stack([Zall[s, idx[s]] for s in range(S)]), torch.stack([yall[s, idx[s]] for s in range(S)])
             loss = cls.loss(transformer.forward(p, Z, m, c1), y, fam_name)
-            grads = torch.autograd.grad(loss.sum(), list(p.values()))
-            grads = {k: torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for k, g in zip(p, grads)}
+            # the members share no operation, so a member that diverged (NaN) touches only its own slice
+            grads = dict(zip(p, torch.autograd.grad(loss.sum(), list(p.values()))))
             bad = ~torch.isfinite(loss.detach()).cpu()
             diverged_at[bad & (diverged_at < 0)] = step
             transformer.clip_(grads, clip)

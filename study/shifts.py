@@ -32,14 +32,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-# kind -> (families, whether it takes a value, the value's check, what is allowed)
-KINDS: dict[str, tuple[tuple[str, ...], bool, Any, str]] = {
-    "cov_scale": (("gmm",), True, lambda v: v > 0, "a > 0"),
-    "cov_rotate": (("gmm",), True, lambda v: v >= 0 and float(v).is_integer(), "a seed, an integer >= 0"),
-    "mean_norms": (("gmm",), True, lambda v: v > 0, "r > 0"),
-    "prior": (("gmm",), True, lambda v: 0 < v < 1, "0 < p < 1"),
-    "covariate_scale": (("mor",), True, lambda v: v > 0, "a > 0"),
-    "noise": (("mor",), True, lambda v: v >= 0, "sigma' >= 0"),
+# kind -> (the families it applies to, the check of its value, what is allowed); every kind takes a value
+KINDS: dict[str, tuple[tuple[str, ...], Any, str]] = {
+    "cov_scale": (("gmm",), lambda v: v > 0, "a > 0"),
+    "cov_rotate": (("gmm",), lambda v: v >= 0 and float(v).is_integer(), "a seed, an integer >= 0"),
+    "mean_norms": (("gmm",), lambda v: v > 0, "r > 0"),
+    "prior": (("gmm",), lambda v: 0 < v < 1, "0 < p < 1"),
+    "covariate_scale": (("mor",), lambda v: v > 0, "a > 0"),
+    "noise": (("mor",), lambda v: v >= 0, "sigma' >= 0"),
 }
 NONE = "none"
 _FORM = re.compile(r"\s*([a-z_]+)\s*(?:\(\s*([0-9.eE+-]+)\s*\))?\s*")
@@ -59,11 +59,11 @@ class Shift:
 def parse(spec: str, family: str) -> Shift:
     """A shift from its string; ValueError says what is wrong and what is allowed."""
     m = _FORM.fullmatch(spec) if isinstance(spec, str) else None
-    known = ", ".join(f"{k}(value)" for k, (fams, _, _, _) in KINDS.items() if family in fams)
+    known = ", ".join(f"{k}(value)" for k, (fams, _, _) in KINDS.items() if family in fams)
     if m is None or m.group(1) not in KINDS:
         raise ValueError(f"unknown shift {spec!r}; for family {family}: {known}")
     kind, value = m.group(1), m.group(2)
-    fams, _, ok, allowed = KINDS[kind]
+    fams, ok, allowed = KINDS[kind]
     if family not in fams:
         raise ValueError(f"shift {kind} applies to family {', '.join(fams)}, not {family}; for {family}: {known}")
     if value is None:
