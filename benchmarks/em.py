@@ -73,7 +73,7 @@ import roofline
 import torch
 from report import emit, environment
 
-from study import em
+from study import em, estimators
 from study.config import MORTask, canonical_json
 from study.covariance import covariance
 from study.mor import sample_prompts
@@ -226,7 +226,7 @@ def eval_pass(runs) -> list[dict]:
     family = FAMILIES["mor"]
     own = {}
     for i, r in enumerate(runs):
-        own.update({f"{i}:{name}": e for name, e in family.member_estimators(r.config, _cov(r.config), None).items()})
+        own.update({f"{i}:{name}": e for name, e in estimators.per_run(r.config, _cov(r.config), None).items()})
     r0 = runs[0]
     return family.evaluate(r0.config, _cov(r0.config), r0.seed, own, "cpu")
 

@@ -24,7 +24,7 @@ d in {2, 4}, c in {2, 3}, snr 1), for each (d, c):
 - `gmm evaluation pass`: `FAMILIES["gmm"].evaluate` end to end (draw the prompts, every estimator
   of the study's default list: bayes, lsa_limit, lda_plugin, lda_pooled, logreg, plus `--members`
   members' trained-model estimators `i:lsa` and `i:lsa_projected`, metrics), once with
-  `classifiers.ESTIMATORS["logreg"]` set to `logreg_before` ("old") and once as the study ships it
+  `classifiers.logreg` (the registry entry of `logreg`) set to `logreg_before` ("old") and once as the study ships it
   ("new"). A quickstart stack of 24 runs (one d, c, snr: 6 values of N x 4 seeds) evaluates in 4
   passes of 6 runs each (the 6 N of one seed share their prompts), hence `--members 6`; the
   members' W are c'' Lam^-1 (1 + i / 20) instead of trained ones (training is not part of the pass, and the LSA's cost does not depend on W). The
@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 from report import emit, environment
 
-from study import classifiers
+from study import classifiers, estimators
 from study.classifiers import LOGREG_ITERS, LOGREG_L2, bayes
 from study.config import TrialConfig
 from study.covariance import covariance
@@ -69,7 +69,7 @@ from study.families import FAMILIES
 QUICKSTART_M = [4, 16, 32, 64, 128, 256, 1024, math.inf]
 
 
-def logreg_before(pr: classifiers.Prompts) -> torch.Tensor:
+def logreg_before(pr: classifiers.ClassificationPrompts) -> torch.Tensor:
     """`study.classifiers.logreg` as it was before issue 10 (verbatim): the in-run baseline."""
     ctx = pr.ctx
     if ctx.exact:
@@ -120,8 +120,9 @@ class Clock:
 
 @contextlib.contextmanager
 def shipped_logreg(fn, spent: list[float]):
-    """classifiers.ESTIMATORS["logreg"] = fn (wrapped to add its CPU seconds to spent[0]) for the block."""
-    saved = classifiers.ESTIMATORS["logreg"]
+    """classifiers.logreg = fn (wrapped to add its CPU seconds to spent[0]) for the block: the
+    estimator registry (study.estimators) resolves `study.classifiers:logreg` when a pass builds it."""
+    saved = classifiers.logreg
 
     def timed(pr):
         c0 = cpu()
@@ -130,11 +131,11 @@ def shipped_logreg(fn, spent: list[float]):
         finally:
             spent[0] += cpu() - c0
 
-    classifiers.ESTIMATORS["logreg"] = timed
+    classifiers.logreg = timed
     try:
         yield
     finally:
-        classifiers.ESTIMATORS["logreg"] = saved
+        classifiers.logreg = saved
 
 
 def config(d: int, c: int, snr: float, n_eval: int, M: list[float]) -> TrialConfig:
@@ -151,7 +152,7 @@ def members(cfg: TrialConfig, cov, n: int) -> dict:
     out = {}
     for i in range(n):
         W = {"W": scale * (1 + i / 20) * cov.inv}
-        ests = {"lsa": fam.lsa_estimator(W), **fam.member_estimators(cfg, cov, W)}
+        ests = {"lsa": fam.lsa_estimator(W), **estimators.per_run(cfg, cov, W)}
         out.update({f"{i}:{name}": e for name, e in ests.items()})
     return out
 

@@ -58,7 +58,7 @@ and constructors, so the benchmark measures whatever the current implementation 
 4. logreg, `study.classifiers.logreg(pr)` on every context of one chunk of
    `study.gmm.eval_chunks(task, cov, seed, n_eval=1024, lengths=[4,16,32,64,128,256,1024,inf],
    within=False)` (what one evaluation runs; quickstart task d=4, c=3, snr 2, diag kappa 2), the
-   `study.classifiers.Prompts` built as `study.evaluation.gmm_batches` builds them. The Newton
+   `study.classifiers.ClassificationPrompts` built as `study.evaluation.gmm_batches` builds them. The Newton
    steps are COUNTED in every timed call: the systems solved by the torch.linalg.solve calls made
    inside logreg (the batch's leading size: one system per prompt and step), i.e. the
    prompt-steps the implementation ran, reported per M as steps per prompt (if an implementation
@@ -81,7 +81,7 @@ and constructors, so the benchmark measures whatever the current implementation 
    pipelines/sweeps/quickstart.yaml: the first gmm configuration with d=4, c=3, the costliest, and
    the first mor configuration; seed 0), the prompts' generation included. The roof stated is the
    sum of the counted parts' roofs: logreg (gmm) or EM (mor), wrapped in the pass (the module's
-   `classifiers.ESTIMATORS["logreg"]` or `em.fit` replaced by a counting wrapper for the duration)
+   `classifiers.logreg` or `em.fit` replaced by a counting wrapper for the duration)
    and counted as in items 4 and 5; the other estimators and the data generation are not counted,
    so the fraction is a lower bound. The seconds spent inside logreg / EM are reported as their
    share of the pass.
@@ -450,7 +450,7 @@ def logreg_kernel(d: int, c: int, n_eval: int, lengths: list[float], a) -> dict[
     task = GMMTask(d=d, c=c, snr=2.0, cov="diag", kappa=2.0)
     cov = covariance("diag", d, 2.0)
     chunk = next(gmm.eval_chunks(task, cov, 0, n_eval, lengths, within=False))
-    prompts = [classifiers.Prompts(chunk.tasks, ctx, cov, c) for ctx in chunk.contexts]
+    prompts = [classifiers.ClassificationPrompts(chunk.tasks, ctx, cov, c) for ctx in chunk.contexts]
     probe = Probe(classifiers.logreg, "logreg")
 
     def call():
@@ -514,7 +514,7 @@ def eval_kernel(family: str, cfg: TrialConfig, a) -> dict[str, Any]:
     t = cfg.task
     cov = covariance(t.cov, t.d, t.kappa, t.cov_seed)
     if family == "gmm":
-        probe, target, attr = Probe(classifiers.ESTIMATORS["logreg"], "logreg"), classifiers.ESTIMATORS, "logreg"
+        probe, target, attr = Probe(classifiers.logreg, "logreg"), classifiers, "logreg"
     else:
         probe, target, attr = Probe(em.fit, "em"), em, "fit"
     shares: list[float] = []
@@ -525,18 +525,12 @@ def eval_kernel(family: str, cfg: TrialConfig, a) -> dict[str, Any]:
         FAMILIES[family].evaluate(cfg, cov, 0, {}, "cpu")
         shares.append(probe.seconds / (time.perf_counter() - t0))
 
-    saved = target[attr] if isinstance(target, dict) else getattr(target, attr)
+    saved = getattr(target, attr)
     try:
-        if isinstance(target, dict):
-            target[attr] = probe
-        else:
-            setattr(target, attr, probe)
+        setattr(target, attr, probe)
         res = timed(call, a)
     finally:
-        if isinstance(target, dict):
-            target[attr] = saved
-        else:
-            setattr(target, attr, saved)
+        setattr(target, attr, saved)
     name = "logreg" if family == "gmm" else "EM"
     shape = {"d": t.d, "n_eval": cfg.eval.n_eval, "M": list(cfg.eval.M), "estimators": list(cfg.estimators)}
     shape.update({"c": t.c, "snr": t.snr} if family == "gmm" else {"K": t.K, "snr": t.snr, "em_restarts": cfg.eval.em_restarts})

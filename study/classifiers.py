@@ -3,7 +3,7 @@
 Only `bayes` reads the hidden task; `lsa_projected` (the trained LSA's W projected on the line
 of Lam^-1, its B -> inf limit), `lsa_limit`, `lda_plugin`, `lda_pooled` and `logreg` see the
 context (and `lda_plugin` the true Lam, as theory.md defines it); the trained LSA is built by
-`lsa_estimator` and called the same way, so evaluation never branches on the kind of model.
+`lsa_classifier` and called the same way, so evaluation never branches on the kind of model.
 At M = inf every context statistic is its exact expectation: the plug-in and pooled LDA then
 equal `bayes`, and so does `logreg`, whose population optimum is the true log-odds (the LDA model
 is well specified for it).
@@ -11,13 +11,14 @@ is well specified for it).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from study import lsa
+from study.config import TrialConfig
 from study.covariance import Covariance
+from study.estimators import Estimator
 from study.gmm import Context, Tasks, label_embedding
 
 LOGREG_L2 = 1.0  # ridge on all weights (intercepts too): a unit Gaussian prior
@@ -27,7 +28,7 @@ LOGREG_CHUNK_ELEMS = 1 << 20  # prompts per chunk of logreg_fit: about this many
 
 
 @dataclass
-class Prompts:
+class ClassificationPrompts:
     """Evaluation prompts of one test length: hidden tasks, queries, context, true covariance."""
 
     tasks: Tasks
@@ -42,8 +43,6 @@ class Prompts:
         return self.tasks.xq
 
 
-Estimator = Callable[[Prompts], torch.Tensor]
-
 
 def _lda(means: torch.Tensor, prec: torch.Tensor, xq: torch.Tensor, log_prior: torch.Tensor | None = None) -> torch.Tensor:
     """softmax_k(m_k^T S^-1 x - m_k^T S^-1 m_k / 2 + log pi_k) (uniform pi by default).  prec: [d, d] or [P, d, d]."""
@@ -54,7 +53,7 @@ def _lda(means: torch.Tensor, prec: torch.Tensor, xq: torch.Tensor, log_prior: t
     return torch.softmax(logits, dim=-1)
 
 
-def bayes(pr: Prompts) -> torch.Tensor:
+def bayes(pr: ClassificationPrompts) -> torch.Tensor:
     """The true posterior given the task's means, the test Lam and the class prior."""
     return _lda(pr.tasks.means, pr.cov.inv, pr.xq, pr.log_prior)
 
@@ -79,7 +78,7 @@ def context_gram(ctx: Context, xq: torch.Tensor, c: int) -> torch.Tensor:
     return G
 
 
-def lsa_estimator(params: dict[str, torch.Tensor]) -> Estimator:
+def lsa_classifier(params: dict[str, torch.Tensor]) -> Estimator:
     """The LSA with given parameters (`W`, or `W_PV` and `W_KQ` of the full form): `lsa.estimator`
     on the context's class statistics, class probabilities out."""
     return lsa.estimator(params, lambda pr, full: context_gram(pr.ctx, pr.xq, pr.c) if full else context_V(pr.ctx, pr.c), lsa.probabilities, needs_within=True)
@@ -96,13 +95,21 @@ def projected_W(W: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     return lsa.line_coefficient(W, inv) * inv
 
 
-def lsa_limit(pr: Prompts) -> torch.Tensor:
+def projected_lsa(cfg: TrialConfig, cov: Covariance, params: dict[str, torch.Tensor] | None) -> Estimator | None:
+    """`lsa_projected` of one run: its trained reduced W projected on the line of Lam^-1 (None for
+    a run without a reduced W: the full form, a transformer)."""
+    if params is None or "W" not in params:
+        return None
+    return lsa_classifier({"W": projected_W(params["W"], cov.inv)})
+
+
+def lsa_limit(pr: ClassificationPrompts) -> torch.Tensor:
     """The LSA at its theoretical limit W = 2 Lam^-1 (binary) or c Lam^-1, Lam the training covariance."""
     scale = 2.0 if pr.c == 2 else float(pr.c)
-    return lsa_estimator({"W": scale * (pr.train_cov or pr.cov).inv})(pr)
+    return lsa_classifier({"W": scale * (pr.train_cov or pr.cov).inv})(pr)
 
 
-def lda_plugin(pr: Prompts) -> torch.Tensor:
+def lda_plugin(pr: ClassificationPrompts) -> torch.Tensor:
     """Class means from the context, the true Lam; an empty class has mean 0."""
     return _lda(pr.ctx.means, pr.cov.inv, pr.xq)
 
@@ -124,7 +131,7 @@ def pooled_covariance(ctx: Context, d: int) -> torch.Tensor:
     return torch.where(scale > 0, (1 - a) * S + a * scale * eye, eye)
 
 
-def lda_pooled(pr: Prompts) -> torch.Tensor:
+def lda_pooled(pr: ClassificationPrompts) -> torch.Tensor:
     """Class means and the pooled, shrunk covariance from the context (`pooled_covariance`)."""
     return _lda(pr.ctx.means, torch.linalg.inv(pooled_covariance(pr.ctx, pr.xq.shape[1])), pr.xq)
 
@@ -132,7 +139,7 @@ def lda_pooled(pr: Prompts) -> torch.Tensor:
 lda_pooled.needs_within = True
 
 
-def logreg(pr: Prompts) -> torch.Tensor:
+def logreg(pr: ClassificationPrompts) -> torch.Tensor:
     """L2-regularised softmax regression with intercepts, fitted on each context by Newton's method.
 
     Per prompt: minimise sum_m CE(softmax(w [x_m; 1]), y_m) + LOGREG_L2 / 2 ||w||^2 over w [c, d+1]
@@ -193,7 +200,7 @@ def logreg_fit(x: torch.Tensor, y: torch.Tensor, c: int, chunk_elems: int | None
       [U, M] @ [M, d(d+1)/2] the pairs' sums of weight x_i x_j.  A constant matrix (K) and a
       gather expand them to the [c(d+1), c(d+1)] Hessian, Q to the [c, d+1] gradient.
     - For c = 2 the probability of class 0 is sigmoid((w_0 - w_1) [x; 1]), the softmax's.
-    - Prompts go in chunks of about `chunk_elems` elements of the products (default
+    - ClassificationPrompts go in chunks of about `chunk_elems` elements of the products (default
       LOGREG_CHUNK_ELEMS); a chunk drops its converged prompts once they are half of it.
     """
     P, M, d = x.shape
@@ -257,7 +264,7 @@ def logreg_fit(x: torch.Tensor, y: torch.Tensor, c: int, chunk_elems: int | None
     return out
 
 
-def per_prompt(p: torch.Tensor, p_star: torch.Tensor, pr: Prompts) -> dict[str, torch.Tensor]:
+def per_prompt(p: torch.Tensor, p_star: torch.Tensor, pr: ClassificationPrompts) -> dict[str, torch.Tensor]:
     """Per-prompt metrics against the Bayes posterior p*: tv_error, accuracy, bayes_accuracy, excess_ce."""
     idx = pr.tasks.yq[:, None]
     ce = -p.gather(1, idx)[:, 0].clamp(min=1e-300).log()
@@ -275,17 +282,3 @@ def versus_limit(p: torch.Tensor, p_inf: torch.Tensor) -> dict[str, torch.Tensor
     context's fluctuation alone, which [S] bounds by O(1/sqrt(M)) without the N-dependent bias."""
     return {"tv_limit": 0.5 * (p - p_inf).abs().sum(-1)}
 
-
-ESTIMATORS: dict[str, Estimator] = {
-    "bayes": bayes,
-    "lsa_limit": lsa_limit,
-    "lda_plugin": lda_plugin,
-    "lda_pooled": lda_pooled,
-    "logreg": logreg,
-}
-
-
-def get(name: str) -> Estimator:
-    if name not in ESTIMATORS:
-        raise KeyError(f"unknown estimator {name!r}; known: {', '.join(sorted(ESTIMATORS))}")
-    return ESTIMATORS[name]

@@ -13,11 +13,11 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from study import shifts
+from study import estimators as estimator_registry, shifts
 
 
 class ConfigError(ValueError):
@@ -346,17 +346,13 @@ class TrialConfig(BaseModel):
     train: Train
     eval: Eval
 
-    ESTIMATORS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "gmm": ("bayes", "lsa_projected", "lsa_limit", "lda_plugin", "lda_pooled", "logreg"),
-        "mor": ("oracle", "ols", "ridge", "lsa_opt", "em", "gradient_em"),
-    }
-
     @classmethod
     def from_flat(cls, flat: dict[str, Any]) -> TrialConfig:
         """Build from a flat dict; raises `ConfigError` naming the first bad field."""
         flat = dict(flat)
         if flat.get("estimators") is None:
-            flat["estimators"] = cls.ESTIMATORS.get(flat.get("family", "gmm"))
+            family = flat.get("family", "gmm")
+            flat["estimators"] = estimator_registry.names(family) if family in estimator_registry.ESTIMATORS else None
         task_cls = _lookup(TASK_CONFIGS, "family", flat.get("family", "gmm"))
         model_cls = _lookup(MODEL_CONFIGS, "model", flat.get("model", "lsa"))
         owners = {"task": task_cls, "model": model_cls, "train": Train, "eval": Eval}
@@ -386,7 +382,7 @@ class TrialConfig(BaseModel):
         return cfg
 
     def _check(self) -> None:
-        known = self.ESTIMATORS[self.task.family]
+        known = estimator_registry.names(self.task.family)
         for name in self.eval.estimators or ():
             if name not in known:
                 raise ConfigError(

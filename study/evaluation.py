@@ -68,17 +68,17 @@ def evaluate(
     return rows
 
 
-def gmm_batches(task: GMMTask, cov: Covariance, seed: int, ev: Eval, within: bool, device: torch.device | str, shift: str = "none") -> Iterator[tuple[float, classifiers.Prompts]]:
+def gmm_batches(task: GMMTask, cov: Covariance, seed: int, ev: Eval, within: bool, device: torch.device | str, shift: str = "none") -> Iterator[tuple[float, classifiers.ClassificationPrompts]]:
     """Evaluation prompts under `shift` (`study.shifts`), with the training covariance beside the test one."""
     test = shifts.gmm_setting(shift, task, cov)
     cov_d, test_d = cov.to(device), test.cov.to(device)
     log_prior = None if test.prior is None else test.prior.log().to(device)
     for chunk in gmm.eval_chunks(task, cov, seed, ev.n_eval, ev.M, within, device=device, test=test):
         for ctx in chunk.contexts:
-            yield ctx.M, classifiers.Prompts(chunk.tasks, ctx, test_d, task.c, cov_d, log_prior)
+            yield ctx.M, classifiers.ClassificationPrompts(chunk.tasks, ctx, test_d, task.c, cov_d, log_prior)
 
 
-def mor_batches(task: MORTask, cov: Covariance, seed: int, ev: Eval, device: torch.device | str, budget: int = 1 << 22, shift: str = "none") -> Iterator[tuple[float, regressors.Prompts]]:
+def mor_batches(task: MORTask, cov: Covariance, seed: int, ev: Eval, device: torch.device | str, budget: int = 1 << 22, shift: str = "none") -> Iterator[tuple[float, regressors.RegressionPrompts]]:
     """Evaluation prompts in chunks of whole random blocks; the context at M is a prefix of the longest.
 
     Under `shift` the prompts come from the shifted task and covariance, drawn from the original
@@ -90,14 +90,14 @@ def mor_batches(task: MORTask, cov: Covariance, seed: int, ev: Eval, device: tor
     cov_d = cov.to(device)
     blocks_per_chunk = max(1, budget // (EVAL_BLOCK * max(m_max, 1) * task.d))
 
-    def contexts(parts: list[mor.Prompts], first_block: int) -> Iterator[tuple[float, regressors.Prompts]]:
-        p = mor.Prompts(*(torch.cat([getattr(q, f) for q in parts]).to(device) for f in mor.Prompts.__dataclass_fields__))
+    def contexts(parts: list[mor.MixturePrompts], first_block: int) -> Iterator[tuple[float, regressors.RegressionPrompts]]:
+        p = mor.MixturePrompts(*(torch.cat([getattr(q, f) for q in parts]).to(device) for f in mor.MixturePrompts.__dataclass_fields__))
         for M in ev.M:
             m = int(M) if math.isfinite(M) else m_max
             x, y = (p.x[:, :m], p.y[:, :m]) if math.isfinite(M) else (None, None)
-            yield M, regressors.Prompts(M, x, y, p.xq, p.yq, p.betas, p.zq, task, cov_d, seed, first_block)
+            yield M, regressors.RegressionPrompts(M, x, y, p.xq, p.yq, p.betas, p.zq, task, cov_d, seed, first_block)
 
-    buf: list[mor.Prompts] = []
+    buf: list[mor.MixturePrompts] = []
     for i, block in enumerate(mor.prompt_blocks(task, cov, m_max, ev.n_eval, seed, "eval", block=EVAL_BLOCK, key_task=original)):
         buf.append(block)
         if len(buf) == blocks_per_chunk:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from study import classifiers, evaluation, gmm, lsa, mor, regressors
+from study import classifiers, estimators, evaluation, gmm, lsa, mor, regressors
 from study.config import TrialConfig
 from study.covariance import Covariance
 from study.rng import TRAIN_BLOCK
@@ -39,14 +39,7 @@ class GMM:
     def excess_risk(cfg: TrialConfig, cov: Covariance, params: dict[str, torch.Tensor]) -> float:
         return float("nan")  # no closed-form population risk for the cross-entropy LSA
 
-    lsa_estimator = staticmethod(classifiers.lsa_estimator)
-
-    @staticmethod
-    def member_estimators(cfg: TrialConfig, cov: Covariance, params: dict[str, torch.Tensor] | None) -> dict[str, Any]:
-        """The family's estimators that belong to one run (besides its trained model)."""
-        if params is not None and "lsa_projected" in cfg.estimators and "W" in params:  # the run's own W, reduced form
-            return {"lsa_projected": classifiers.lsa_estimator({"W": classifiers.projected_W(params["W"], cov.inv)})}
-        return {}
+    lsa_estimator = staticmethod(classifiers.lsa_classifier)
 
     @staticmethod
     def raw_train(cfg: TrialConfig, cov: Covariance, seed: int, P: int, stream: str, prefix: tuple[int, ...] = ()) -> tuple[torch.Tensor, ...]:
@@ -58,7 +51,7 @@ class GMM:
         return x, gmm.label_embedding(cfg.task.c)[y], t.xq, t.yq
 
     @staticmethod
-    def context(pr: classifiers.Prompts) -> tuple[torch.Tensor, ...] | None:
+    def context(pr: classifiers.ClassificationPrompts) -> tuple[torch.Tensor, ...] | None:
         """An evaluation context as raw examples (x, ytil, xq); None at M = inf."""
         if pr.ctx.x is None:
             return None
@@ -70,10 +63,9 @@ class GMM:
         return lsa.probabilities(readout)
 
     @staticmethod
-    def evaluate(cfg: TrialConfig, cov: Covariance, seed: int, estimators: dict[str, Any], device: Any, shared: bool = True) -> list[dict[str, Any]]:
-        """Rows of `estimators` and, with `shared`, of the configuration's own estimator list."""
-        baselines = {name: classifiers.get(name) for name in cfg.estimators if name != "lsa_projected"} if shared else {}
-        ests = {**baselines, **estimators}
+    def evaluate(cfg: TrialConfig, cov: Covariance, seed: int, own: dict[str, Any], device: Any, shared: bool = True) -> list[dict[str, Any]]:
+        """Rows of the run-bound estimators `own` and, with `shared`, of the configuration's shared ones (study.estimators)."""
+        ests = {**(estimators.shared(cfg) if shared else {}), **own}
         within = any(getattr(e, "needs_within", False) for e in ests.values())
         rows = []
         for shift in ("none", *cfg.eval.shifts):
@@ -112,14 +104,7 @@ class MOR:
             return float("nan")
         return float(excess_risk(cfg.task, cov, cfg.train.N, params["W"].double().cpu().T))
 
-    lsa_estimator = staticmethod(regressors.lsa_estimator)
-
-    @staticmethod
-    def member_estimators(cfg: TrialConfig, cov: Covariance, params: dict[str, torch.Tensor] | None) -> dict[str, Any]:
-        """The family's estimators that belong to one run (besides its trained model)."""
-        if "lsa_opt" in cfg.estimators:  # Gamma* depends on the training length N of the run
-            return {"lsa_opt": regressors.lsa_estimator({"W": gamma_star(cfg.task, cov, cfg.train.N).T})}
-        return {}
+    lsa_estimator = staticmethod(regressors.lsa_regressor)
 
     @staticmethod
     def raw_train(cfg: TrialConfig, cov: Covariance, seed: int, P: int, stream: str, prefix: tuple[int, ...] = ()) -> tuple[torch.Tensor, ...]:
@@ -128,7 +113,7 @@ class MOR:
         return p.x, p.y[..., None], p.xq, p.yq
 
     @staticmethod
-    def context(pr: regressors.Prompts) -> tuple[torch.Tensor, ...] | None:
+    def context(pr: regressors.RegressionPrompts) -> tuple[torch.Tensor, ...] | None:
         """An evaluation context as raw examples (x, y as a column, xq); None at M = inf."""
         if pr.x is None:
             return None
@@ -140,11 +125,9 @@ class MOR:
         return readout[:, 0]
 
     @staticmethod
-    def evaluate(cfg: TrialConfig, cov: Covariance, seed: int, estimators: dict[str, Any], device: Any, shared: bool = True) -> list[dict[str, Any]]:
-        """Rows of `estimators` and, with `shared`, of the configuration's own estimator list."""
-        built = {"em": lambda: regressors.em_estimator(cfg.eval), "gradient_em": lambda: regressors.em_estimator(cfg.eval, cfg.eval.gem_steps)}
-        names = [name for name in cfg.estimators if name != "lsa_opt"] if shared else []
-        ests = {**{name: regressors.ESTIMATORS[name] if name in regressors.ESTIMATORS else built[name]() for name in names}, **estimators}
+    def evaluate(cfg: TrialConfig, cov: Covariance, seed: int, own: dict[str, Any], device: Any, shared: bool = True) -> list[dict[str, Any]]:
+        """Rows of the run-bound estimators `own` and, with `shared`, of the configuration's shared ones (study.estimators)."""
+        ests = {**(estimators.shared(cfg) if shared else {}), **own}
         rows = []
         for shift in ("none", *cfg.eval.shifts):
             batches = evaluation.mor_batches(cfg.task, cov, seed, cfg.eval, device, shift=shift)

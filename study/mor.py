@@ -36,7 +36,7 @@ def pool(task: MORTask) -> torch.Tensor:
 
 
 @dataclass
-class Prompts:
+class MixturePrompts:
     """Raw regression prompts.
 
     Shapes: x [P, N, d], y [P, N], z [P, N] (components), xq [P, d], yq [P], zq [P],
@@ -63,7 +63,7 @@ def _key(task: MORTask, seed: int) -> dict[str, Any]:
 
 def prompt_blocks(
     task: MORTask, cov: Covariance, N: int, P: int, seed: int, stream: str, block: int = TRAIN_BLOCK, prefix: tuple[int, ...] = (), key_task: MORTask | None = None
-) -> Iterator[Prompts]:
+) -> Iterator[MixturePrompts]:
     """P prompts of N context examples each, plus a query, one random block of prompts at a time.
 
     `prefix`: indices that come before the block index in every generator's key (the step of an
@@ -95,14 +95,14 @@ def prompt_blocks(
             zs.append(z)
         empty = torch.zeros(n, 0, dtype=torch.float64)
         cat = lambda t, like: torch.cat(t, 1) if t else like  # noqa: E731
-        p = Prompts(cat(xs, empty[..., None].expand(n, 0, task.d)), cat(ys, empty), cat(zs, empty.long()), xq, yq, zq, betas.clone())
-        yield Prompts(*(getattr(p, f)[:n_cut] for f in Prompts.__dataclass_fields__))
+        p = MixturePrompts(cat(xs, empty[..., None].expand(n, 0, task.d)), cat(ys, empty), cat(zs, empty.long()), xq, yq, zq, betas.clone())
+        yield MixturePrompts(*(getattr(p, f)[:n_cut] for f in MixturePrompts.__dataclass_fields__))
 
 
-def sample_prompts(task: MORTask, cov: Covariance, N: int, P: int, seed: int, stream: str = "train", prefix: tuple[int, ...] = (), block: int = TRAIN_BLOCK) -> Prompts:
+def sample_prompts(task: MORTask, cov: Covariance, N: int, P: int, seed: int, stream: str = "train", prefix: tuple[int, ...] = (), block: int = TRAIN_BLOCK) -> MixturePrompts:
     """P prompts of N context examples each, plus a query (in random blocks of `block` prompts)."""
     parts = list(prompt_blocks(task, cov, N, P, seed, stream, block, prefix))
-    return Prompts(*(torch.cat([getattr(p, f) for p in parts]) for f in Prompts.__dataclass_fields__))
+    return MixturePrompts(*(torch.cat([getattr(p, f) for p in parts]) for f in MixturePrompts.__dataclass_fields__))
 
 
 def sample_train(task: MORTask, cov: Covariance, N: int, B: int, seed: int, gram: bool = False) -> TrainStats:
@@ -121,6 +121,6 @@ def sample_train(task: MORTask, cov: Covariance, N: int, B: int, seed: int, gram
     return TrainStats(V, xq, yq, G)
 
 
-def context_h(p: Prompts) -> torch.Tensor:
+def context_h(p: MixturePrompts) -> torch.Tensor:
     """The LSA's statistic h = (1/N) sum_i y_i x_i.  Shapes: [P, d]."""
     return torch.einsum("pn,pnd->pd", p.y, p.x) / p.x.shape[1]

@@ -12,19 +12,20 @@ oracle's prediction there.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from study import em, lsa
-from study.config import Eval, MORTask
+from study.config import Eval, MORTask, TrialConfig
 from study.covariance import Covariance
+from study.estimators import Estimator
 from study.rng import EVAL_BLOCK, generator
+from study.theory import gamma_star
 
 
 @dataclass
-class Prompts:
+class RegressionPrompts:
     """Evaluation prompts of one test length M (x, y None when M = inf).
 
     Shapes: x [P, M, d], y [P, M], xq [P, d], yq [P], betas [P, K, d], zq [P].
@@ -80,14 +81,12 @@ class Prompts:
         return G / self.M
 
 
-Estimator = Callable[[Prompts], "torch.Tensor | None"]
-
 
 def _predict(beta: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
     return (beta * xq).sum(-1)
 
 
-def oracle(pr: Prompts) -> torch.Tensor:
+def oracle(pr: RegressionPrompts) -> torch.Tensor:
     """Knows beta_k, pi, sigma: the posterior mean of y_q given the context."""
     if pr.task.assignment == "sample" or pr.exact:
         return _predict(pr.population_beta(), pr.xq)  # sample: z_q is independent of the context
@@ -107,7 +106,7 @@ def _ridge_fit(x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
     return torch.linalg.solve(A, (x.transpose(1, 2) @ y[..., None]))[..., 0]
 
 
-def ols(pr: Prompts) -> torch.Tensor | None:
+def ols(pr: RegressionPrompts) -> torch.Tensor | None:
     """Least squares on the context; needs M >= d."""
     if pr.exact:
         return _predict(pr.population_beta(), pr.xq)
@@ -116,7 +115,7 @@ def ols(pr: Prompts) -> torch.Tensor | None:
     return _predict(_ridge_fit(pr.x, pr.y, 0.0), pr.xq)
 
 
-def ridge(pr: Prompts) -> torch.Tensor:
+def ridge(pr: RegressionPrompts) -> torch.Tensor:
     """Ridge on the context with lambda = d / snr^2 on sum_i (y_i - x_i^T b)^2 + lambda ||b||^2."""
     if pr.exact:
         return _predict(pr.population_beta(), pr.xq)
@@ -124,13 +123,18 @@ def ridge(pr: Prompts) -> torch.Tensor:
     return _predict(_ridge_fit(pr.x, pr.y, d / pr.task.snr**2), pr.xq)
 
 
-def lsa_estimator(params: dict[str, torch.Tensor]) -> Estimator:
+def lsa_regressor(params: dict[str, torch.Tensor]) -> Estimator:
     """The regression LSA with given parameters: `W` (= Gamma^T), or `W_PV` and `W_KQ`: `lsa.estimator`
     on the context's h (as V = h^T) or Gram matrix, the one logit out."""
     return lsa.estimator(params, lambda pr, full: pr.gram() if full else pr.h()[:, None, :], lambda out: out[:, 0])
 
 
-def _posterior_predict(beta: torch.Tensor, pi: torch.Tensor, sigma: torch.Tensor, pr: Prompts) -> torch.Tensor:
+def optimal_lsa(cfg: TrialConfig, cov: Covariance, params: dict[str, torch.Tensor] | None) -> Estimator:
+    """`lsa_opt` of one run: the LSA at Gamma* of its training length N (the trained model's target)."""
+    return lsa_regressor({"W": gamma_star(cfg.task, cov, cfg.train.N).T})
+
+
+def _posterior_predict(beta: torch.Tensor, pi: torch.Tensor, sigma: torch.Tensor, pr: RegressionPrompts) -> torch.Tensor:
     """The oracle's rule with given parameters.  Shapes: beta [P, K, d], pi [P, K], sigma [P]."""
     if pr.task.assignment == "sample":
         return _predict(torch.einsum("pk,pkd->pd", pi, beta), pr.xq)
@@ -143,7 +147,7 @@ def em_estimator(ev: Eval, grad_steps: int = 0) -> Estimator:
     """EM (or gradient EM with `grad_steps` inner steps) fitted on each context; also reports
     `param_error` and `param_failure` (1 where param_error > ||beta_k|| / 2, so its mean is the share
     of failed fits)."""
-    def predict(pr: Prompts):
+    def predict(pr: RegressionPrompts):
         task = pr.task
         if pr.exact:  # an infinite context identifies the parameters: the oracle's prediction
             return oracle(pr)
@@ -162,10 +166,13 @@ def em_estimator(ev: Eval, grad_steps: int = 0) -> Estimator:
     return predict
 
 
-def per_prompt(y_hat: torch.Tensor, y_ref: torch.Tensor, pr: Prompts) -> dict[str, torch.Tensor]:
+def gradient_em_estimator(ev: Eval) -> Estimator:
+    """`gradient_em`: EM whose M-step is `gem_steps` gradient steps."""
+    return em_estimator(ev, ev.gem_steps)
+
+
+def per_prompt(y_hat: torch.Tensor, y_ref: torch.Tensor, pr: RegressionPrompts) -> dict[str, torch.Tensor]:
     """`mse` on the query and `excess_mse` over the oracle, paired per prompt."""
     se = (y_hat - pr.yq) ** 2
     return {"mse": se, "excess_mse": se - (y_ref - pr.yq) ** 2}
 
-
-ESTIMATORS: dict[str, Estimator] = {"oracle": oracle, "ols": ols, "ridge": ridge}

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from study import estimators
 from study.config import Run, TrialConfig, canonical_json, prompts_key, shape_key
 from study.covariance import covariance
 from study.families import FAMILIES
@@ -76,7 +77,7 @@ def run_bundle(runs: list[Run], device: torch.device | str = "cpu") -> BundleOut
         own = {}  # estimators that belong to one run (its trained model, ...), keyed "i:name"
         for i in members:
             est = {} if fit.estimators[i] is None else {cfg0.model.model: fit.estimators[i]}
-            est |= family.member_estimators(runs[i].config, covs[i], fit.lsa[i])
+            est |= estimators.per_run(runs[i].config, covs[i], fit.lsa[i])
             own.update({f"{i}:{name}": e for name, e in est.items()})
         kept = _shared_rows.get(key)
         rows = family.evaluate(r0.config, cov0, r0.seed, own, device, shared=kept is None) if own or kept is None else []

@@ -6,9 +6,10 @@ import torch
 from scipy.optimize import minimize
 
 from study import classifiers
-from study.classifiers import Prompts
+from study.classifiers import ClassificationPrompts
 from study.config import Eval, GMMTask
 from study.covariance import covariance
+from study.estimators import ESTIMATORS
 from study.evaluation import evaluate, gmm_batches
 from study.gmm import Context, Tasks, eval_chunks
 
@@ -21,13 +22,13 @@ def test_bayes_posterior_by_hand():
     means = torch.tensor([[[-2.0], [2.0]]], dtype=torch.float64)
     xq = torch.tensor([[1.0]], dtype=torch.float64)
     ctx = Context(math.inf, torch.full((1, 2), 0.5, dtype=torch.float64), means, None)
-    p = classifiers.bayes(Prompts(Tasks(means, xq, torch.tensor([1])), ctx, cov, 2))
+    p = classifiers.bayes(ClassificationPrompts(Tasks(means, xq, torch.tensor([1])), ctx, cov, 2))
     expected = 1 / (1 + math.exp(-(2.0 - -2.0) * 1.0 / 4.0))
     assert float(p[0, 1]) == pytest.approx(expected, rel=1e-14)
     # three classes with unequal norms: the -mu^T Lam^-1 mu / 2 terms matter
     means3 = torch.tensor([[[0.0], [1.0], [3.0]]], dtype=torch.float64)
     ctx3 = Context(math.inf, torch.full((1, 3), 1 / 3, dtype=torch.float64), means3, None)
-    p3 = classifiers.bayes(Prompts(Tasks(means3, xq, torch.tensor([0])), ctx3, cov, 3))
+    p3 = classifiers.bayes(ClassificationPrompts(Tasks(means3, xq, torch.tensor([0])), ctx3, cov, 3))
     scores = np.array([m * 1.0 / 4 - m * m / 8 for m in (0.0, 1.0, 3.0)])
     np.testing.assert_allclose(p3[0].numpy(), np.exp(scores) / np.exp(scores).sum(), rtol=1e-14)
 
@@ -35,7 +36,7 @@ def test_bayes_posterior_by_hand():
 def _prompts(task, M, n=64, seed=0):
     cov = covariance(task.cov, task.d, task.kappa, task.cov_seed)
     chunk = next(eval_chunks(task, cov, seed, n, [M], within=True))
-    return Prompts(chunk.tasks, chunk.contexts[0], cov, task.c)
+    return ClassificationPrompts(chunk.tasks, chunk.contexts[0], cov, task.c)
 
 
 @pytest.mark.parametrize("c", [2, 4])
@@ -47,14 +48,14 @@ def test_limits_equal_bayes_at_infinite_context(c):
     # the context-fitted estimators get there from finite contexts: a long one is close
     pr = _prompts(task, 3000, n=32)
     for name in ("lda_plugin", "lda_pooled", "logreg"):
-        tv = 0.5 * (classifiers.get(name)(pr) - classifiers.bayes(pr)).abs().sum(-1).mean()
+        tv = 0.5 * (ESTIMATORS["gmm"][name].resolve()(pr) - classifiers.bayes(pr)).abs().sum(-1).mean()
         assert float(tv) < 0.03, name
 
 
 def test_estimators_approach_bayes_with_context_length():
     task = GMMTask(d=2, c=3, snr=2.0)
     for name in ("lda_plugin", "lda_pooled", "logreg", "lsa_limit"):
-        tv = [float((classifiers.get(name)(pr := _prompts(task, M)) - classifiers.bayes(pr)).abs().sum(-1).mean() / 2) for M in (8, 512)]
+        tv = [float((ESTIMATORS["gmm"][name].resolve()(pr := _prompts(task, M)) - classifiers.bayes(pr)).abs().sum(-1).mean() / 2) for M in (8, 512)]
         assert tv[1] < tv[0] / 3, name
 
 

@@ -3,12 +3,12 @@ import math
 import pytest
 
 from study.config import ConfigError, TrialConfig
-
-BASE = dict(family="gmm", d=4, c=2, snr=1.0, N=10, B=64, lr=1.0, steps=5, M=[16])
+from tests import configs
 
 
 def make(**kw):
-    return TrialConfig.from_flat({**BASE, **kw})
+    """Some valid gmm config with `kw` changed (the canonical one, tests/configs.py)."""
+    return TrialConfig.from_flat(configs.gmm(**kw))
 
 
 def test_flat_round_trip_and_stable_ids():
@@ -57,9 +57,9 @@ def test_cov_spec_string_form():
         (dict(B=None), "B"),
     ],
 )
-def test_bad_fields_are_named(bad, field):
+def test_bad_fields_are_named(gmm_flat, bad, field):
     with pytest.raises(ConfigError) as err:
-        make(**bad)
+        TrialConfig.from_flat({**gmm_flat, **bad})
     assert err.value.field == field
     assert f"'{field}'" in str(err.value)
 
@@ -74,3 +74,22 @@ def test_the_claims_sweeps_are_shipped():
         *("mor-cluster", "mor-em-regimes", "mor-em-regimes-small", "mor-full-small"),
         *("gmm-depth", "gmm-depth-small", "mor-transformer", "mor-transformer-small"),
     } <= set(names)
+
+
+def test_the_estimator_registry_is_the_one_list_of_estimators():
+    """Every name the configs accept resolves to an implementation of the kind its entry says, and a
+    configuration's default list is the family's registry."""
+    import inspect
+
+    from study.estimators import ESTIMATORS
+
+    for family, entries in ESTIMATORS.items():
+        base = {"family": family, "d": 3, "snr": 1.0, "N": 8, "lr": 0.1, "steps": 1, "M": [8]}
+        assert set(TrialConfig.from_flat(base).estimators) == set(entries)
+        for name, entry in entries.items():
+            params = list(inspect.signature(entry.resolve()).parameters)
+            assert len(params) == {"shared": 1, "eval": 1, "run": 3}[entry.built], (family, name, params)
+        other = next(f for f in ESTIMATORS if f != family)
+        with pytest.raises(ConfigError) as err:
+            TrialConfig.from_flat({**base, "estimators": [next(iter(ESTIMATORS[other]))]})
+        assert err.value.field == "estimators"

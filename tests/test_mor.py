@@ -159,9 +159,9 @@ def test_oracle_posterior_mean_tends_to_the_argmin_rule():
     task = MORTask(d=3, K=3, snr=2.0, sigma=1e-9, components="pool", assignment="prompt")
     cov = _cov(task)
     p = sample_prompts(task, cov, 6, 200, seed=0, stream="eval")
-    pr = regressors.Prompts(6.0, p.x, p.y, p.xq, p.yq, p.betas, p.zq, task, cov)
+    pr = regressors.RegressionPrompts(6.0, p.x, p.y, p.xq, p.yq, p.betas, p.zq, task, cov)
     soft = regressors.oracle(pr)  # weights exp(-sse / 2 sigma^2): overflow unless in log space
-    hard = regressors.oracle(regressors.Prompts(6.0, p.x, p.y, p.xq, p.yq, p.betas, p.zq, task.model_copy(update={"sigma": 0.0}), cov))
+    hard = regressors.oracle(regressors.RegressionPrompts(6.0, p.x, p.y, p.xq, p.yq, p.betas, p.zq, task.model_copy(update={"sigma": 0.0}), cov))
     assert torch.isfinite(soft).all()
     torch.testing.assert_close(soft, hard)
     torch.testing.assert_close(hard, (p.beta_q * p.xq).sum(-1))  # noise 1e-9: the right component
@@ -315,7 +315,7 @@ def test_symmetric_sample_predictions_are_zero_and_runs_are_deterministic():
     cfg = TrialConfig.from_flat({**BASE, "components": "fresh", "symmetric": True, "B": 256, "steps": 10, "M": [4, "inf"], "n_eval": 64, "estimators": ["oracle", "lsa_opt", "em"], "em_iters": 5})
     task = cfg.task
     p = sample_prompts(task, _cov(task), 4, 64, seed=0, stream="eval")
-    pr = regressors.Prompts(4.0, p.x, p.y, p.xq, p.yq, p.betas, p.zq, task, _cov(task))
+    pr = regressors.RegressionPrompts(4.0, p.x, p.y, p.xq, p.yq, p.betas, p.zq, task, _cov(task))
     assert float(regressors.oracle(pr).abs().max()) < 1e-12
     a, b = run_bundle([Run(cfg, 0)]), run_bundle([Run(cfg, 0)])
     assert [r["value"] for r in a.evals] == [r["value"] for r in b.evals]
@@ -339,7 +339,7 @@ def test_em_failure_is_the_share_of_fits_off_by_more_than_half_a_regressor():
     """[J] claim 4's 'EM suffers from bad initialisations': one start fails often, more starts less."""
     task = MORTask(d=4, K=2, snr=2.0, sigma=1.0, symmetric=True)
     p = sample_prompts(task, _cov(task), 32, 128, seed=0, stream="eval")
-    pr = regressors.Prompts(32.0, p.x, p.y, p.xq, p.yq, p.betas, p.zq, task, _cov(task))
+    pr = regressors.RegressionPrompts(32.0, p.x, p.y, p.xq, p.yq, p.betas, p.zq, task, _cov(task))
     share = {}
     for restarts in (1, 4):
         ev = TrialConfig.from_flat({**BASE, **task.model_dump(), "B": 64, "M": [32], "em_restarts": restarts, "em_iters": 50}).eval
