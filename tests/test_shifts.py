@@ -11,9 +11,10 @@ from study.config import ConfigError, Run, TrialConfig
 from study.covariance import covariance
 from study.families import FAMILIES
 from study.trial import _cov, run_bundle
+from tests import configs
 
-GMM = dict(family="gmm", d=3, c=3, snr=2.0, cov="diag", kappa=3.0, N=20, B=256, lr=1.0, steps=5, M=[16, "inf"], n_eval=256, estimators=["bayes", "lsa_limit", "lda_plugin"])
-MOR = dict(family="mor", d=3, K=2, snr=2.0, sigma=0.5, N=20, B=256, lr=0.2, steps=5, M=[16, "inf"], n_eval=256, estimators=["oracle", "ridge"])
+GMM = configs.gmm(d=3, c=3, snr=2.0, cov="diag", kappa=3.0, N=20, steps=5, M=[16, "inf"], n_eval=256, estimators=["bayes", "lsa_limit", "lda_plugin"])
+MOR = configs.mor(d=3, N=20, steps=5, M=[16, "inf"], n_eval=256, estimators=["oracle", "ridge"])
 
 
 def rows(flat, **kw):

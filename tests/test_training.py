@@ -10,6 +10,7 @@ from study.gmm import sample_train
 from study.optimum import empirical_optimum
 from study.training import Problem, gd, init_params, train
 from study.trial import run_bundle
+from tests import configs
 
 
 def problem(task, N, B, lr, seeds=(0,), gram=False, cov=None):
@@ -81,7 +82,7 @@ def test_divergent_lr_marks_the_run_diverged_and_others_go_on():
 
 
 def test_bundle_with_divergent_member_reports_it():
-    cfg = dict(family="gmm", d=2, c=2, snr=1.0, N=10, B=256, steps=30, log_every=10, M=[8, "inf"], n_eval=64)
+    cfg = configs.gmm(steps=30)
     runs = [Run(TrialConfig.from_flat({**cfg, "param": "full", "lr": lr}), 0) for lr in (0.5, 1e6)]
     out = run_bundle(runs)
     status = {r["run_id"]: r["status"] for r in out.trials}
@@ -100,8 +101,8 @@ def test_kept_baseline_rows_equal_a_fresh_evaluation(family, monkeypatch):
     still computed, and other prompts (another seed) not served from memory."""
     from study import trial
 
-    base = dict(family=family, d=2, snr=1.0, N=10, steps=5, log_every=5, n_eval=64)
-    base.update(dict(c=3, M=[8, 32, "inf"]) if family == "gmm" else dict(K=2, sigma=0.5, M=[8, 32, "inf"], estimators=["oracle", "ridge", "em", "lsa_opt"], em_iters=10))
+    base = configs.flat(family, snr=1.0, steps=5, log_every=5, M=[8, 32, "inf"])
+    base.update(dict(c=3) if family == "gmm" else dict(estimators=["oracle", "ridge", "em", "lsa_opt"], em_iters=10))
     first = [Run(TrialConfig.from_flat({**base, "B": 128, "lr": 0.5}), s) for s in (0, 1)]
     later = [Run(TrialConfig.from_flat({**base, "B": 256, "lr": 0.5}), s) for s in (0, 2)]
 
@@ -159,7 +160,7 @@ def test_separable_training_set_has_no_converged_optimum():
 
 
 def test_same_seed_same_trained_parameters_and_metrics():
-    cfg = TrialConfig.from_flat(dict(family="gmm", d=2, c=3, snr=1.0, N=10, B=256, lr=2.0, steps=20, log_every=10, M=[8, "inf"], n_eval=64))
+    cfg = TrialConfig.from_flat(configs.gmm(c=3, lr=2.0))
     a, b = run_bundle([Run(cfg, 0), Run(cfg, 1)]), run_bundle([Run(cfg, 0), Run(cfg, 1)])
     assert [p["values"] for p in a.params] == [p["values"] for p in b.params]
     strip = lambda rows: [repr({k: v for k, v in r.items() if k != "wall_s"}) for r in rows]  # noqa: E731  (repr: NaN equals NaN)
@@ -186,7 +187,7 @@ GOLDEN_W = [[0.25135517932866025, -0.22424699279303484], [0.19205037241174103, 0
 @pytest.mark.parametrize("c", [2, 3])
 def test_trained_W_approaches_the_theory_limit_as_N_grows(c):
     """The GD-trained W (not only the minimiser) gets closer to c'' Lam^-1 as N grows."""
-    base = dict(family="gmm", d=2, c=c, snr=1.0, cov="diag", kappa=2.0, B=20000, lr=4.0, steps=400, log_every=400, M=["inf"], n_eval=16, estimators=[])
+    base = configs.gmm(c=c, cov="diag", kappa=2.0, B=20000, lr=4.0, steps=400, log_every=400, M=["inf"], n_eval=16, estimators=[])
     runs = [Run(TrialConfig.from_flat({**base, "N": N}), 0) for N in (5, 40, 320)]
     out = run_bundle(runs)
     final = {r["run_id"]: r["dist_theory"] for r in out.curves if r["step"] == 400}
@@ -199,7 +200,7 @@ def test_local_rate_ignores_the_null_space_of_a_singular_hessian():
     from study.optimum import local_rate
 
     assert local_rate(torch.tensor([1e-17, -2e-16, 0.5, 2.0], dtype=torch.float64), 0.5) == pytest.approx(0.75)
-    cfg = TrialConfig.from_flat(dict(family="mor", d=4, K=2, snr=2.0, sigma=0.5, N=5, B=8, lr=0.1, steps=20, log_every=10, M=["inf"], n_eval=16, estimators=[]))
+    cfg = TrialConfig.from_flat(configs.mor(d=4, N=5, B=8, lr=0.1, M=["inf"], n_eval=16, estimators=[]))
     (trial,) = run_bundle([Run(cfg, 0)]).trials
     assert trial["status"] == "ok" and trial["rho_theory"] < 1.0
 
@@ -207,8 +208,7 @@ def test_local_rate_ignores_the_null_space_of_a_singular_hessian():
 @pytest.mark.parametrize("family", ["gmm", "mor"])
 @pytest.mark.parametrize("param", ["reduced", "full"])
 def test_float32_training_matches_float64(family, param):
-    extra = dict(c=2) if family == "gmm" else dict(K=2, sigma=0.5)
-    base = dict(family=family, param=param, d=2, snr=2.0, N=5, B=64, lr=0.1, steps=20, log_every=10, M=[4, "inf"], n_eval=16, **extra)
+    base = configs.flat(family, param=param, snr=2.0, N=5, B=64, lr=0.1, M=[4, "inf"], n_eval=16)
     single, double = (run_bundle([Run(TrialConfig.from_flat({**base, "dtype": dt}), 0)]) for dt in ("float32", "float64"))
     assert single.trials[0]["status"] == double.trials[0]["status"] == "ok"
     assert single.trials[0]["final_train_loss"] == pytest.approx(double.trials[0]["final_train_loss"], rel=1e-5)
@@ -218,7 +218,7 @@ def test_float32_training_matches_float64(family, param):
 def test_the_quadratic_loss_gap_is_predicted_from_the_hessian_and_the_start():
     """[J] claim 3: on the regression LSA's quadratic loss, GD's whole curve follows from the
     initial error's components in the Hessian's eigenbasis (not only its slowest rate)."""
-    cfg = TrialConfig.from_flat(dict(family="mor", d=3, K=2, snr=2.0, sigma=0.5, N=8, B=2048, lr=0.3, steps=200, log_every=10, M=["inf"], n_eval=16, estimators=[]))
+    cfg = TrialConfig.from_flat(configs.mor(d=3, N=8, B=2048, lr=0.3, steps=200, M=["inf"], n_eval=16, estimators=[]))
     out = run_bundle([Run(cfg, 0)])
     sub = np.array([c["subopt"] for c in out.curves])
     pred = np.array([c["subopt_theory"] for c in out.curves])
@@ -230,12 +230,12 @@ def test_the_quadratic_loss_gap_is_predicted_from_the_hessian_and_the_start():
 
     wrong = quadratic_subopt(torch.eye(2), torch.ones(2), 0.5, [0, 1, 2])  # a known answer: 0.5 * 2 * 0.25^t
     torch.testing.assert_close(wrong, torch.tensor([1.0, 0.25, 0.0625], dtype=torch.float64))
-    gmm_cfg = TrialConfig.from_flat(dict(family="gmm", d=2, snr=1.0, N=8, B=256, lr=1.0, steps=20, log_every=10, M=["inf"], n_eval=16))
+    gmm_cfg = TrialConfig.from_flat(configs.gmm(N=8, M=["inf"], n_eval=16))
     assert all(math.isnan(c["subopt_theory"]) for c in run_bundle([Run(gmm_cfg, 0)]).curves)  # CE is not quadratic
 
 
 def test_no_gd_steps_give_the_empirical_minimiser_alone():
-    base = dict(family="gmm", d=2, c=3, snr=1.0, N=20, B=4096, lr=1.0, log_every=50, M=["inf"], n_eval=64, estimators=["bayes"])
+    base = configs.gmm(c=3, N=20, B=4096, log_every=50, M=["inf"], estimators=["bayes"])
     newton = run_bundle([Run(TrialConfig.from_flat({**base, "steps": 0}), 0)])
     long_gd = run_bundle([Run(TrialConfig.from_flat({**base, "steps": 3000}), 0)])
     assert newton.curves == [] and newton.trials[0]["status"] == "ok" and newton.trials[0]["opt_converged"]
@@ -259,6 +259,6 @@ def test_the_signed_projection_and_its_residual():
     T = prob.target[0]
     off = 0.05 * torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.float64)  # orthogonal to diagonal T
     assert float(g) == pytest.approx(-0.2) and float(resid) == pytest.approx(float(off.norm() / T.norm()))
-    base = dict(family="gmm", d=2, c=2, snr=1.0, N=50, lr=1.0, steps=0, M=["inf"], n_eval=16, estimators=["bayes"])
+    base = configs.gmm(N=50, steps=0, M=["inf"], n_eval=16, estimators=["bayes"])
     noise = {B: np.mean([t["opt_noise"] for t in run_bundle([Run(TrialConfig.from_flat({**base, "B": B}), s) for s in range(6)]).trials]) for B in (2048, 32768)}
     assert 2.5 < noise[2048] / noise[32768] < 6.5, noise  # sqrt(16) = 4

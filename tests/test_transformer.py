@@ -12,10 +12,11 @@ from study.config import ConfigError, Run, TrialConfig, shape_key
 from study.models import LSA_COLUMNS, Transformer
 from study.rng import generator
 from study.trial import _cov, run_bundle
+from tests import configs
 
-GMM = dict(family="gmm", d=3, c=3, snr=2.0, model="transformer", layers=2, width=16, heads=2, N=12, B=None, lr=3e-3, steps=40, log_every=10, M=[6, 12, 24, "inf"], n_eval=64, estimators=["bayes"])
-MOR = {**GMM, "family": "mor", "K": 1, "snr": 3.0, "sigma": 0.3, "estimators": ["oracle", "ridge"]}
-del MOR["c"]
+NET = dict(model="transformer", layers=2, width=16, heads=2, N=12, B=None, lr=3e-3, steps=40, M=[6, 12, 24, "inf"])
+GMM = configs.gmm(d=3, c=3, snr=2.0, **NET, estimators=["bayes"])
+MOR = configs.mor(d=3, K=1, snr=3.0, sigma=0.3, **NET, estimators=["oracle", "ridge"])
 
 
 def cfg(**kw):
