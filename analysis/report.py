@@ -1,4 +1,4 @@
-"""The report: one self-contained HTML page and a Markdown summary, built from the store alone.
+"""The report: a Markdown document and the self-contained HTML page rendered from it, built from the store alone.
 
     from analysis.report import build, default_out
     built = build("results", "results/report")   # reads the tables and the `fits` table
@@ -8,7 +8,8 @@ Sections: the sweeps covered, the verdict table, every claim's fits (fitted valu
 theory side by side), the claims skipped and why, and the figures of `analysis.plots` (PNG files
 in `<out>/figures/`, embedded in the HTML, linked from the Markdown).
 
-The figures are independent: on Linux, `workers` forked processes draw them side by side
+The report is one Markdown document (report.md), rendered once to the HTML page with the figures
+embedded and the verdicts coloured. The figures are independent: on Linux, `workers` forked processes draw them side by side
 (default: 2, or fewer CPUs; the environment's ICL_REPORT_WORKERS sets another default); elsewhere,
 or with 1, this process draws them one after another. Each is drawn and encoded once: the same
 PNG bytes go to the file and into the HTML.
@@ -17,14 +18,12 @@ PNG bytes go to the file and into the HTML.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import multiprocessing
 import os
 import re
 import sys
-import uuid
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -35,12 +34,14 @@ from typing import Callable, Iterator
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from markdown_it import MarkdownIt
 
 from analysis import plots
 from analysis.claims import BY_NAME
 from analysis.fits import rate_ratio
+from analysis.fits_table import SKIPPED, VERDICTS, read_fits, verdict_table
 from analysis.load import list_files, load, open_store
-from analysis.verdicts import SKIPPED, read_fits, verdict_table
+from pipelines.location import write_atomic
 
 RATE_ROWS = 12  # rate claims have a row per run: the report shows a summary and this many rows
 DPI = 110
@@ -191,12 +192,6 @@ def _drawing(inputs: Inputs, workers: int) -> Iterator[Callable[[str], bytes | N
             pool.shutdown(wait=True, cancel_futures=True)  # nothing left but on an error
 
 
-def _write(path: Path, text: str | bytes) -> None:
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    tmp.write_bytes(text) if isinstance(text, bytes) else tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
 th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}code{background:#f5f5f5;padding:0 3px}
@@ -243,89 +238,76 @@ def build(store: str | os.PathLike, out: str | os.PathLike, workers: int | None 
             png = png_of(name)
             if png is not None:
                 figures[name], pngs[name] = out / "figures" / f"{name}.png", png
-                _write(figures[name], png)
+                write_atomic(figures[name], png)
     for old in (out / "figures").glob("*.png"):
         if old not in figures.values():
             old.unlink()  # a figure of an earlier report that this store no longer supports
 
-    cov = coverage(trials)
-    verdicts = verdict_table(fits) if len(fits) else pd.DataFrame()
-    versions = ", ".join(sorted(trials["code_version"].dropna().unique()))
-    md = [f"# icl-study report: `{loc.uri}`", "", f"{len(trials)} runs; code {versions}.", "", *[f"**Note:** {n}.\n" for n in notes], "## Sweeps covered", "", cov.to_markdown(index=False), ""]
-    body = [f"<h1>icl-study report: <code>{html.escape(loc.uri)}</code></h1>", f"<p>{len(trials)} runs; code {html.escape(versions)}.</p>"]
-    body += [f"<p><b>Note:</b> {_inline(n)}.</p>" for n in notes] + ["<h2>Sweeps covered</h2>", cov.to_html(index=False)]
-    legend = (
-        "Each claim is a bound or an equality (theory.md section 5). A bound (an O() claim) is judged on "
-        "the leading exponent of y = A x^beta (1 + c/x), the law with its first correction (|c| / x_min <= 1), fitted "
-        "per group with a seed-bootstrap 95% interval: `within` when the whole interval is at or below the "
-        "theory + tolerance, `violated` when it lies wholly above, `inconclusive` when it straddles that "
-        "edge, is wider than the claim's limit, or the window has too few points for the corrected law "
-        "(the plain slope is then reported beside it). An equality (a predicted exponent, rate or curve) "
-        "is `consistent` when the whole interval lies within theory +- tolerance, `steeper` or "
-        "`shallower` when it lies wholly beyond one side, `inconclusive` otherwise. A GD rate is judged on "
-        "log rho / log rho_theory; a comparison on log(model / baseline) against a margin. `against the "
-        "bound` counts `violated` fits only. Windows are fixed in the registry before the data; the "
-        "`local_slope` figure shows where each claim's asymptote begins. Runs that are not `ok` or gave "
-        "NaN or non-positive values are left out of a fit and counted in its `excluded` column."
-    )
-    md += ["## Verdicts", "", legend, "", verdicts.to_markdown(index=False) if len(verdicts) else "No fits.", ""]
-    body += ["<h2>Verdicts</h2>", f"<p>{_inline(legend)}</p>", verdicts.to_html(index=False) if len(verdicts) else "<p>No fits.</p>"]
-    if "verdicts" in figures:
-        md += ["![verdicts](figures/verdicts.png)", ""]
-        body += [_img("verdicts", pngs["verdicts"])]
-
-    md += ["## Claims", ""]
-    body += ["<h2>Claims</h2>"]
-    for name, rows in fits.groupby("claim", sort=False) if len(fits) else []:
-        claim = BY_NAME.get(name)
-        title = f"{name} ({claim.kind}): {claim.description}" if claim else name
-        rate = claim is not None and claim.law in ("rate", "curve")
-        table = claim_table(rows, digits=6 if rate else 4)  # rates agree to the 4th digit: show where they differ
-        md += [f"### {title}", ""]
-        body += [f"<h3>{_inline(title)}</h3>"]
-        if rate:
-            summary = per_run_summary(rows)
-            md += [summary, "", f"First {RATE_ROWS} of {len(rows)} rows (all in the `fits` table):", ""]
-            body += [f"<p>{_inline(summary)}</p>"]
-            table_md = table.head(RATE_ROWS)
-        else:
-            table_md = table
-        md += [table_md.to_markdown(index=False), ""]
-        body += [f"<details{' open' if len(table) <= 40 else ''}><summary>{len(table)} fits</summary>", _html_table(table), "</details>"]
-    if skipped:
-        md += ["## Claims skipped", "", *[f"- **{n}**: {r}" for n, r in skipped], ""]
-        body += ["<h2>Claims skipped</h2><ul>", *[f"<li><b>{html.escape(n)}</b>: {_inline(r)}</li>" for n, r in skipped], "</ul>"]
-    if loaded.skipped:
-        md += ["## Unreadable files (skipped)", "", *[f"- {s}" for s in loaded.skipped], ""]
-        body += ["<h2>Unreadable files (skipped)</h2><ul>", *[f"<li>{html.escape(s)}</li>" for s in loaded.skipped], "</ul>"]
-    md += ["## Figures", ""]
-    body += ["<h2>Figures</h2>"]
-    for name, path in figures.items():
-        if name == "verdicts":
-            continue
-        doc = (plots.FIGURES[name].__doc__ or name).strip()
-        md += [f"**{name}**: {doc}", "", f"![{name}](figures/{path.name})", ""]
-        body += [f"<h3>{html.escape(name)}</h3><p>{_inline(doc)}</p>", _img(name, pngs[name])]
-
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>icl-study report</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>"
-    _write(out / "report.html", page)
-    _write(out / "report.md", "\n".join(md))
+    md = _markdown(loc.uri, trials, notes, fits, skipped, loaded.skipped, figures)
+    write_atomic(out / "report.md", md)
+    write_atomic(out / "report.html", _html(md, pngs))
     return Built(out / "report.html", out / "report.md", figures, loaded.skipped, notes)
 
 
-_CODE = re.compile(r"`([^`]+)`")
+LEGEND = (
+    "Each claim is a bound or an equality (theory.md section 5). A bound (an O() claim) is judged on "
+    "the leading exponent of y = A x^beta (1 + c/x), the law with its first correction (|c| / x_min <= 1), fitted "
+    "per group with a seed-bootstrap 95% interval: `within` when the whole interval is at or below the "
+    "theory + tolerance, `violated` when it lies wholly above, `inconclusive` when it straddles that "
+    "edge, is wider than the claim's limit, or the window has too few points for the corrected law "
+    "(the plain slope is then reported beside it). An equality (a predicted exponent, rate or curve) "
+    "is `consistent` when the whole interval lies within theory +- tolerance, `steeper` or "
+    "`shallower` when it lies wholly beyond one side, `inconclusive` otherwise. A GD rate is judged on "
+    "log rho / log rho_theory; a comparison on log(model / baseline) against a margin. `against the "
+    "bound` counts `violated` fits only. Windows are fixed in the registry before the data; the "
+    "`local_slope` figure shows where each claim's asymptote begins. Runs that are not `ok` or gave "
+    "NaN or non-positive values are left out of a fit and counted in its `excluded` column."
+)
+FOLD = 40  # a claim's fits table longer than this is folded (<details>) on the page
 
 
-def _inline(text: str) -> str:
-    """Text for the HTML page: escaped, with the Markdown it shares with report.md (`code`) as HTML."""
-    return _CODE.sub(r"<code>\1</code>", html.escape(text))
+def _markdown(uri: str, trials: pd.DataFrame, notes: list[str], fits: pd.DataFrame, skipped: list[tuple[str, str]], unreadable: list[str], figures: dict[str, Path]) -> str:
+    """The report as one Markdown document: report.md, and the HTML page rendered from it."""
+    versions = ", ".join(sorted(trials["code_version"].dropna().unique()))
+    verdicts = verdict_table(fits) if len(fits) else pd.DataFrame()
+    md = [f"# icl-study report: `{uri}`", "", f"{len(trials)} runs; code {versions}.", "", *[f"**Note:** {n}.\n" for n in notes]]
+    md += ["## Sweeps covered", "", coverage(trials).to_markdown(index=False), ""]
+    md += ["## Verdicts", "", LEGEND, "", verdicts.to_markdown(index=False) if len(verdicts) else "No fits.", ""]
+    if "verdicts" in figures:
+        md += ["![verdicts](figures/verdicts.png)", ""]
+    md += ["## Claims", ""]
+    for name, rows in fits.groupby("claim", sort=False) if len(fits) else []:
+        claim = BY_NAME.get(name)
+        rate = claim is not None and claim.law in ("rate", "curve")
+        table = claim_table(rows, digits=6 if rate else 4)  # rates agree to the 4th digit: show where they differ
+        md += [f"### {name} ({claim.kind}): {claim.description}" if claim else f"### {name}", ""]
+        if rate:
+            md += [per_run_summary(rows), "", f"First {RATE_ROWS} of {len(rows)} rows (all in the `fits` table):", ""]
+            table = table.head(RATE_ROWS)
+        table = table.assign(group=table["group"].map(lambda g: f"`{g}`"))  # JSON, shown as written
+        if len(table) > FOLD:
+            md += [f"<details><summary>{len(table)} fits</summary>", "", table.to_markdown(index=False), "", "</details>", ""]
+        else:
+            md += [table.to_markdown(index=False), ""]
+    if skipped:
+        md += ["## Claims skipped", "", *[f"- **{n}**: {r}" for n, r in skipped], ""]
+    if unreadable:
+        md += ["## Unreadable files (skipped)", "", *[f"- `{s}`" for s in unreadable], ""]
+    md += ["## Figures", ""]
+    for name, path in figures.items():
+        if name != "verdicts":
+            md += [f"**{name}**: {(plots.FIGURES[name].__doc__ or name).strip()}", "", f"![{name}](figures/{path.name})", ""]
+    return "\n".join(md)
 
 
-def _img(name: str, png: bytes) -> str:
-    data = base64.b64encode(png).decode()
-    return f"<img alt='{name}' src='data:image/png;base64,{data}'>"
+_VERDICT_CELL = re.compile(r"<td([^>]*)>(" + "|".join(VERDICTS) + r")</td>")
+_FIGURE = re.compile(r'src="figures/([^"/]+)\.png"')
+_RENDER = MarkdownIt("commonmark", {"html": True}).enable("table")
 
 
-def _html_table(table: pd.DataFrame) -> str:
-    styled = table.assign(group=table["group"].map(html.escape), verdict=[f"<span class='{v}'>{v}</span>" for v in table["verdict"]])
-    return styled.to_html(index=False, escape=False)
+def _html(md: str, pngs: dict[str, bytes]) -> str:
+    """The page: the Markdown rendered once, verdicts coloured, the figures embedded (the same PNG bytes)."""
+    body = _RENDER.render(md)
+    body = _VERDICT_CELL.sub(r"<td\1 class='\2'>\2</td>", body)
+    body = _FIGURE.sub(lambda m: f'src="data:image/png;base64,{base64.b64encode(pngs[m.group(1)]).decode()}"', body)
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>icl-study report</title><style>{CSS}</style></head><body>{body}</body></html>"

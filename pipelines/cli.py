@@ -206,8 +206,9 @@ def fit(store: str = STORE) -> None:
     """Fit every claim the store has data for; write the `fits` table and print the verdicts."""
     import pandas as pd
 
+    from analysis.fits_table import verdict_table, write_fits
     from analysis.load import StoreReadError, load, open_store
-    from analysis.verdicts import evaluate, verdict_table, write_fits
+    from analysis.verdicts import evaluate
 
     try:
         loc = open_store(store)

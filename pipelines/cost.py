@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.location import write_atomic
 from study.config import Run, TrialConfig
 
 CALIBRATION_FORMAT = 1
@@ -213,10 +214,7 @@ def calibration(device: str = "cpu", threads: int = 1, refresh: bool = False) ->
     known[key] = cal
     path = cache_path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({k: asdict(v) for k, v in known.items()}, indent=1))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps({k: asdict(v) for k, v in known.items()}, indent=1))
     except OSError:
         pass  # a read-only home: the calibration is simply not cached
     return cal

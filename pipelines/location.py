@@ -9,17 +9,23 @@ config files, or the node's instance role; AWS_DEFAULT_REGION (else the bucket's
 AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL for an S3-compatible server. GCS (`gs://`) takes
 GOOGLE_APPLICATION_CREDENTIALS or the node's service account. The store and the analysis both use
 this module; it imports nothing of the project.
+
+`write_atomic` is the one way the project writes a file that a reader may see: a store's bundle
+files, the `fits` tables, the report and the calibration cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 SCHEMES = {"s3": "s3://bucket/prefix", "gs": "gs://bucket/prefix", "gcs": "gcs://bucket/prefix", "file": "file:///path"}
 ALLOWED = "a local path (an NFS mount is one), file:///path, s3://bucket/prefix or gs://bucket/prefix"
@@ -49,6 +55,63 @@ class Location:
     def join(self, *parts: str) -> str:
         """A path on `fs` below the store."""
         return "/".join([self.path.rstrip("/"), *parts])
+
+
+TEMPORARY = ".tmp"  # the suffix of a file being written, named ".<name>.<id>.tmp": hidden (pandas and pyarrow skip it) and
+# not "*.parquet" (so DuckDB's and polars' globs skip it too); `Store.recover` deletes these
+
+
+def is_temporary(name: str) -> bool:
+    """A file `write_atomic` was writing (or, from icl-study before 2026-11-28, ".tmp-<id>-<name>")."""
+    return name.startswith(".") and (name.endswith(TEMPORARY) or name.startswith(".tmp-"))
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str, fs: pafs.FileSystem | None = None, *, object_store: bool = False, durable: bool = False) -> str:
+    """Write `data` to `path` whole or not at all; returns the path.
+
+    In a directory (local or NFS), `data` goes to a hidden temporary beside `path`
+    (".<name>.<random id>.tmp"), which `os.replace` moves into place: atomic on POSIX and within one NFS
+    directory. With `durable` the file is fsynced before the rename and its directory after it, so
+    a rename that happened survives a crash of the machine. On an object store it is one upload of
+    the whole object to its key, which appears complete or not at all. `fs` (default: the local
+    file system) is what the bytes are written through; tests pass one that fails. Missing parent
+    directories are made. A failure removes its temporary; a kill can leave one, which every
+    reader skips and `Store.recover` deletes.
+    """
+    body = data.encode() if isinstance(data, str) else data
+    path = os.fspath(path)
+    if object_store:
+        with fs.open_output_stream(path) as out:
+            out.write(body)
+        return path
+    directory, name = os.path.split(path)
+    os.makedirs(directory or ".", exist_ok=True)
+    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}{TEMPORARY}")
+    try:
+        with (fs or pafs.LocalFileSystem()).open_output_stream(tmp) as out:
+            out.write(body)
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        fd = os.open(directory or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return path
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table as the bytes of one Parquet file (serialised in memory, so no error cuts a write short)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
 def locate(store: str | os.PathLike, filesystem: pafs.FileSystem | None = None) -> Location:

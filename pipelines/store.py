@@ -44,7 +44,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.lease import Lease, LeaseError
-from pipelines.location import LocationError, check_bucket, explain, locate
+from pipelines.location import LocationError, check_bucket, explain, is_temporary, locate, parquet_bytes, write_atomic
 from study.config import MODEL_CONFIGS, TASK_CONFIGS, Eval, Train
 
 SCHEMA_VERSION = 3  # 3: trials.final_dist_theory, opt_g, opt_noise; curves.subopt_theory
@@ -241,69 +241,24 @@ class Store:
     # ------------------------------------------------------------------------------------------
     # writing
 
-    def _stage(self, path: str, table: pa.Table) -> str:
-        """Local: write under a hidden name in the final directory, on disk before it can be renamed."""
-        directory, name = path.rsplit("/", 1)
-        os.makedirs(directory, exist_ok=True)
-        tmp = f"{directory}/.tmp-{uuid.uuid4().hex}-{name}"
-        try:
-            pq.write_table(table, tmp, filesystem=self.fs)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        except Exception:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return tmp
-
-    def _put(self, path: str, table: pa.Table) -> None:
-        """Object store: serialise in memory, then one upload to the final key (whole or not at all)."""
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        with self.fs.open_output_stream(path) as out:
-            out.write(sink.getvalue())
-
-    @staticmethod
-    def _sync_dir(directory: str) -> None:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def _write(self, path: str, table: pa.Table) -> None:
+        """One file, whole or not at all, on disk before it is visible (pipelines.location.write_atomic)."""
+        write_atomic(path, parquet_bytes(table), self.fs, object_store=not self.local, durable=True)
 
     def write_bundle(self, family: str, bundle_id: str, tables: dict[str, pa.Table]) -> int:
         """Write a bundle's tables atomically, `trials` last; returns the number of rows written.
 
-        A failed write raises after removing this attempt's hidden temporaries; complete files it
-        already put in place stay until `recover` (they may belong to an earlier attempt that committed).
+        A failed write raises and leaves no temporary of its own; complete files it already put in
+        place stay until `recover` (they may belong to an earlier attempt that committed).
         """
         order = [t for t in TABLES if t != "trials" and t in tables] + ["trials"]
-        finals = {t: self._path(t, family, f"part-{bundle_id}.parquet") for t in order}
-        if not self.local:
-            for t in order:
-                self._put(finals[t], tables[t])
-            return sum(tables[t].num_rows for t in order)
-        staged: list[str] = []
-        try:
-            for t in order:
-                staged.append(self._stage(finals[t], tables[t]))
-        except Exception:
-            for tmp in staged:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-            raise
-        for tmp, t in zip(staged, order):
-            os.replace(tmp, finals[t])
-            self._sync_dir(os.path.dirname(tmp))
+        for t in order:
+            self._write(self._path(t, family, f"part-{bundle_id}.parquet"), tables[t])
         return sum(tables[t].num_rows for t in order)
 
     def write_failed(self, family: str, bundle_id: str, trials: pa.Table) -> None:
         """Record the runs of a bundle that raised; `forget_failed` lets a rerun retry them."""
-        path = self._path("trials", family, f"failed-{bundle_id}.parquet")
-        if self.local:
-            os.replace(self._stage(path, trials), path)
-        else:
-            self._put(path, trials)
+        self._write(self._path("trials", family, f"failed-{bundle_id}.parquet"), trials)
 
     # ------------------------------------------------------------------------------------------
     # housekeeping
@@ -351,7 +306,7 @@ class Store:
     def recover(self) -> list[str]:
         """Delete what an interrupted write left: temporaries, and files whose bundle never committed."""
         listed = {t: self._listing(t) for t in TABLES}
-        removed = [i.path for t in TABLES for i in listed[t] if i.base_name.startswith(".tmp-")]
+        removed = [i.path for t in TABLES for i in listed[t] if is_temporary(i.base_name)]
         bundle = lambda p: tuple(p.rsplit("/", 2)[-2:])  # noqa: E731  (family=..., part-<bundle_id>.parquet)
         committed = {bundle(p) for p in self._files("trials", listed["trials"]) if p.rsplit("/", 1)[-1].startswith("part-")}
         for t in TABLES[1:]:

@@ -364,7 +364,7 @@ def test_report_is_the_same_drawn_in_workers_or_here(rich_store, tmp_path, monke
         for name, path in first.figures.items():
             assert other.figures[name].read_bytes() == path.read_bytes(), name
     page = built[2].html.read_text()
-    embedded = dict(re.findall(r"<img alt='(\w+)' src='data:image/png;base64,([^']+)'>", page))
+    embedded = {n: d for d, n in re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="(\w+)"', page)}
     assert {n: base64.b64decode(d) for n, d in embedded.items()} == {n: p.read_bytes() for n, p in built[2].figures.items()}
 
 

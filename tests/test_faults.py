@@ -41,7 +41,7 @@ def assert_exactly_once(store, runs):
     assert (sizes == steps.reindex(sizes.index)).all(), "a curve was stored twice"
     for table in ("evals", "params"):
         assert set(pd.read_parquet(store / table).run_id) == set(trials.run_id)
-    assert not list(store.rglob(".tmp-*")), "a temporary was left visible"
+    assert not list(store.rglob(".*.tmp")), "a temporary was left visible"
     assert not list(store.glob("trials/*/failed-*")), "a failure record was left"
 
 

@@ -99,4 +99,4 @@ def test_killed_run_resumes_exactly_the_missing_runs(tmp_path):
     for table in ("curves", "evals", "params"):
         rows = pd.read_parquet(store / table)
         assert set(rows.run_id) == set(trials.run_id)
-    assert not [p for p in store.rglob(".tmp-*")]
+    assert not [p for p in store.rglob(".*.tmp")]

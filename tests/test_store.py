@@ -115,19 +115,22 @@ def test_schema_has_every_config_field():
 
 def test_every_table_reads_the_same_in_pandas_pyarrow_duckdb_and_polars(tmp_path, sweep):
     """Each table, the fits and the skipped claims included, globbed as `<table>/**/*.parquet`
-    with hive partitioning where it has it: the same rows and the partition column `family`."""
+    with hive partitioning where it has it: the same rows and the partition column `family`, while
+    a write is under way (a temporary beside each file, as `write_atomic` leaves it before its rename)."""
     import duckdb
     import polars as pl
     import pyarrow.dataset as ds
 
-    from analysis import verdicts
+    from analysis import fits_table
 
     for b in sweep.bundles():
         execute_bundle(b.to_payload(), str(tmp_path), sweep.name, "test", "cpu")
     (tmp_path / "fits").mkdir()
     pd.DataFrame({"claim": ["old"], "reason": ["old"]}).to_parquet(tmp_path / "fits" / "_skipped.parquet")  # an earlier fit's layout
     fits = pd.DataFrame([dict(family=f, claim=f"{f}-claim", kind="bound", estimate=-1.0, ci_low=-1.1, ci_high=-0.9, verdict="within", group='{"N": 5}', N=5.0) for f in ("gmm", "mor")])
-    verdicts.write_fits(str(tmp_path), fits, [("gmm-1-rate", "no curves")])
+    fits_table.write_fits(str(tmp_path), fits, [("gmm-1-rate", "no curves")])
+    for done in list(tmp_path.glob("*/**/*.parquet")):  # a copy of every file, written under its temporary name
+        (done.parent / f".{done.name}.{'0' * 32}.tmp").write_bytes(done.read_bytes())
     for table in ("trials", "curves", "evals", "params", "fits", "fits_skipped"):
         root = tmp_path / table
         hive = table != "fits_skipped"

@@ -129,7 +129,7 @@ def test_bundles_round_trip_and_rerun_skips_them(s3, bucket, sweep):
     for b in sweep.bundles():
         execute_bundle(b.to_payload(), s3, sweep.name, "test", "cpu")
     assert st.done_runs() == {r.run_id for r in sweep.runs} and sweep.bundles(skip=st.done_runs()) == []
-    assert not [k for k in keys(bucket) if ".tmp-" in k or ".probe-" in k]  # straight to the final keys
+    assert not [k for k in keys(bucket) if k.endswith(".tmp") or ".probe-" in k]  # straight to the final keys
     # plain pandas with the file system pyarrow resolves from the URI (it reads AWS_ENDPOINT_URL)
     fs, path = pafs.FileSystem.from_uri(s3)
     trials = pd.read_parquet(f"{path}/trials", filesystem=fs)
@@ -141,18 +141,18 @@ def test_bundles_round_trip_and_rerun_skips_them(s3, bucket, sweep):
 def test_interrupted_bundle_is_recovered_and_rerun(s3, bucket, sweep, monkeypatch):
     """A run killed between two uploads: complete files without their `trials` file, which recover() removes."""
     b = sweep.bundles()[0]
-    real_put, calls = Store._put, []
+    real_write, calls = Store._write, []
 
     def killed_on_third(self, path, table):
         calls.append(path)
         if len(calls) == 3:
             raise KeyboardInterrupt  # as if killed after curves and evals were uploaded
-        real_put(self, path, table)
+        real_write(self, path, table)
 
-    monkeypatch.setattr(Store, "_put", killed_on_third)
+    monkeypatch.setattr(Store, "_write", killed_on_third)
     with pytest.raises(KeyboardInterrupt):
         execute_bundle(b.to_payload(), s3, sweep.name, "test", "cpu")
-    monkeypatch.setattr(Store, "_put", real_put)
+    monkeypatch.setattr(Store, "_write", real_write)
     st = Store(s3)
     assert st.done_runs() == set() and st.read("trials").num_rows == 0
     assert {k.split("/")[2] for k in keys(bucket)} == {"curves", "evals"}
@@ -290,7 +290,7 @@ def test_a_write_that_fails_mid_bundle_leaves_nothing_half_written(where, fail_a
     for table in ("curves", "evals", "params"):  # each table reads whole, or has no file yet
         assert real.read(table).num_rows in (0, tables[table].num_rows)
     if where == "local":  # this attempt's temporaries are gone; complete orphans wait for recover()
-        assert not list((tmp_path / "store").rglob(".tmp-*"))
+        assert not list((tmp_path / "store").rglob(".*.tmp"))
     real.recover()
     assert all(real.read(t).num_rows == 0 for t in ("curves", "evals", "params"))
     assert real.write_bundle("gmm", "b1", tables) == sum(t.num_rows for t in tables.values())  # the next attempt
@@ -509,7 +509,7 @@ def test_sweep_through_ray_into_s3_then_rerun_plan_status_fit(s3, bucket, tmp_pa
     assert "8 ok, 0 diverged, 0 failed of 8 runs" in result.output
     stored = keys(bucket)
     assert any(k.startswith("runs/a/_tune/") for k in stored)  # Tune's own state follows the store
-    assert "runs/a/.lock" not in stored and not [k for k in stored if ".tmp-" in k]
+    assert "runs/a/.lock" not in stored and not [k for k in stored if k.endswith(".tmp")]
     data = [k for k in stored if not k.startswith("runs/a/_tune/")]
     assert Store(s3).done_runs() == {r.run_id for r in parse(SMOKE).runs}
 
