@@ -52,8 +52,10 @@ class Shift:
 
     @property
     def name(self) -> str:
-        """The canonical spelling, as stored in `evals.shift`."""
-        return f"{self.kind}({self.value:g})"
+        """The canonical spelling, as stored in `evals.shift`: the value in 6 significant digits where
+        they hold it exactly (`cov_scale(2)`), else in as many as it takes (`prior(0.9999999)`)."""
+        short = f"{self.value:g}"
+        return f"{self.kind}({short if float(short) == self.value else repr(self.value).removesuffix('.0')})"
 
 
 def parse(spec: str, family: str) -> Shift:

@@ -37,7 +37,6 @@ def known_estimators(family: str) -> tuple[str, ...]:
 # random valid flat configs
 
 positive = st.floats(min_value=1e-3, max_value=1e3, allow_nan=False, allow_infinity=False)
-# shift values of at most 6 significant digits: the canonical spelling keeps no more (see the xfail below)
 SHIFTS = {
     "gmm": st.sampled_from(["cov_scale(0.5)", "cov_scale(2)", "cov_rotate(0)", "cov_rotate(7)", "mean_norms(1.5)", "mean_norms(3)", "prior(0.25)", "prior(0.6)"]),
     "mor": st.sampled_from(["covariate_scale(0.5)", "covariate_scale(2)", "noise(0)", "noise(1.25)"]),
@@ -190,9 +189,9 @@ def test_a_config_broken_in_one_field_names_it(where, broken, field, data):
     assert f"'{field}'" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="study.shifts.Shift.name keeps 6 significant digits ({value:g}): prior(0.9999999) is stored as "
-                   "prior(1), which is invalid, and cov_rotate(1234567) as seed 1234570; the payload a Ray trial rebuilds from fails")  # fmt: skip
 def test_a_shift_value_survives_the_round_trip():
+    """A shift's canonical spelling keeps its value exactly (it once kept 6 significant digits, so
+    prior(0.9999999) became the invalid prior(1) and cov_rotate(1234567) the seed 1234570)."""
     for spec in ("prior(0.9999999)", "cov_rotate(1234567)"):
         cfg = TrialConfig.from_flat(configs.gmm(shifts=[spec]))
         assert TrialConfig.from_flat(cfg.to_flat()) == cfg
