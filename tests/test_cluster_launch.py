@@ -16,6 +16,7 @@ into the head's fresh venv; see docs/cluster.md.
 from __future__ import annotations
 
 import getpass
+import ipaddress
 import os
 import re
 import shutil
@@ -30,6 +31,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pipelines import launch
+from tests.commands import exports, home, parse
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SSH = ROOT / "clusters" / "local-ssh.yaml"
@@ -73,6 +75,36 @@ def one_error(result) -> str:
     return lines[0]
 
 
+def names(message: str, *fields: str) -> bool:
+    """The message names each field (a location such as `provider.worker_ips[0]`, a variable, a
+    path or a value) as a whole word: `RAY_AUTH_TOKEN` is not named by `RAY_AUTH_TOKEN_PATH`."""
+    return all(re.search(rf"(?<![\w.$]){re.escape(f)}(?![\w\[])", message) for f in fields)
+
+
+def _walk(node, where=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, f"{where}[{i}]")
+    else:
+        yield where, node
+
+
+def placeholders(path: Path) -> dict[str, str]:
+    """Location -> value of every value still to edit: EDIT-ME, or a documentation address (RFC 5737)."""
+    docs = [ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")]
+
+    def doc_address(v) -> bool:
+        try:
+            return any(ipaddress.ip_address(v) in n for n in docs)
+        except ValueError:
+            return False
+
+    return {w: v for w, v in _walk(yaml.safe_load(path.read_text())) if isinstance(v, str) and (v == launch.PLACEHOLDER or doc_address(v))}
+
+
 # ---- offline: the shipped files and the checks -------------------------------------------------
 
 
@@ -80,26 +112,53 @@ def test_hooked_into_the_cli():
     from pipelines.cli import app
 
     result = CliRunner().invoke(app, ["cluster", "check", str(LOCAL_SSH)])
-    assert "placeholders left" in one_error(result)
+    assert names(one_error(result), str(LOCAL_SSH), *placeholders(LOCAL_SSH))
 
 
-def test_shipped_local_ssh_names_its_placeholders():
-    msg = one_error(cluster("check", LOCAL_SSH))
-    for where in ("provider.head_ip", "provider.worker_ips[0]", "auth.ssh_user", "auth.ssh_private_key"):
-        assert f"{where} (EDIT-ME)" in msg, msg
-
-
-def test_shipped_cluster_yaml_names_its_placeholders():
-    msg = one_error(cluster("check", CLUSTER_YAML))
-    assert "provider.head_ip (192.0.2.10, a documentation address)" in msg, msg
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        (LOCAL_SSH, {"provider.head_ip", "provider.worker_ips[0]", "auth.ssh_user", "auth.ssh_private_key"}),
+        (CLUSTER_YAML, {"provider.head_ip", "provider.worker_ips[0]", "provider.worker_ips[1]"}),  # documentation addresses
+    ],
+    ids=[LOCAL_SSH.name, CLUSTER_YAML.name],
+)
+def test_shipped_files_name_their_placeholders(path, expected):
+    left = placeholders(path)
+    assert set(left) == expected
+    msg = one_error(cluster("check", path))
+    for where, value in left.items():
+        assert names(msg, where, value), (where, value, msg)
+    with pytest.raises(launch.ClusterFileError):
+        launch.check(path)
 
 
 @pytest.mark.parametrize("path", [LOCAL_SSH, CLUSTER_YAML], ids=lambda p: p.name)
 def test_filled_in_copy_passes(tmp_path, path):
-    result = cluster("check", write(tmp_path, fill(path)))
-    assert result.exit_code == 0, result.output
-    assert "ok (head 10.0.0.1, 2 workers" in result.output
-    assert "token auth, ~/.ray/icl-study.token on the nodes from ~/.ray/auth_token" in result.output
+    filled = write(tmp_path, fill(path))
+    result = cluster("check", filled)
+    assert result.exit_code == 0 and not result.stderr, result.output
+    checked = launch.check(filled)
+    assert (checked.auth_mode, checked.token_path, checked.token_source) == ("token", "~/.ray/icl-study.token", "~/.ray/auth_token")
+    assert names(result.output, str(filled), "10.0.0.1", checked.token_path, checked.token_source), result.output
+
+
+@pytest.mark.parametrize("path", [LOCAL_SSH, CLUSTER_YAML], ids=lambda p: p.name)
+def test_shipped_files_start_ray_with_the_token_they_deliver(path):
+    """Every `ray start` sets RAY_AUTH_MODE=token and a RAY_AUTH_TOKEN_PATH that file_mounts fills
+    from ~/.ray/auth_token; setup_commands write the same two into a file that ~/.bashrc sources."""
+    cfg = yaml.safe_load(path.read_text())
+    mounts = {home(str(dst).rstrip("/")): str(src) for dst, src in cfg["file_mounts"].items()}
+    starts = [c for key in launch.START_LISTS for line in cfg[key] for c in parse(line) if c.is_("ray", "start")]
+    assert len(starts) == 2 and {(c.env.get("RAY_AUTH_MODE"), home(c.env.get("RAY_AUTH_TOKEN_PATH", ""))) for c in starts} == {("token", "~/.ray/icl-study.token")}
+    assert mounts["~/.ray/icl-study.token"] == launch.DEFAULT_TOKEN
+    setup = [c for line in cfg["setup_commands"] for c in parse(line)]
+    written = {c.redirect[1]: c.argv[1] for c in setup if c.is_("echo") and c.redirect and c.redirect[0] == ">"}
+    sourced = [s.argv[1] for c in setup if c.is_("echo") and c.redirect == (">>", "~/.bashrc") for s in parse(c.argv[1]) if s.is_("source")]
+    assert sourced and all(f in written for f in sourced), (sourced, written)
+    for f in sourced:
+        exported = exports(written[f])
+        assert (exported.get("RAY_AUTH_MODE"), exported.get("RAY_AUTH_TOKEN_PATH")) == ("token", "~/.ray/icl-study.token"), (f, exported)
 
 
 def _edit(cfg: dict, key: str, i: int, old: str, new: str) -> dict:
@@ -109,27 +168,36 @@ def _edit(cfg: dict, key: str, i: int, old: str, new: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    "change, expected",
+    "change, fields",
     [
-        (lambda c: _edit(c, "worker_start_ray_commands", 1, "RAY_AUTH_MODE=token ", ""), "worker_start_ray_commands[1]: `ray start` without RAY_AUTH_MODE"),
-        (lambda c: _edit(c, "head_start_ray_commands", 1, "icl-study.token", "other.token"), "RAY_AUTH_TOKEN_PATH differs between commands"),
-        (lambda c: _edit(c, "worker_start_ray_commands", 1, "RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled"), "RAY_AUTH_MODE differs between commands"),
-        (lambda c: {**c, "file_mounts": {"~/icl-study": "."}}, "is not a file_mounts destination"),
-        (lambda c: {**c, "setup_commands": [s for s in c["setup_commands"] if "icl-study.env" not in s or "source" in s]}, "setup_commands do not export RAY_AUTH_MODE=token"),
-        (lambda c: {**c, "setup_commands": [*c["setup_commands"], "echo export RAY_AUTH_TOKEN=0123abcd >> ~/.bashrc"]}, "puts a secret in the file"),
+        (lambda c: _edit(c, "worker_start_ray_commands", 1, "RAY_AUTH_MODE=token ", ""), ("worker_start_ray_commands[1]", "RAY_AUTH_MODE")),
+        (lambda c: _edit(c, "head_start_ray_commands", 1, "icl-study.token", "other.token"), ("RAY_AUTH_TOKEN_PATH", "head_start_ray_commands[1]", "worker_start_ray_commands[1]")),
+        (lambda c: _edit(c, "worker_start_ray_commands", 1, "RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled"), ("RAY_AUTH_MODE", "head_start_ray_commands[1]", "worker_start_ray_commands[1]")),
+        (lambda c: {**c, "file_mounts": {"~/icl-study": "."}}, ("RAY_AUTH_TOKEN_PATH", "file_mounts")),
+        (lambda c: {**c, "setup_commands": [s for s in c["setup_commands"] if "icl-study.env" not in s or "source" in s]}, ("setup_commands", "RAY_AUTH_MODE")),
+        (lambda c: {**c, "setup_commands": [*c["setup_commands"], "echo export RAY_AUTH_TOKEN=0123abcd >> ~/.bashrc"]}, ("RAY_AUTH_TOKEN",)),
     ],
     ids=["start-without-mode", "two-token-paths", "two-modes", "token-not-delivered", "no-env-for-exec", "raw-token"],
 )
-def test_inconsistent_token_auth_is_refused(tmp_path, change, expected):
-    msg = one_error(cluster("check", write(tmp_path, change(fill(LOCAL_SSH)))))
-    assert expected in msg, msg
+def test_inconsistent_token_auth_is_refused(tmp_path, change, fields):
+    path = write(tmp_path, change(fill(LOCAL_SSH)))
+    msg = one_error(cluster("check", path))
+    assert names(msg, str(path), *fields), msg
+    with pytest.raises(launch.ClusterFileError):
+        launch.check(path)
 
 
-def test_what_ray_rejects_is_refused_in_one_line(tmp_path):
-    msg = one_error(cluster("check", write(tmp_path, fill(LOCAL_SSH, head_node_type="x", available_node_types={"x": {"node_config": {}, "resources": {}}}))))
-    assert "Ray rejects it" in msg and "on-premise" in msg, msg
-    msg = one_error(cluster("check", write(tmp_path, fill(LOCAL_SSH, max_worker=2))))
-    assert "Ray rejects it at the top level" in msg and "max_worker" in msg, msg
+@pytest.mark.parametrize(
+    "top, field",
+    [({"head_node_type": "x", "available_node_types": {"x": {"node_config": {}, "resources": {}}}}, "available_node_types"), ({"max_worker": 2}, "max_worker")],
+    ids=["node-types-on-premise", "unknown-key"],
+)
+def test_what_ray_rejects_is_refused_in_one_line(tmp_path, top, field):
+    cfg = fill(LOCAL_SSH, **top)
+    msg = one_error(cluster("check", write(tmp_path, cfg)))
+    with pytest.raises(launch.ClusterFileError) as err:
+        launch._ray_validate(cfg)  # Ray's own validation is what refuses it
+    assert str(err.value) in msg and names(msg, field), msg
 
 
 def test_up_refuses_before_running_anything(tmp_path, monkeypatch):
@@ -140,12 +208,12 @@ def test_up_refuses_before_running_anything(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token there
     monkeypatch.chdir(ROOT)
     filled = write(tmp_path, fill(LOCAL_SSH))
-    assert "create it with `ray get-auth-token --generate`" in one_error(cluster("up", filled))
+    assert names(one_error(cluster("up", filled)), launch.DEFAULT_TOKEN, "~/.ray/icl-study.token")  # no token to deliver
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("0" * 32)
     (tmp_path / ".ray" / "auth_token").chmod(0o600)
     monkeypatch.chdir(tmp_path)
-    assert "not the icl-study repository: run from the repository root" in one_error(cluster("up", filled))
+    assert names(one_error(cluster("up", filled)), "file_mounts", "~/icl-study", str(tmp_path))  # "." is not the repository here
     assert calls == []
     monkeypatch.chdir(ROOT)
     result = cluster("up", filled, "--", "--no-config-cache")
@@ -153,20 +221,27 @@ def test_up_refuses_before_running_anything(tmp_path, monkeypatch):
 
 
 def test_local_ssh_installs_into_its_own_venv():
+    from packaging.requirements import Requirement
+
     cfg = yaml.safe_load(LOCAL_SSH.read_text())
     assert "docker" not in cfg and cfg["provider"]["type"] == "local"
     assert cfg["file_mounts"]["~/icl-study"] == "."
     assert {"**/.git", "/.venv/", "/results/"} <= set(cfg["rsync_exclude"])
-    setup = cfg["setup_commands"]
-    venv = re.match(r"python3\.11 -m venv (\S+)$", setup[0]).group(1)
-    torch = next(i for i, c in enumerate(setup) if re.search(r"pip install torch==\d", c))
-    project = setup.index(f"{venv}/bin/pip install -e ~/icl-study")
+    setup = [parse(line) for line in cfg["setup_commands"]]
+    (make_venv,) = setup[0]
+    assert make_venv.argv[:3] == ["python3.11", "-m", "venv"] and len(make_venv.argv) == 4
+    venv = make_venv.argv[3]
+    installs = {i: c.argv[2:] for i, cmds in enumerate(setup) for c in cmds if c.argv[:2] == [f"{venv}/bin/pip", "install"]}
+    reqs = {i: [Requirement(a) for a in args if not a.startswith(("-", "~", "/", "."))] for i, args in installs.items()}
+    torch = next(i for i, rs in reqs.items() if any(r.name == "torch" and [s.operator for s in r.specifier] == ["=="] for r in rs))  # pinned
+    project = next(i for i, args in installs.items() if args == ["-e", "~/icl-study"])
     assert torch < project, "torch is pinned before the project, which only asks for torch>=2.4"
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
-        stop, start = cfg[key]
-        assert stop == f"{venv}/bin/ray stop"
-        before, _, _ = start.partition(f"{venv}/bin/ray start")
-        assert "ulimit -n 65536" in before and "RAY_AUTH_MODE=token" in before, start
+        stop, start = (parse(line) for line in cfg[key])
+        assert [c.argv for c in stop] == [[f"{venv}/bin/ray", "stop"]]
+        at = next(j for j, c in enumerate(start) if c.argv[:2] == [f"{venv}/bin/ray", "start"])
+        assert any(c.is_("ulimit", "-n") and int(c.argv[2]) >= 65536 for c in start[:at]), cfg[key]
+        assert start[at].env.get("RAY_AUTH_MODE") == "token", cfg[key]
 
 
 # ---- `ray up` for real, over SSH to this machine ------------------------------------------------
@@ -224,7 +299,27 @@ def _tail(text: str, n: int = 40) -> str:
     return "\n".join(re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).splitlines()[-n:])
 
 
+def _last(output: str, label: str) -> str:
+    """The rest of the last output line with `label` (ray exec may prefix lines and colour them)."""
+    found = re.findall(rf"{re.escape(label)}(.*)", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output))
+    assert found, f"no `{label}` line in:\n{_tail(output)}"
+    return found[-1].strip()
+
+
+def _done(output: str) -> dict[str, int]:
+    """The counts of `icl-study run`'s summary, `done: 8 ok, 0 diverged, 0 failed of 8 runs; ...`."""
+    counts, _, _ = _last(output, "done: ").partition(";")
+    return {name: int(n) for n, name in re.findall(r"(\d+) (ok|diverged|failed|runs)\b", counts)}
+
+
+def _rows(output: str) -> dict[str, int]:
+    """`icl-study status`'s rows line, `rows: trials 8, curves 24, ...`, as {table: rows}."""
+    return {table: int(n) for table, n in (item.split() for item in _last(output, "rows: ").split(", "))}
+
+
 @pytest.mark.cluster
+@pytest.mark.ray
+@pytest.mark.slow
 def test_ray_up_run_status_down_over_ssh(tmp_path):
     sshd, python_dir = _requirements()
     head_home, client_home, store = tmp_path / "head-home", tmp_path / "client-home", tmp_path / "store"
@@ -284,17 +379,17 @@ def test_ray_up_run_status_down_over_ssh(tmp_path):
 
         run = f"icl-study run {sweep} --address auto --store {store}"
         rc, out, times["run"] = _sh([RAY, "exec", str(cluster_file), run, "--no-config-cache", *record], logs / "run.log", 600, cwd=ROOT, env=env)
-        assert rc == 0 and "done: 8 ok, 0 diverged, 0 failed of 8 runs" in out, f"`ray exec '{run}'` failed ({rc}):\n{_tail(out)}"
+        assert rc == 0 and _done(out) == {"ok": 8, "diverged": 0, "failed": 0, "runs": 8}, f"`ray exec '{run}'` failed ({rc}):\n{_tail(out)}"
 
         rc, out, times["status"] = _sh([RAY, "exec", str(cluster_file), f"icl-study status --store {store}", "--no-config-cache", *record], logs / "status.log", 300, cwd=ROOT, env=env)
-        assert rc == 0 and "cluster-smoke" in out and "trials 8" in out, f"`icl-study status` failed ({rc}):\n{_tail(out)}"
+        assert rc == 0 and names(out, "cluster-smoke") and _rows(out)["trials"] == 8, f"`icl-study status` failed ({rc}):\n{_tail(out)}"
 
         # the cluster enforces the token: with it (mode and path set) `ray status` answers, with another it is refused
         status = [RAY, "status", "--address", "127.0.0.1:6379"]
         good = subprocess.run(status, env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}, capture_output=True, text=True, timeout=120)
-        assert good.returncode == 0 and "Autoscaler status" in good.stdout, good.stdout + good.stderr
+        assert good.returncode == 0, good.stdout + good.stderr
         bad = subprocess.run(status, env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "f" * 32}, capture_output=True, text=True, timeout=120)
-        assert bad.returncode != 0 and "InvalidAuthToken" in bad.stdout + bad.stderr, bad.stdout + bad.stderr
+        assert bad.returncode != 0 and names(bad.stdout + bad.stderr, "InvalidAuthToken"), bad.stdout + bad.stderr  # the error's type
 
         trials = pd.read_parquet(store / "trials")
         assert len(trials) == 8 and trials.run_id.is_unique and set(trials.status) == {"ok"}, trials[["run_id", "status"]]
