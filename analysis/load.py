@@ -22,12 +22,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.location import Location, LocationError, check_bucket, explain, locate
+from pipelines.store import READERS, SCHEMA_VERSION, TABLES  # pyarrow and the configs only: no torch
 
-SCHEMA_VERSION = 3  # the store schema this analysis is written for (pipelines.store.SCHEMA_VERSION)
 READABLE = (2, 3)  # schema 2 lacks trials.opt_g, opt_noise, final_dist_theory and curves.subopt_theory
-TABLES = ("trials", "curves", "evals", "params")
 REQUIRED = ("run_id", "status", "seed", "sweep", "code_version", "schema_version")  # trials columns the analysis cannot do without
-READERS = 16  # files read at once (an object store answers each in tens of ms)
 
 
 class StoreReadError(ValueError):

@@ -49,8 +49,8 @@ def _load(spec: str) -> sweeps.Sweep:
         raise _fail(str(err)) from None
 
 
-TRIAL_S = typer.Option(sweeps.TRIAL_S, "--trial-seconds", min=0.0, help="estimated compute a Ray trial should carry; stacks are packed up to it")
-MIN_TRIALS = typer.Option(sweeps.MIN_TRIALS, "--min-trials", min=1, help="spread the sweep over at least this many trials where it has the stacks")
+TRIAL_S_OPTION = typer.Option(sweeps.TRIAL_S, "--trial-seconds", min=0.0, help="estimated compute a Ray trial should carry; stacks are packed up to it")
+MIN_TRIALS_OPTION = typer.Option(sweeps.MIN_TRIALS, "--min-trials", min=1, help="spread the sweep over at least this many trials where it has the stacks")
 
 
 def _plan(sw: sweeps.Sweep, store: Store, cal, trial_s: float, min_trials: int) -> tuple[list[sweeps.Bundle], set[str]]:
@@ -62,8 +62,8 @@ def _plan(sw: sweeps.Sweep, store: Store, cal, trial_s: float, min_trials: int) 
 def plan(
     sweep: str = typer.Argument(..., help="sweep file or shipped sweep name"),
     store: str = STORE,
-    trial_s: float = TRIAL_S,
-    min_trials: int = MIN_TRIALS,
+    trial_s: float = TRIAL_S_OPTION,
+    min_trials: int = MIN_TRIALS_OPTION,
     chunk_trials: int = typer.Option(CHUNK_TRIALS, "--chunk-trials", min=1, help="trials per Tuner run"),
     calibrate: bool = typer.Option(False, "--calibrate", help="measure this machine's rates again instead of using the cache"),
 ) -> None:
@@ -115,8 +115,8 @@ def run(
     max_concurrent: int = typer.Option(None, "--max-concurrent", min=1, help="cap on trials in flight"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     num_cpus: int = typer.Option(None, "--num-cpus", min=1, help="CPUs of the embedded local Ray (default: all)"),
-    trial_s: float = TRIAL_S,
-    min_trials: int = MIN_TRIALS,
+    trial_s: float = TRIAL_S_OPTION,
+    min_trials: int = MIN_TRIALS_OPTION,
     chunk_trials: int = typer.Option(CHUNK_TRIALS, "--chunk-trials", min=1, help="trials per Tuner run (bounds the driver's memory)"),
 ) -> None:
     """Run what the store lacks of a sweep: stacks packed into Ray Tune trials, with progress."""
@@ -256,7 +256,7 @@ def report(
     typer.echo(f"report: {built.html}")
 
 
-app.add_typer(launch.app, name="cluster")
+app.add_typer(launch.cluster_app, name="cluster")
 
 
 def main() -> None:  # pragma: no cover

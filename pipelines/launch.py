@@ -43,7 +43,7 @@ PATH_RE = re.compile(_ASSIGN.format("RAY_AUTH_TOKEN_PATH"))
 RAW_TOKEN_RE = re.compile(r"\bRAY_AUTH_TOKEN=\S")
 DEFAULT_TOKEN = "~/.ray/auth_token"  # where `ray get-auth-token --generate` writes (Ray 2.60)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Check a Ray cluster-launcher file, then start or stop the cluster.")
+cluster_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Check a Ray cluster-launcher file, then start or stop the cluster.")
 
 
 class ClusterFileError(Exception):
@@ -253,13 +253,13 @@ FILE = typer.Argument(..., help="a Ray cluster-launcher file, e.g. clusters/loca
 RAY_ARGS = typer.Argument(None, help="more options for the ray command, after --, e.g. -- --no-config-cache")
 
 
-@app.command("check")
+@cluster_app.command("check")
 def check_cmd(file: Path = FILE) -> None:
     """Check a cluster file: placeholders left, Ray's own validation, token-auth settings."""
     typer.echo(_describe(_checked(file)))
 
 
-@app.command()
+@cluster_app.command()
 def up(file: Path = FILE, ray_args: list[str] = RAY_ARGS) -> None:
     """Check the file and this machine, then `ray up -y FILE` (run it from the repository root)."""
     checked = _checked(file)
@@ -275,7 +275,7 @@ def up(file: Path = FILE, ray_args: list[str] = RAY_ARGS) -> None:
         raise typer.Exit(rc)
 
 
-@app.command()
+@cluster_app.command()
 def down(file: Path = FILE, ray_args: list[str] = RAY_ARGS) -> None:
     """`ray down -y FILE`: stops Ray on the nodes (`ray stop` ends every Ray process of that user there)."""
     _checked(file)

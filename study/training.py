@@ -190,7 +190,8 @@ def gd(params: dict[str, torch.Tensor], prob: Problem, steps: int, log_every: in
     return params, diverged_at, log
 
 
-def effective_W(params: dict[str, torch.Tensor], d: int) -> torch.Tensor:
+def _played_W(params: dict[str, torch.Tensor], d: int) -> torch.Tensor:
+    """The W a parameter set plays in the reduced model: W itself, or the full form's (lsa.effective_W)."""
     return params["W"] if "W" in params else lsa.effective_W(params["W_PV"], params["W_KQ"], d)
 
 
@@ -273,16 +274,16 @@ def train(prob: Problem, param: str, steps: int, log_every: int, init: dict[str,
     empty = losses.new_zeros(0, S)
     dist_opt = torch.stack([_dist(p, opt_params) for _, _, p in log]).double() if log else empty
     dist_opt = torch.where(ref_ok, dist_opt, torch.nan)
-    dist_theory = torch.stack([_theory_gap(effective_W(p, prob.d), prob) for _, _, p in log]).double() if log else empty
+    dist_theory = torch.stack([_theory_gap(_played_W(p, prob.d), prob) for _, _, p in log]).double() if log else empty
     curves = Curves([t for t, _, _ in log], losses.cpu(), subopt.cpu(), dist_opt.cpu(), dist_theory.cpu(), predicted)
-    W_opt = effective_W(opt_params, prob.d)
+    W_opt = _played_W(opt_params, prob.d)
     opt_g, opt_noise = projection(W_opt, prob)
     return TrainResult(
         curves=curves,
         params={k: v.double().cpu() for k, v in params.items()},
         diverged_at=diverged_at.cpu(),
         final_loss=final_loss,
-        final_dist_theory=_theory_gap(effective_W(params, prob.d), prob).double().cpu(),
+        final_dist_theory=_theory_gap(_played_W(params, prob.d), prob).double().cpu(),
         opt_loss=opt_loss,
         opt_converged=opt_conv,
         opt_dist_theory=_theory_gap(W_opt, prob).double().cpu(),

@@ -65,7 +65,7 @@ def write(tmp_path: Path, cfg: dict, name: str = "cluster.yaml") -> Path:
 
 
 def cluster(*args: str):
-    return CliRunner().invoke(launch.app, [str(a) for a in args])
+    return CliRunner().invoke(launch.cluster_app, [str(a) for a in args])
 
 
 def one_error(result) -> str:
