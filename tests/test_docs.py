@@ -49,16 +49,25 @@ def test_readme_is_at_most_12_kb_and_holds_cis_test_command():
     assert f"```bash\n{ci_command}\n```" in README.read_text(), "the README's test command is not the line .ci/run runs"
 
 
+def test_readme_dependency_table_names_every_dependency():
+    """Each requirement of pyproject.toml (run time, the extras, dev) has a row saying what it is for."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    required = [*project["dependencies"], *(d for extra in project["optional-dependencies"].values() for d in extra)]
+    names = {re.match(r"[A-Za-z0-9_.-]+", d).group(0).lower() for d in required}
+    rows = _table(README, "| package |")
+    documented = {t.split("[")[0].lower() for row in rows for t in _ticked(row[0])}
+    assert names <= documented, f"not in the README's dependency table: {sorted(names - documented)}"
+    assert all(row[1] for row in rows)
+
+
 # 2. the sweep-field table against the config classes
 
 
 def _family_estimators() -> dict[str, set[str]]:
-    try:
-        from study.estimators import ESTIMATORS  # family -> name -> entry
-    except ImportError:
-        from study.config import TrialConfig
+    from study.estimators import ESTIMATORS  # family -> name -> entry
 
-        ESTIMATORS = TrialConfig.ESTIMATORS  # family -> tuple of names
     return {family: set(names) for family, names in ESTIMATORS.items()}
 
 
