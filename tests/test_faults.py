@@ -21,7 +21,7 @@ from pipelines.cli import app
 from pipelines.store import Store
 from tests.processes import kill_session
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # each a minute or more (the two shortest: 61 and 100 s on 2 shared cores)
 
 BASE = {"d": 2, "lr": 0.5, "log_every": 10, "B": 256, "M": [8, "inf"], "n_eval": 64, "estimators": ["bayes", "lda_plugin"]}
 

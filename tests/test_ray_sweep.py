@@ -14,7 +14,7 @@ from pipelines.cli import app
 from pipelines.store import SCHEMA_VERSION
 from tests.processes import kill_session
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # about a minute each (55 and 61 s on 2 shared cores)
 
 SMOKE = {
     "name": "smoke",

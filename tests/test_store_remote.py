@@ -499,6 +499,7 @@ SMOKE = {
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_sweep_through_ray_into_s3_then_rerun_plan_status_fit(s3, bucket, tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "local")  # a new embedded Ray even if /tmp/ray names another machine's cluster
     path = tmp_path / "smoke-s3.yaml"
