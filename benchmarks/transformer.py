@@ -14,6 +14,12 @@ same run, repeats interleaved, the median kept:
    read-out) trained by `torch.optim.AdamW` with `clip_grad_norm_`: the stack most research code
    uses. Reported: steps per second of each and their ratio (the issue asks for at least 1x).
 
+3. **the roof**: the step's flop count (`study.config.TransformerModel.flops`: forward and backward,
+   about three forward passes) over its time, against the float32 GEMM rate measured in the same
+   run, on large square matrices (the machine's peak) and at the step's own widest product
+   ([batch (N + 1), width] x [width, 4 width]). A ceiling follows: no batching of the members can
+   make the ensemble faster than the peak over the sequential runs' rate.
+
 `--width`, `--layers`, `--N` and `--batch` change the size (small models show where batching the
 members pays: the per-operation overhead). Run from the repository root (about a minute on 2
 cores):
@@ -89,6 +95,14 @@ def torch_step(cfg: TrialConfig, Z: torch.Tensor, y: torch.Tensor, device: str):
     return step
 
 
+def gemm_rate(m: int, k: int, n: int, device: str, repeats: int = 5) -> float:
+    """float32 GEMM flop/s of an [m, k] x [k, n] product on `device`, the best of `repeats`."""
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    reps = max(1, int(2e9 / (2 * m * k * n)))  # about 2 Gflop a timing
+    best = min(timed(lambda: a @ b, reps, device) for _ in range(repeats))
+    return 2 * m * k * n / best
+
+
 def timed(step, steps: int, device: str) -> float:
     step()  # warm-up
     if device.startswith("cuda"):
@@ -132,7 +146,17 @@ def main() -> None:
         t_one.append(timed(one, args.steps * 2, dev))
         t_ref.append(timed(ref, args.steps * 2, dev))
     e, o, r = (statistics.median(t) for t in (t_ens, t_one, t_ref))
+    m = cfg.model
+    flop = 3 * m.batch * m._forward(cfg, cfg.train.N + 1)  # one run's step
+    peak = gemm_rate(2048, 2048, 2048, dev)
+    shaped = gemm_rate(m.batch * (cfg.train.N + 1), m.width, 4 * m.width, dev)
     results = {
+        "step_flop": flop,
+        "gemm_peak_flop_s": peak,
+        "gemm_step_shape_flop_s": shaped,
+        "sequential_share_of_peak": flop / o / peak,
+        "ensemble_share_of_peak": S * flop / e / peak,
+        "ensemble_speedup_ceiling": peak / (flop / o),
         "ensemble_run_steps_per_s": S / e,
         "sequential_run_steps_per_s": 1 / o,
         "ensemble_speedup": o * S / e,
@@ -149,6 +173,11 @@ def main() -> None:
             "|---|---:|---:|---:|",
             f"| {S}-run ensemble vs {S} sequential runs (run-steps/s) | {S / e:.1f} | {1 / o:.1f} | **{o * S / e:.2f}x** |",
             f"| single model vs torch.nn.TransformerEncoder (steps/s) | {1 / o:.1f} | {1 / r:.1f} | **{r / o:.2f}x** |",
+            "",
+            f"One run's step: {flop / 1e6:.0f} Mflop. float32 GEMM in this run: {peak / 1e9:.1f} Gflop/s at 2048^3 (the peak), "
+            f"{shaped / 1e9:.1f} Gflop/s at the step's widest product. Sequential runs reach {flop / o / 1e9:.1f} Gflop/s "
+            f"({100 * flop / o / peak:.0f}% of the peak), the ensemble {S * flop / e / 1e9:.1f} Gflop/s ({100 * S * flop / e / peak:.0f}%): "
+            f"no ensemble can beat the sequential runs by more than **{peak / (flop / o):.1f}x** here.",
         ]
     )
     emit("transformer", {"runs": S, "steps": args.steps, "repeats": args.repeats, "device": dev, "config": cfg.to_flat()}, results, table, args.out)
