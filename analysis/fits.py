@@ -1,7 +1,9 @@
 """Fits of the laws with uncertainty, and the verdicts (theory.md section 5); numpy, and scipy.special
 for the t quantile (imported when first needed).
 
-Estimates (each with a 95% interval from a bootstrap that resamples seeds, the independent unit):
+Estimates, each with a 95% interval: estimate +- t_{S-1} se over S seeds, se the standard deviation
+of a bootstrap that resamples seeds (the independent unit) times sqrt(S / (S - 1)) (`_interval`);
+`rate` and `curve_deviation` say their own:
 - `exponent`: the leading exponent beta of y = A x^beta (1 + c x^-gamma), the law with its first
   correction, fitted to the seed-averaged curve; the plain log-log slope is reported beside it. A
   curve that obeys a bound can bend on a finite window (C/N (1 - a/N) has local slope -0.85 at small
@@ -300,7 +302,7 @@ def _check(x: np.ndarray, seed: np.ndarray, need: int) -> None:
 
 
 def power_law_slope(x, y, seed, rng: np.random.Generator | None = None) -> Estimate:
-    """Slope b of log y = a + b log x on the seed-averaged curve, with a seed-bootstrap CI."""
+    """Slope b of log y = a + b log x on the seed-averaged curve, with its seed-bootstrap t interval."""
     x, y, seed = (np.asarray(v, dtype=float) for v in (x, y, seed))
     _check(x, seed, 3)
     levels, table = _by_seed(x, y, seed)
@@ -312,7 +314,7 @@ def power_law_slope(x, y, seed, rng: np.random.Generator | None = None) -> Estim
 
 def exponent(x, y, seed, correction: float | None = 1.0, floor=None, rng: np.random.Generator | None = None) -> Estimate:
     """The leading exponent beta of y = A x^beta (1 + c x^-correction) on the seed-averaged curve,
-    with a seed-bootstrap CI, and the plain log-log slope beside it (`plain`).
+    with its seed-bootstrap t interval, and the plain log-log slope beside it (`plain`).
 
     `correction` None fits the plain slope alone (an equality on a window where the corrections are
     small, or an x with too few levels by design).
@@ -397,7 +399,7 @@ def _largest_log_increase(curves: np.ndarray) -> np.ndarray:
 
 def largest_increase(x, y, seed, rng: np.random.Generator | None = None) -> Estimate:
     """The largest step-to-step increase of log y along x on the seed-averaged curve (<= 0 for a
-    non-increasing curve), with a seed-bootstrap CI."""
+    non-increasing curve), with its seed-bootstrap t interval."""
     x, y, seed = (np.asarray(v, dtype=float) for v in (x, y, seed))
     _check(x, seed, 3)
     levels, table = _by_seed(x, y, seed)
