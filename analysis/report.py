@@ -193,7 +193,7 @@ def _drawing(inputs: Inputs, workers: int) -> Iterator[Callable[[str], bytes | N
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;font-size:13px;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
+table{border-collapse:collapse;font-size:13px;margin:.5em 0;display:block;overflow-x:auto;max-width:100%}td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
 th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}code{background:#f5f5f5;padding:0 3px}
 .consistent,.within{color:#1a7f37}.steeper{color:#bc4c00}.shallower{color:#8250df}.violated{color:#cf222e;font-weight:bold}.inconclusive{color:#57606a}"""
 
