@@ -1,7 +1,8 @@
 """The suite's canonical flat configurations (`TrialConfig.from_flat` takes them): one small gmm run
 and one small mor run, each a second or two. A test states only what it changes:
 `gmm(c=3, lr=2.0)`. The fixtures `gmm_flat` and `mor_flat` (tests/conftest.py) give the same dicts;
-these functions serve where a fixture cannot (module level, `parametrize`).
+these functions serve where a fixture cannot (module level, `parametrize`). `part` and `smoke` build
+sweep documents from them (the smoke sweep that the Ray tests run).
 """
 
 from __future__ import annotations
@@ -25,3 +26,14 @@ def gmm(**overrides: Any) -> dict[str, Any]:
 
 def mor(**overrides: Any) -> dict[str, Any]:
     return flat("mor", **overrides)
+
+
+def part(grid: dict[str, list], family: str = "gmm", **overrides: Any) -> dict[str, Any]:
+    """A sweep part: `grid` over the family's canonical config (changed by `overrides`), the rest fixed."""
+    fixed = {k: v for k, v in flat(family, **overrides).items() if k != "family" and k not in grid}
+    return {"family": family, "fixed": fixed, "grid": grid}
+
+
+def smoke(name: str, **grid: list) -> dict[str, Any]:
+    """The Ray tests' smoke sweep: c 2, 3 x N 5, 20 (and `grid`) of gmm at snr 1.5, lr 0.5, 2 seeds, bundles of 4."""
+    return {"name": name, **part({"c": [2, 3], "N": [5, 20], **grid}, snr=1.5, lr=0.5), "seeds": 2, "bundle_size": 4}

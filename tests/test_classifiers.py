@@ -12,6 +12,7 @@ from study.covariance import covariance
 from study.estimators import ESTIMATORS
 from study.evaluation import evaluate, gmm_batches
 from study.gmm import Context, Tasks, eval_chunks
+from tests import configs
 
 
 def test_bayes_posterior_by_hand():
@@ -112,7 +113,7 @@ def test_tv_limit_compares_each_estimator_with_itself_at_M_inf():
     from study.config import Run, TrialConfig
     from study.trial import run_bundle
 
-    base = dict(family="gmm", d=2, c=2, snr=1.0, N=40, B=512, lr=2.0, steps=20, log_every=10, n_eval=512)
+    base = configs.gmm(N=40, B=512, lr=2.0, n_eval=512)
     ev = pd.DataFrame(run_bundle([Run(TrialConfig.from_flat({**base, "M": [16, 256, "inf"]}), 0)]).evals)
     lim = ev[ev.metric == "tv_limit"].pivot_table(index="estimator", columns="M", values="value")
     assert list(lim.columns) == [16.0, 256.0] and (lim.loc["bayes"] == 0).all()
@@ -133,7 +134,7 @@ def test_the_projected_lsa_keeps_g_and_drops_the_noise_off_the_line_of_lam_inv()
     cov = covariance("diag", 3, 2.0)
     off = torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.float64)
     torch.testing.assert_close(projected_W(1.7 * cov.inv + 0.3 * off, cov.inv), 1.7 * cov.inv)
-    base = dict(family="gmm", d=4, c=2, snr=1.0, N=400, lr=1.0, steps=0, M=["inf"], n_eval=2048, estimators=["lsa_projected"])
+    base = configs.gmm(d=4, N=400, steps=0, M=["inf"], n_eval=2048, estimators=["lsa_projected"])
     tv = {}
     for B in (16384, 131072):
         out = run_bundle([Run(TrialConfig.from_flat({**base, "B": B}), s) for s in range(2)])

@@ -31,6 +31,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pipelines import launch
+from tests import configs
 from tests.commands import exports, home, parse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,14 +40,7 @@ CLUSTER_YAML = ROOT / "cluster.yaml"
 RAY = str(Path(sys.executable).parent / "ray")
 CLI = [sys.executable, "-c", "from pipelines.cli import app; app()"]
 
-SMOKE = {
-    "name": "cluster-smoke",
-    "family": "gmm",
-    "fixed": {"d": 2, "snr": 1.5, "lr": 0.5, "steps": 20, "log_every": 10, "B": 256, "M": [8, "inf"], "n_eval": 64},
-    "grid": {"c": [2, 3], "N": [5, 20]},
-    "seeds": 2,
-    "bundle_size": 4,
-}
+SMOKE = configs.smoke("cluster-smoke")
 
 
 def fill(path: Path, **top) -> dict:

@@ -4,7 +4,7 @@ the LSA, trained or at its limit) reads the context as a set."""
 import torch
 
 from study import classifiers, gmm, regressors
-from study.config import Eval, TrialConfig
+from study.config import Eval, GMMTask, MORTask
 from study.covariance import covariance
 from study.em import fit as em_fit, init_beta
 from study.estimators import ESTIMATORS
@@ -23,8 +23,7 @@ def _perm(P: int, M: int) -> torch.Tensor:
 
 
 def test_gmm_estimators_read_the_context_as_a_set():
-    cfg = TrialConfig.from_flat(dict(family="gmm", d=3, c=3, snr=1.5, N=10, lr=1.0, steps=1, M=[24], n_eval=64))
-    task, cov = cfg.task, covariance("diag", 3, 2.0)
+    task, cov = GMMTask(d=3, c=3, snr=1.5), covariance("diag", 3, 2.0)
     (chunk,) = list(gmm.eval_chunks(task, cov, 0, 64, [24], True))
     ctx = chunk.contexts[-1]
     idx = _perm(64, 24)
@@ -39,8 +38,7 @@ def test_gmm_estimators_read_the_context_as_a_set():
 
 
 def test_mor_estimators_and_em_read_the_context_as_a_set():
-    cfg = TrialConfig.from_flat(dict(family="mor", d=3, K=2, snr=2.0, sigma=0.5, N=10, lr=0.2, steps=1, M=[16], n_eval=64))
-    task, cov = cfg.task, covariance("identity", 3)
+    task, cov = MORTask(d=3, K=2, snr=2.0, sigma=0.5), covariance("identity", 3)
     from study.mor import sample_prompts
 
     p = sample_prompts(task, cov, 16, 64, 0, "eval")

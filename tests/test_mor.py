@@ -11,6 +11,7 @@ from study.covariance import covariance
 from study.mor import context_h, pool, sample_prompts
 from study.theory import excess_risk, gamma_star
 from study.trial import run_bundle
+from tests import configs
 
 VARIANTS = {
     "linear-regression": dict(d=2, K=1, sigma=0.0, snr=1.0),
@@ -119,7 +120,7 @@ def test_bad_mor_configs(bad, field):
 # the mor pipeline: training, estimators, evaluation
 
 
-BASE = dict(family="mor", d=2, K=2, snr=2.0, sigma=0.5, components="pool", N=8, B=40000, lr=0.2, steps=300, log_every=100, M=[1, 4, "inf"], n_eval=256)
+BASE = configs.mor(components="pool", N=8, B=40000, steps=300, log_every=100, M=[1, 4, "inf"], n_eval=256)
 
 
 def test_trained_lsa_reaches_gamma_star():

@@ -12,18 +12,12 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from pipelines.store import SCHEMA_VERSION
+from tests import configs
 from tests.processes import kill_session
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]  # about a minute each (55 and 61 s on 2 shared cores)
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # whole sweeps through Ray: 30 to 60 s each on 2 shared cores, by load
 
-SMOKE = {
-    "name": "smoke",
-    "family": "gmm",
-    "fixed": {"d": 2, "snr": 1.5, "lr": 0.5, "steps": 20, "log_every": 10, "B": 256, "M": [8, "inf"], "n_eval": 64},
-    "grid": {"c": [2, 3], "N": [5, 20], "param": ["reduced", "full"]},
-    "seeds": 2,
-    "bundle_size": 4,
-}
+SMOKE = configs.smoke("smoke", param=["reduced", "full"])
 
 
 def _sweep(tmp_path, doc):
@@ -32,11 +26,7 @@ def _sweep(tmp_path, doc):
     return path
 
 
-MOR_PART = {
-    "family": "mor",
-    "fixed": {"d": 2, "K": 2, "snr": 2.0, "sigma": 0.5, "lr": 0.2, "steps": 20, "log_every": 10, "B": 256, "M": [4, "inf"], "n_eval": 64, "em_iters": 5},
-    "grid": {"N": [5, 20]},
-}
+MOR_PART = configs.part({"N": [5, 20]}, "mor", M=[4, "inf"], em_iters=5)
 
 
 TRANSFORMER_PART = {

@@ -24,6 +24,7 @@ from pipelines.cli import app
 from pipelines.runner import execute_bundle, record_failure
 from pipelines.store import SCHEMA_VERSION, Store, StoreError, to_table
 from pipelines.sweep import parse
+from tests import configs
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
@@ -488,14 +489,7 @@ def test_fit_and_report_on_s3(s3, bucket, sweep, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # end to end through Ray: workers inherit the driver's environment (embedded local Ray)
 
-SMOKE = {
-    "name": "smoke-s3",
-    "family": "gmm",
-    "fixed": {"d": 2, "snr": 1.5, "lr": 0.5, "steps": 20, "log_every": 10, "B": 256, "M": [8, "inf"], "n_eval": 64},
-    "grid": {"c": [2, 3], "N": [5, 20]},
-    "seeds": 2,
-    "bundle_size": 4,
-}
+SMOKE = configs.smoke("smoke-s3")
 
 
 @pytest.mark.ray
