@@ -252,7 +252,7 @@ def build(store: str | os.PathLike, out: str | os.PathLike, workers: int | None 
 LEGEND = (
     "Each claim is a bound or an equality (theory.md section 5). A bound (an O() claim) is judged on "
     "the leading exponent of y = A x^beta (1 + c/x), the law with its first correction (|c| / x_min <= 1), fitted "
-    "per group with a seed-bootstrap 95% interval: `within` when the whole interval is at or below the "
+    "per group with a 95% t interval from the seed bootstrap's standard error: `within` when the whole interval is at or below the "
     "theory + tolerance, `violated` when it lies wholly above, `inconclusive` when it straddles that "
     "edge, is wider than the claim's limit, or the window has too few points for the corrected law "
     "(the plain slope is then reported beside it). An equality (a predicted exponent, rate or curve) "

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     n = args.bundles
     grid = {"N": list(range(5, 5 + n))}
-    sw = sweeps.parse({"name": "driver-memory", "family": "gmm", "fixed": {"d": 2, "snr": 1.0, "B": 64, "steps": 1, "lr": 0.1, "M": [8], "n_eval": 8}, "grid": grid, "bundle_size": 1})
+    sw = sweeps.parse_sweep({"name": "driver-memory", "family": "gmm", "fixed": {"d": 2, "snr": 1.0, "B": 64, "steps": 1, "lr": 0.1, "M": [8], "n_eval": 8}, "grid": grid, "bundle_size": 1})
     bundles = sw.bundles(trial_s=0)
     assert len(bundles) == n, len(bundles)
     store = Store(tempfile.mkdtemp(prefix="icl-drivermem-"))

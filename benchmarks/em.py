@@ -209,7 +209,7 @@ def quickstart_group(snr: float, quick: bool):
     from pipelines import sweep
     from study.config import Run, TrialConfig
 
-    stack = next(s for s in sweep.load("quickstart").stacks() if s[0].config.task.family == "mor" and s[0].config.task.snr == snr)
+    stack = next(s for s in sweep.load_sweep("quickstart").stacks() if s[0].config.task.family == "mor" and s[0].config.task.snr == snr)
     runs = [r for r in stack if r.seed == 0]
     if quick:  # tiny sizes: fewer prompts, shorter contexts, fewer iterations
         runs = [Run(TrialConfig.from_flat({**r.config.to_flat(), "n_eval": 64, "M": [8, 32, "inf"], "em_iters": 10}), r.seed) for r in runs]

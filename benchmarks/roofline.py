@@ -77,7 +77,7 @@ and constructors, so the benchmark measures whatever the current implementation 
    most any prompt used; the count if no solve call is seen, "estimated"). Per prompt-iteration:
    bytes 8 M (d + 1) (x and y read), flops 2 R K M d (E-step) + 2 R K M d^2 (M-step).
 6. one evaluation pass, `study.families.FAMILIES[family].evaluate(cfg, cov, seed, {}, "cpu")` for
-   one quickstart configuration of each family (`pipelines.sweep.load("quickstart")`, the shipped
+   one quickstart configuration of each family (`pipelines.sweep.load_sweep("quickstart")`, the shipped
    pipelines/sweeps/quickstart.yaml: the first gmm configuration with d=4, c=3, the costliest, and
    the first mor configuration; seed 0), the prompts' generation included. The roof stated is the
    sum of the counted parts' roofs: logreg (gmm) or EM (mor), wrapped in the pass (the module's
@@ -499,9 +499,9 @@ def em_kernel(d: int, K: int, P: int, M: int, R: int, iters: int, a) -> dict[str
 def quickstart_configs(override: dict[str, dict[str, Any]] | None) -> dict[str, TrialConfig]:
     """The first gmm configuration with d=4, c=3 and the first mor configuration of the quickstart
     (`override`: family -> fields replaced, for --quick)."""
-    from pipelines.sweep import load
+    from pipelines.sweep import load_sweep
 
-    sweep = load("quickstart")  # the shipped sweep of the checkout imported
+    sweep = load_sweep("quickstart")  # the shipped sweep of the checkout imported
     gmm_cfg = next(c for c in sweep.configs if c.task.family == "gmm" and c.task.d == 4 and c.task.c == 3)
     mor_cfg = next(c for c in sweep.configs if c.task.family == "mor")
     out = {"gmm": gmm_cfg, "mor": mor_cfg}

@@ -44,7 +44,7 @@ def _open(store: str) -> Store:
 
 def _load(spec: str) -> sweeps.Sweep:
     try:
-        return sweeps.load(spec)
+        return sweeps.load_sweep(spec)
     except sweeps.SweepError as err:
         raise _fail(str(err)) from None
 
@@ -201,8 +201,8 @@ def status(store: str = STORE) -> None:
     typer.echo("  rows: " + ", ".join(f"{k} {v}" for k, v in {"trials": len(trials), **counts}.items()))
 
 
-@app.command()
-def fit(store: str = STORE) -> None:
+@app.command("fit")
+def fit_claims(store: str = STORE) -> None:
     """Fit every claim the store has data for; write the `fits` table and print the verdicts."""
     import pandas as pd
 

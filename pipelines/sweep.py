@@ -208,21 +208,21 @@ def resolve(spec: str | Path) -> Path:
     raise SweepError(f"{spec}: no such file and no shipped sweep of that name; shipped: {', '.join(sorted(known))}")
 
 
-def load(spec: str | Path) -> Sweep:
+def load_sweep(spec: str | Path) -> Sweep:
     """Read, expand and validate a sweep; raises `SweepError` before anything runs."""
     path = resolve(spec)
     try:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise SweepError(f"{path}: not valid YAML: {err}") from None
-    return parse(doc, str(path))
+    return parse_sweep(doc, str(path))
 
 
 def _fail(where: str, field: str, message: str) -> SweepError:
     return SweepError(f"{where}: field '{field}': {message}")
 
 
-def parse(doc: Any, where: str = "<sweep>") -> Sweep:
+def parse_sweep(doc: Any, where: str = "<sweep>") -> Sweep:
     if not isinstance(doc, dict):
         raise SweepError(f"{where}: a sweep is a mapping with keys {', '.join(sorted(TOP_LEVEL))}")
     for key in doc:

@@ -25,7 +25,7 @@ from study.covariance import Covariance
 from study.rng import EVAL_BLOCK
 
 
-def evaluate(
+def evaluate_estimators(
     batches: Iterable[tuple[float, Any]],
     estimators: dict[str, Callable],
     reference: Callable,

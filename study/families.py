@@ -70,7 +70,7 @@ class GMM:
         rows = []
         for shift in ("none", *cfg.eval.shifts):
             batches = evaluation.gmm_batches(cfg.task, cov, seed, cfg.eval, within, device, shift)
-            rows += evaluation.evaluate(batches, ests, classifiers.bayes, classifiers.per_prompt, classifiers.versus_limit, shift)
+            rows += evaluation.evaluate_estimators(batches, ests, classifiers.bayes, classifiers.per_prompt, classifiers.versus_limit, shift)
         return rows
 
     @staticmethod
@@ -131,7 +131,7 @@ class MOR:
         rows = []
         for shift in ("none", *cfg.eval.shifts):
             batches = evaluation.mor_batches(cfg.task, cov, seed, cfg.eval, device, shift=shift)
-            rows += evaluation.evaluate(batches, ests, regressors.oracle, regressors.per_prompt, shift=shift)
+            rows += evaluation.evaluate_estimators(batches, ests, regressors.oracle, regressors.per_prompt, shift=shift)
         return rows
 
     @staticmethod

@@ -58,7 +58,7 @@ class Shift:
         return f"{self.kind}({short if float(short) == self.value else repr(self.value).removesuffix('.0')})"
 
 
-def parse(spec: str, family: str) -> Shift:
+def parse_shift(spec: str, family: str) -> Shift:
     """A shift from its string; ValueError says what is wrong and what is allowed."""
     m = _FORM.fullmatch(spec) if isinstance(spec, str) else None
     known = ", ".join(f"{k}(value)" for k, (fams, _, _) in KINDS.items() if family in fams)
@@ -81,7 +81,7 @@ def parse(spec: str, family: str) -> Shift:
 
 def canonical(specs: Any, family: str) -> tuple[str, ...]:
     """The field's value: canonical names, sorted, without repeats (order does not change the science)."""
-    return tuple(sorted({parse(s, family).name for s in specs}))
+    return tuple(sorted({parse_shift(s, family).name for s in specs}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,7 +105,7 @@ def gmm_setting(shift: str, task: Any, cov: Any) -> GMMSetting:
 
     if shift == NONE:
         return GMMSetting(cov)
-    s = parse(shift, "gmm")
+    s = parse_shift(shift, "gmm")
     c = task.c
     if s.kind == "cov_scale":
         a = s.value
@@ -126,7 +126,7 @@ def mor_setting(shift: str, task: Any, cov: Any) -> tuple[Any, Any]:
 
     if shift == NONE:
         return task, cov
-    s = parse(shift, "mor")
+    s = parse_shift(shift, "mor")
     if s.kind == "covariate_scale":
         a = s.value
         return task, Covariance(a * a * cov.lam, a * cov.half, cov.inv / (a * a))

@@ -12,12 +12,12 @@ from analysis import claims, verdicts
 from analysis.load import SCHEMA_VERSION, StoreReadError, load
 from pipelines import store as store_mod
 from pipelines.runner import execute_bundle
-from pipelines.sweep import parse
+from pipelines.sweep import parse_sweep
 
 
 def _execute(root, sweep: dict):
     """Run every bundle of a sweep into the store at root, in this process (no Ray)."""
-    for b in parse(sweep).bundles():
+    for b in parse_sweep(sweep).bundles():
         execute_bundle(b.to_payload(), str(root), sweep["name"], "test", "cpu")
     return root
 

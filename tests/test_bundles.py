@@ -5,7 +5,7 @@ import io
 import pytest
 
 from pipelines.progress import Progress, duration
-from pipelines.sweep import parse
+from pipelines.sweep import parse_sweep
 
 DOC = {
     "name": "pack",
@@ -23,7 +23,7 @@ def seconds(run):  # a made-up cost: larger d costs more
 
 @pytest.mark.parametrize("trial_s, min_trials", [(0.0, 32), (5.0, 1), (5.0, 8), (1e9, 8), (1e9, 1)])
 def test_packing_keeps_every_run_once_and_never_splits_a_stack(trial_s, min_trials):
-    sw = parse(DOC)
+    sw = parse_sweep(DOC)
     stacks = sw.stacks()
     bundles = sw.bundles(seconds=seconds, trial_s=trial_s, min_trials=min_trials)
     runs = [r.run_id for b in bundles for r in b.runs]
@@ -40,7 +40,7 @@ def test_packing_keeps_every_run_once_and_never_splits_a_stack(trial_s, min_tria
 
 
 def test_packing_amortises_small_stacks_up_to_the_target():
-    sw = parse(DOC)
+    sw = parse_sweep(DOC)
     n_stacks = len(sw.stacks())  # 30 stacks of 4 runs (6 shapes x 20 runs)
     total = sum(seconds(r) for r in sw.runs)
     bundles = sw.bundles(seconds=seconds, trial_s=total / 10, min_trials=1)
@@ -57,7 +57,7 @@ def test_stacks_that_share_evaluation_prompts_go_to_one_trial():
 
     doc = {"name": "bs", "family": "mor", "fixed": {"d": 2, "K": 2, "N": 10, "lr": 0.1, "steps": 10, "M": [8, "inf"], "n_eval": 32, "estimators": ["oracle", "em"]},
            "grid": {"snr": [1.0, 5.0], "B": [64, 128, 256]}, "seeds": 2, "bundle_size": 2}
-    sw = parse(doc)
+    sw = parse_sweep(doc)
     assert len(sw.stacks()) == 6  # 3 shapes (B) x 2 snr, each stack 2 seeds
     own, base = (lambda r: 1.0), (lambda r: 0.75)  # a run alone: 1 s, of which its baselines 0.75 s
     units = sw.units(seconds=own, shared=base, trial_s=10.0)

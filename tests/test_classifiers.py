@@ -10,7 +10,7 @@ from study.classifiers import ClassificationPrompts
 from study.config import Eval, GMMTask
 from study.covariance import covariance
 from study.estimators import ESTIMATORS
-from study.evaluation import evaluate, gmm_batches
+from study.evaluation import evaluate_estimators, gmm_batches
 from study.gmm import Context, Tasks, eval_chunks
 from tests import configs
 
@@ -82,7 +82,7 @@ def test_paired_metrics_and_bayes_reference():
     task = GMMTask(d=2, c=2, snr=1.0)
     cov = covariance("identity", 2)
     batches = gmm_batches(task, cov, 0, Eval(M=[4, math.inf], n_eval=200), False, "cpu")
-    rows = evaluate(batches, {"bayes": classifiers.bayes, "lda_plugin": classifiers.lda_plugin}, classifiers.bayes, classifiers.per_prompt)
+    rows = evaluate_estimators(batches, {"bayes": classifiers.bayes, "lda_plugin": classifiers.lda_plugin}, classifiers.bayes, classifiers.per_prompt)
     get = {(r["estimator"], r["M"], r["metric"]): r for r in rows}
     assert get["bayes", 4.0, "tv_error"]["value"] == 0.0
     assert get["bayes", 4.0, "excess_ce"]["value"] == 0.0

@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.sweep import load, shipped
+from pipelines.sweep import load_sweep, shipped
 
 GOOD = {
     "name": "good",
@@ -98,7 +98,7 @@ def test_plan_counts(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(shipped()))
 def test_shipped_sweeps_are_valid(name):
-    sw = load(name)
+    sw = load_sweep(name)
     assert sw.runs and sw.bundles()
 
 
@@ -164,10 +164,10 @@ def test_bad_mor_and_part_sweeps(tmp_path, doc, field):
 
 
 def test_parts_union_and_own_bundle_size(tmp_path):
-    from pipelines.sweep import load
+    from pipelines.sweep import load_sweep
 
     doc = {"name": "two", "seeds": 2, "bundle_size": 32, "parts": [{**MOR["parts"][0], "bundle_size": 1}, {k: GOOD[k] for k in ("family", "fixed", "grid")}]}
-    sw = load(write(tmp_path, doc))
+    sw = load_sweep(write(tmp_path, doc))
     assert {c.task.family for c in sw.configs} == {"gmm", "mor"}
     sizes = sorted((s[0].config.task.family, len(s)) for s in sw.stacks())
     assert sizes == [("gmm", 4), ("mor", 1), ("mor", 1)]

@@ -126,11 +126,11 @@ def store_dir(tmp_path_factory):
 
     from pipelines.cli import app
     from pipelines.runner import execute_bundle
-    from pipelines.sweep import parse
+    from pipelines.sweep import parse_sweep
 
     here = tmp_path_factory.mktemp("docs")
     results = here / "results"
-    sweep = parse(TINY, "docs.yaml")
+    sweep = parse_sweep(TINY, "docs.yaml")
     for bundle in sweep.bundles():
         execute_bundle(bundle.to_payload(), str(results), sweep.name, "test", "cpu")
     fitted = CliRunner().invoke(app, ["fit", "--store", str(results)])

@@ -105,7 +105,7 @@ def test_a_write_that_fails_mid_bundle_is_retried_and_leaves_nothing_half_writte
         finally:
             pq.write_table = real
 
-    sw = sweeps.parse(_doc("full-disk", 20, {"c": [2, 3], "N": [5, 20], "snr": [1.5]}))
+    sw = sweeps.parse_sweep(_doc("full-disk", 20, {"c": [2, 3], "N": [5, 20], "snr": [1.5]}))
     store = Store(tmp_path / "store")
     bundles = sw.bundles(trial_s=0)
     summary = run_sweep(sw, store, bundles, num_cpus=2, execute=full_disk_once)
@@ -120,7 +120,7 @@ def test_a_worker_lost_past_its_retries_gets_one_more_round_and_an_error_does_no
     bundle raises every time: the first is run once more and stored, the second recorded as failed."""
     from pipelines.runner import execute_bundle, run_sweep
 
-    sw = sweeps.parse(_doc("lost-worker", 20, {"c": [2, 3], "N": [5, 20], "snr": [1.5]}))
+    sw = sweeps.parse_sweep(_doc("lost-worker", 20, {"c": [2, 3], "N": [5, 20], "snr": [1.5]}))
     bundles = sw.bundles(trial_s=0)
     dies, raises = bundles[0].bundle_id, bundles[1].bundle_id
     attempts = tmp_path / "attempts"
@@ -158,7 +158,7 @@ def test_a_node_lost_mid_sweep_costs_retries_not_runs(tmp_path):
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     store = Store(tmp_path / "store")
-    sw = sweeps.parse(_doc("node-loss", 200, {"c": [2, 3], "N": [5, 10, 20, 40], "snr": [1.0, 2.0]}))
+    sw = sweeps.parse_sweep(_doc("node-loss", 200, {"c": [2, 3], "N": [5, 10, 20, 40], "snr": [1.0, 2.0]}))
     bundles = sw.bundles(trial_s=0)
 
     def remove_when_committed():

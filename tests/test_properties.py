@@ -250,7 +250,7 @@ def points(part: dict) -> list[tuple]:
 @SETTINGS
 @given(doc=sweep_docs(), trial_s=st.sampled_from([0.0, 1e-4, 1.0, 1e9]), min_trials=st.integers(1, 40))
 def test_sweep_expansion_counts_and_packing(doc, trial_s, min_trials):
-    sw = sweeps.parse(doc)
+    sw = sweeps.parse_sweep(doc)
     ps = doc.get("parts") or [{k: doc[k] for k in ("family", "fixed", "grid")}]
     if len(ps) == 1:
         assert len(sw.configs) == reduce(lambda a, v: a * len(v), ps[0]["grid"].values(), 1)
@@ -289,7 +289,7 @@ def test_run_ids_do_not_depend_on_the_order_of_the_grid(doc, data):
         return {**part, "grid": grid, "fixed": fixed}
 
     other = {**doc, "parts": [reorder(p) for p in doc["parts"]]} if "parts" in doc else {**doc, **reorder(doc)}
-    a, b = sweeps.parse(doc), sweeps.parse(other)
+    a, b = sweeps.parse_sweep(doc), sweeps.parse_sweep(other)
     assert {r.run_id for r in a.runs} == {r.run_id for r in b.runs}
     assert len(a.runs) == len(b.runs)
-    assert [r.run_id for r in sweeps.parse(doc).runs] == [r.run_id for r in a.runs]  # and the same order from the same file
+    assert [r.run_id for r in sweeps.parse_sweep(doc).runs] == [r.run_id for r in a.runs]  # and the same order from the same file

@@ -7,7 +7,7 @@ import pytest
 from pipelines import store as store_mod
 from pipelines.runner import Summary, _collect, execute_bundle, record_failure
 from pipelines.store import Store
-from pipelines.sweep import parse
+from pipelines.sweep import parse_sweep
 
 SWEEP = {
     "name": "unit",
@@ -21,7 +21,7 @@ SWEEP = {
 
 @pytest.fixture
 def sweep():
-    return parse(SWEEP, "unit.yaml")
+    return parse_sweep(SWEEP, "unit.yaml")
 
 
 def test_bundle_rows_round_trip_through_pandas(tmp_path, sweep):
@@ -109,7 +109,7 @@ def test_unwritable_store_is_reported(tmp_path):
 
 def test_schema_has_every_config_field():
     names = set(store_mod.SCHEMAS["trials"].names)
-    cfg = parse(SWEEP).configs[0]
+    cfg = parse_sweep(SWEEP).configs[0]
     assert set(cfg.to_flat()) - {"family"} <= names
 
 

@@ -23,7 +23,7 @@ from pipelines import lease
 from pipelines.cli import app
 from pipelines.runner import execute_bundle, record_failure
 from pipelines.store import SCHEMA_VERSION, Store, StoreError, to_table
-from pipelines.sweep import parse
+from pipelines.sweep import parse_sweep
 from tests import configs
 
 boto3 = pytest.importorskip("boto3")
@@ -107,7 +107,7 @@ def keys(bucket: str) -> list[str]:
 
 @pytest.fixture
 def sweep():
-    return parse(SWEEP, "remote.yaml")
+    return parse_sweep(SWEEP, "remote.yaml")
 
 
 def test_address_is_normalised_and_tune_follows_the_store(s3, bucket, tmp_path):
@@ -506,7 +506,7 @@ def test_sweep_through_ray_into_s3_then_rerun_plan_status_fit(s3, bucket, tmp_pa
     assert any(k.startswith("runs/a/_tune/") for k in stored)  # Tune's own state follows the store
     assert "runs/a/.lock" not in stored and not [k for k in stored if k.endswith(".tmp")]
     data = [k for k in stored if not k.startswith("runs/a/_tune/")]
-    assert Store(s3).done_runs() == {r.run_id for r in parse(SMOKE).runs}
+    assert Store(s3).done_runs() == {r.run_id for r in parse_sweep(SMOKE).runs}
 
     again = runner.invoke(app, ["run", str(path), "--store", s3, "--num-cpus", "2"])
     assert again.exit_code == 0 and "nothing to run" in again.output, again.output
