@@ -187,6 +187,22 @@ def test_the_paths_and_sweeps_the_docs_name_exist():
     assert problems == [], problems
 
 
+def test_the_options_the_docs_give_a_benchmark_exist():
+    """`benchmarks/X.py --option` in the README or a doc: X.py defines that option (the docs once
+    promised a `--quick` that some scripts lack)."""
+    problems = []
+    for path in [README, *DOCS]:
+        for script, options in re.findall(r"benchmarks/(\w+)\.py((?:\s+--[\w-]+(?:[ =][^\s`-][^\s`]*)?)+)", path.read_text()):
+            source = (ROOT / "benchmarks" / f"{script}.py").read_text()
+            problems += [f"{path.name}: {script}.py {o}" for o in re.findall(r"--[\w-]+", options) if f'"{o}"' not in source]
+    said = re.search(r"((?:`[\w.]+`, )*`[\w.]+`) and `([\w.]+)` also take `--quick`", (ROOT / "docs" / "benchmarks.md").read_text().replace("\n", " "))
+    assert said, "docs/benchmarks.md no longer says which scripts take --quick"
+    quick = {*re.findall(r"`([\w.]+)`", said.group(1)), said.group(2)}
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        assert ('"--quick"' in script.read_text()) == (script.name in quick), script.name
+    assert problems == [], problems
+
+
 def test_the_readme_layout_lists_every_module():
     layout = next(block for block in FENCE.findall(README.read_text()) if "\nstudy/" in block)
     listed, package = set(), None
