@@ -70,41 +70,59 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, fs: pafs.FileSystem
     """Write `data` to `path` whole or not at all; returns the path.
 
     In a directory (local or NFS), `data` goes to a hidden temporary beside `path`
-    (".<name>.<random id>.tmp"), which `os.replace` moves into place: atomic on POSIX and within one NFS
-    directory. With `durable` the file is fsynced before the rename and its directory after it, so
-    a rename that happened survives a crash of the machine. On an object store it is one upload of
-    the whole object to its key, which appears complete or not at all. `fs` (default: the local
-    file system) is what the bytes are written through; tests pass one that fails. Missing parent
-    directories are made. A failure removes its temporary; a kill can leave one, which every
-    reader skips and `Store.recover` deletes.
+    (".<name>.<random id>.tmp", `stage`), which `os.replace` moves into place (`commit`): atomic on
+    POSIX and within one NFS directory. With `durable` the file is fsynced before the rename and its
+    directory after it, so a rename that happened survives a crash of the machine. On an object
+    store (`object_store`, `fs` its file system) it is one upload of the whole object to its key,
+    which appears complete or not at all. `fs` (default: the local file system) is what a directory's
+    bytes are written through; tests pass one that fails. Missing parent directories are made. A
+    failure removes its temporary; a kill can leave one, which every reader and glob skips (and
+    `Store.recover` deletes in a store's tables).
     """
-    body = data.encode() if isinstance(data, str) else data
     path = os.fspath(path)
     if object_store:
+        if fs is None:
+            raise ValueError("write_atomic: an object store needs its file system (fs)")
         with fs.open_output_stream(path) as out:
-            out.write(body)
+            out.write(data.encode() if isinstance(data, str) else data)
         return path
+    commit(stage(path, data, fs, durable), path, durable)
+    return path
+
+
+def stage(path: str, data: bytes | str, fs: pafs.FileSystem | None = None, durable: bool = False) -> str:
+    """Write `data` to a hidden temporary beside `path` (fsynced with `durable`); returns its path.
+    A failure removes the temporary and raises."""
     directory, name = os.path.split(path)
     os.makedirs(directory or ".", exist_ok=True)
     tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}{TEMPORARY}")
     try:
         with (fs or pafs.LocalFileSystem()).open_output_stream(tmp) as out:
-            out.write(body)
+            out.write(data.encode() if isinstance(data, str) else data)
         if durable:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def commit(tmp: str, path: str, durable: bool = False) -> None:
+    """Move a staged temporary into place (and with `durable`, fsync its directory)."""
+    try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     if durable:
-        fd = os.open(directory or ".", os.O_RDONLY)
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    return path
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

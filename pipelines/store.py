@@ -44,7 +44,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.lease import Lease, LeaseError
-from pipelines.location import LocationError, check_bucket, explain, is_temporary, locate, parquet_bytes, write_atomic
+from pipelines.location import LocationError, check_bucket, commit, explain, is_temporary, locate, parquet_bytes, stage, write_atomic
 from study.config import MODEL_CONFIGS, TASK_CONFIGS, Eval, Train
 
 SCHEMA_VERSION = 3  # 3: trials.final_dist_theory, opt_g, opt_noise; curves.subopt_theory
@@ -248,12 +248,29 @@ class Store:
     def write_bundle(self, family: str, bundle_id: str, tables: dict[str, pa.Table]) -> int:
         """Write a bundle's tables atomically, `trials` last; returns the number of rows written.
 
-        A failed write raises and leaves no temporary of its own; complete files it already put in
-        place stay until `recover` (they may belong to an earlier attempt that committed).
+        In a directory every table is first staged (written and fsynced under a hidden temporary
+        name), then each is renamed into place, `trials` last: a failed write (a full disk) leaves
+        no visible file and no temporary. On an object store each table is one upload, `trials`
+        last; a failure there leaves complete files of other tables without their `trials` file,
+        which `recover` deletes (they may also belong to an earlier attempt that committed).
         """
         order = [t for t in TABLES if t != "trials" and t in tables] + ["trials"]
-        for t in order:
-            self._write(self._path(t, family, f"part-{bundle_id}.parquet"), tables[t])
+        finals = [self._path(t, family, f"part-{bundle_id}.parquet") for t in order]
+        if not self.local:
+            for t, path in zip(order, finals):
+                self._write(path, tables[t])
+            return sum(tables[t].num_rows for t in order)
+        staged: list[str] = []
+        try:
+            for t, path in zip(order, finals):
+                staged.append(stage(path, parquet_bytes(tables[t]), self.fs, durable=True))
+        except BaseException:
+            for tmp in staged:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            raise
+        for tmp, path in zip(staged, finals):
+            commit(tmp, path, durable=True)
         return sum(tables[t].num_rows for t in order)
 
     def write_failed(self, family: str, bundle_id: str, trials: pa.Table) -> None:

@@ -290,8 +290,9 @@ def test_a_write_that_fails_mid_bundle_leaves_nothing_half_written(where, fail_a
     assert real.done_runs() == set() and real.read("trials").num_rows == 0  # no trials row
     for table in ("curves", "evals", "params"):  # each table reads whole, or has no file yet
         assert real.read(table).num_rows in (0, tables[table].num_rows)
-    if where == "local":  # this attempt's temporaries are gone; complete orphans wait for recover()
-        assert not list((tmp_path / "store").rglob(".*.tmp"))
+    if where == "local":  # every table is staged before any is renamed: nothing visible, no temporary left
+        assert all(real.read(t).num_rows == 0 for t in ("curves", "evals", "params"))
+        assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
     real.recover()
     assert all(real.read(t).num_rows == 0 for t in ("curves", "evals", "params"))
     assert real.write_bundle("gmm", "b1", tables) == sum(t.num_rows for t in tables.values())  # the next attempt
