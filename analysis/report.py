@@ -270,9 +270,9 @@ def _markdown(uri: str, trials: pd.DataFrame, notes: list[str], fits: pd.DataFra
     """The report as one Markdown document: report.md, and the HTML page rendered from it."""
     versions = ", ".join(sorted(trials["code_version"].dropna().unique()))
     verdicts = verdict_table(fits) if len(fits) else pd.DataFrame()
-    md = [f"# icl-study report: `{uri}`", "", f"{len(trials)} runs; code {versions}.", "", *[f"**Note:** {n}.\n" for n in notes]]
-    md += ["## Sweeps covered", "", coverage(trials).to_markdown(index=False), ""]
-    md += ["## Verdicts", "", LEGEND, "", verdicts.to_markdown(index=False) if len(verdicts) else "No fits.", ""]
+    md = [f"# icl-study report: {_text(uri)}", "", f"{len(trials)} runs; code {_text(versions)}.", "", *[f"**Note:** {n}.\n" for n in notes]]
+    md += ["## Sweeps covered", "", _table_md(coverage(trials)), ""]
+    md += ["## Verdicts", "", LEGEND, "", _table_md(verdicts) if len(verdicts) else "No fits.", ""]
     if "verdicts" in figures:
         md += ["![verdicts](figures/verdicts.png)", ""]
     md += ["## Claims", ""]
@@ -284,20 +284,34 @@ def _markdown(uri: str, trials: pd.DataFrame, notes: list[str], fits: pd.DataFra
         if rate:
             md += [per_run_summary(rows), "", f"First {RATE_ROWS} of {len(rows)} rows (all in the `fits` table):", ""]
             table = table.head(RATE_ROWS)
-        table = table.assign(group=table["group"].map(lambda g: f"`{g}`"))  # JSON, shown as written
         if len(table) > FOLD:
-            md += [f"<details><summary>{len(table)} fits</summary>", "", table.to_markdown(index=False), "", "</details>", ""]
+            md += [f"<details><summary>{len(table)} fits</summary>", "", _table_md(table), "", "</details>", ""]
         else:
-            md += [table.to_markdown(index=False), ""]
+            md += [_table_md(table), ""]
     if skipped:
         md += ["## Claims skipped", "", *[f"- **{n}**: {r}" for n, r in skipped], ""]
     if unreadable:
-        md += ["## Unreadable files (skipped)", "", *[f"- `{s}`" for s in unreadable], ""]
+        md += ["## Unreadable files (skipped)", "", *[f"- {_text(s)}" for s in unreadable], ""]
     md += ["## Figures", ""]
     for name, path in figures.items():
         if name != "verdicts":
             md += [f"**{name}**: {(plots.FIGURES[name].__doc__ or name).strip()}", "", f"![{name}](figures/{path.name})", ""]
     return "\n".join(md)
+
+
+_SPECIAL = re.compile(r"([\\`*_\[\]<>|&#!~])")
+
+
+def _text(value: object) -> str:
+    """A value shown literally in Markdown (a sweep's name, a file, a group): every character that
+    Markdown or a table cell would read as syntax is escaped, and a line break becomes a space."""
+    return _SPECIAL.sub(r"\\\1", " ".join(str(value).split()))
+
+
+def _table_md(table: pd.DataFrame) -> str:
+    """A table of values (never of Markdown): every header and cell shown literally."""
+    literal = table.astype(str).map(_text).rename(columns=_text)
+    return literal.to_markdown(index=False, disable_numparse=True)
 
 
 _VERDICT_CELL = re.compile(r"<td([^>]*)>(" + "|".join(VERDICTS) + r")</td>")

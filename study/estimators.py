@@ -1,8 +1,8 @@
 """The estimators each family compares with its trained model: one registry per family, torch-free.
 
 Every name a configuration may list in `estimators` is an entry here. `study.config` validates the
-list and takes its default from this registry; `build` imports each implementation
-(`module:attribute`) only when a trial evaluates, so the configs stay free of torch. An entry is
+list and takes its default from this registry; `shared` and `per_run` import each implementation
+(`Entry.resolve`: `module:attribute`) only when a trial evaluates, so the configs stay free of torch. An entry is
 built one of three ways:
 
 - `shared`: the attribute is the estimator, a function of the evaluation prompts alone;

@@ -2,6 +2,7 @@
 
 import html
 import json
+import re
 import shutil
 
 import numpy as np
@@ -514,3 +515,19 @@ def test_the_report_renders_in_a_real_browser(rich_store, tmp_path):
     assert found, dom[-2000:]
     result = json.loads(html.unescape(found.group(1)))
     assert result == {"images": len(FIGURES), "broken": [], "markdown": []}, result
+
+
+def test_report_shows_values_literally_and_colours_verdicts():
+    """A sweep's name or a group is a value, not Markdown: a pipe does not split its cell, underscores
+    do not embolden, a tag is text; verdict cells get their class; figure names are plain words
+    (the page embeds each by its name)."""
+    from analysis.plots import FIGURES
+    from analysis.report import _html, _table_md
+
+    df = pd.DataFrame({"sweep": ["a|b", "__init__", "<b>x", "B=16384 N=40"], "ok": [1, 2, 3, 4], "verdict": ["within", "violated", "inconclusive", "consistent"]})
+    page = _html(_table_md(df), {})
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", page)
+    assert cells[0::3] == ["a|b", "__init__", "&lt;b&gt;x", "B=16384 N=40"] and cells[1::3] == ["1", "2", "3", "4"]
+    assert re.findall(r"class='(\w+)'>(\w+)</td>", page) == [(v, v) for v in df["verdict"]]
+    assert "<b>" not in page and "<strong>" not in page
+    assert all(re.fullmatch(r"\w+", name) for name in FIGURES)
