@@ -3,8 +3,11 @@
 `flops(run)` is a rough count of the floating-point work of training, the optimum and the
 evaluation. Counts alone do not give seconds: a 2-core CPU runs small kernels far below its peak,
 a GPU far below its own. `calibrate(device)` times a few small bundles of each family on that
-device and fits, per family, seconds = a * runs + b * flops (a fixed cost per run, a cost per
-flop); `Calibration.seconds(run)` applies it. Calibrations are cached per device kind, thread
+device and fits, per kind of work, seconds = a * runs + b * flops (a fixed cost per run, a cost
+per flop); `Calibration.seconds(run)` applies it. A kind is a family for the LSA (its training and
+all its estimators) and family/model for another model (its training and evaluation alone: its
+runs' baselines are priced at the family's rate), since a transformer's dense float32 products
+and an LSA's statistics run at different fractions of a machine's peak. Calibrations are cached per device kind, thread
 count and code version in `$XDG_CACHE_HOME/icl-study/calibration.json` (or `~/.cache/...`), so
 `plan` answers in seconds and can show every device kind it has calibrated, including ones of
 other machines whose cache file was copied in. `run` never calibrates: it uses the newest cached
@@ -28,7 +31,7 @@ from typing import Any
 from pipelines.location import write_atomic
 from study.config import Run, TrialConfig
 
-CALIBRATION_FORMAT = 1
+CALIBRATION_FORMAT = 2  # 2: kinds per model (gmm/transformer, ...)
 
 
 def flops(run: Run) -> float:
@@ -100,9 +103,14 @@ def gpu_fraction(stack_bytes: int, gpu_bytes: int) -> float:
     return math.floor(1e4 / k) / 1e4
 
 
+def work_kind(cfg: TrialConfig) -> str:
+    """What a calibration prices a run's own work by: its family for the LSA, family/model otherwise."""
+    return cfg.task.family if cfg.model.model == "lsa" else f"{cfg.task.family}/{cfg.model.model}"
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """Seconds per run on one device kind: a per family (fixed), b per family (per flop)."""
+    """Seconds per run on one device kind: a per kind of work (fixed), b per kind (per flop)."""
 
     device: str
     threads: int
@@ -112,8 +120,11 @@ class Calibration:
     took_s: float
 
     def seconds(self, run: Run) -> float:
-        fam = run.config.task.family
-        return self.per_run_s[fam] + self.per_flop_s[fam] * flops(run)
+        fam, kind = run.config.task.family, work_kind(run.config)
+        if kind not in self.per_flop_s:  # a model this calibration has not timed: the family's rate
+            kind = fam
+        shared = shared_flops(run.config)
+        return self.per_run_s[kind] + self.per_flop_s[kind] * (flops(run) - shared) + self.per_flop_s[fam] * shared
 
     def shared_seconds(self, run: Run) -> float:
         """The part of `seconds(run)` that runs sharing its evaluation prompts pay once."""
@@ -127,6 +138,12 @@ _PROBES: list[tuple[dict[str, Any], int]] = [
     (dict(family="gmm", d=8, c=3, snr=1.0, N=50, B=2048, steps=60, lr=1.0, M=[16, 64, "inf"], n_eval=256), 4),
     (dict(family="mor", d=4, K=2, snr=2.0, N=20, B=512, steps=30, lr=0.2, M=[16, "inf"], n_eval=64, em_iters=20), 4),
     (dict(family="mor", d=8, K=2, snr=2.0, N=40, B=2048, steps=60, lr=0.2, M=[32, 128, "inf"], n_eval=96, em_iters=30), 4),
+    # the transformer alone (no baselines), at the widths of the shipped sweeps (dense products dominate
+    # there; at width 16 the per-step overhead would pass for a slow rate per flop)
+    (dict(family="gmm", d=4, c=3, snr=1.0, model="transformer", layers=1, width=32, heads=4, N=20, B=None, steps=10, batch=32, lr=1e-3, M=[20], n_eval=64, estimators=[]), 4),
+    (dict(family="gmm", d=4, c=3, snr=1.0, model="transformer", layers=1, width=64, heads=4, N=20, B=None, steps=10, batch=32, lr=1e-3, M=[20], n_eval=64, estimators=[]), 4),
+    (dict(family="mor", d=4, K=2, snr=2.0, model="transformer", layers=1, width=32, heads=4, N=20, B=None, steps=10, batch=32, lr=1e-3, M=[20], n_eval=64, estimators=[]), 4),
+    (dict(family="mor", d=4, K=2, snr=2.0, model="transformer", layers=1, width=64, heads=4, N=20, B=None, steps=10, batch=32, lr=1e-3, M=[20], n_eval=64, estimators=[]), 4),
 ]
 
 
@@ -157,15 +174,18 @@ def calibrate(device: str = "cpu", threads: int = 1) -> Calibration:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        runs = {flat["family"]: [] for flat, _ in _PROBES}
-        for i, (flat, n) in enumerate(_PROBES):
+        runs: dict[str, list] = {}
+        warm: set[str] = set()
+        for flat, n in _PROBES:
             bundle = [Run(TrialConfig.from_flat(flat), seed) for seed in range(n)]
-            if i == 0:
+            kind = work_kind(bundle[0].config)
+            if bundle[0].config.model.model not in warm:
                 run_bundle(bundle[:1], device)  # warm-up: lazy initialisation, first-call costs
+                warm.add(bundle[0].config.model.model)
             clear_shared_rows()  # time the baselines too, as a first stack of their prompts pays them
             t = time.perf_counter()
             run_bundle(bundle, device)
-            runs[flat["family"]].append((n, sum(flops(r) for r in bundle), time.perf_counter() - t))
+            runs.setdefault(kind, []).append((n, sum(flops(r) for r in bundle), time.perf_counter() - t))
     finally:
         torch.set_num_threads(before)
     per_run, per_flop = {}, {}
@@ -221,7 +241,7 @@ def calibration(device: str = "cpu", threads: int = 1, refresh: bool = False) ->
 
 
 # what `run` packs by on a device kind it has no calibration for: this project's 2-core CPU
-NOMINAL = Calibration("nominal", 1, "-", {"gmm": 0.1, "mor": 0.07}, {"gmm": 3e-10, "mor": 3e-10}, 0.0)
+NOMINAL = Calibration("nominal", 1, "-", {"gmm": 0.1, "mor": 0.07}, {"gmm": 3e-10, "mor": 3e-10}, 0.0)  # a transformer: priced as its family
 
 
 def for_kind(kind: str, threads: int = 1, measure: bool = True, refresh: bool = False) -> Calibration:

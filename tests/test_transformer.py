@@ -139,3 +139,20 @@ def test_a_trained_two_layer_softmax_transformer_nears_ridge_on_linear_regressio
     mse = {e["estimator"]: e["value"] for e in out.evals if e["metric"] == "mse"}
     assert mse["transformer"] < 1.5 * mse["ridge"], mse
     assert mse["transformer"] > mse["oracle"]  # and no better than knowing beta
+
+
+def test_a_transformer_run_is_priced_by_its_own_calibration_and_its_baselines_by_its_familys():
+    """`Calibration.seconds`: the model's own flops at the family/model rate when the calibration
+    has timed it, at the family's rate otherwise; the baselines' flops at the family's rate."""
+    from pipelines.cost import Calibration, flops, shared_flops, work_kind
+    from study.config import Run
+
+    run = Run(TrialConfig.from_flat(configs.mor(model="transformer", layers=1, width=16, heads=2, B=None, lr=1e-3, steps=4, batch=8, M=[8, 32])), 0)
+    own, shared = flops(run) - shared_flops(run.config), shared_flops(run.config)
+    assert work_kind(run.config) == "mor/transformer" and own > 0 and shared > 0
+    timed = Calibration("cpu:x", 1, "-", {"mor": 0.5, "mor/transformer": 0.25}, {"mor": 1e-9, "mor/transformer": 4e-9}, 0.0)
+    assert timed.seconds(run) == pytest.approx(0.25 + 4e-9 * own + 1e-9 * shared, rel=1e-12)
+    untimed = Calibration("cpu:x", 1, "-", {"mor": 0.5}, {"mor": 1e-9}, 0.0)
+    assert untimed.seconds(run) == pytest.approx(0.5 + 1e-9 * (own + shared), rel=1e-12)
+    lsa = Run(TrialConfig.from_flat(configs.mor()), 0)
+    assert work_kind(lsa.config) == "mor" and timed.seconds(lsa) == pytest.approx(0.5 + 1e-9 * flops(lsa), rel=1e-12)
