@@ -48,6 +48,10 @@ CONFIG = frozenset(f for cls in (*TASK_CONFIGS.values(), *MODEL_CONFIGS.values()
 EXPONENT_LAWS = ("power", "excess")  # laws whose estimate is an exponent of x
 
 
+def _model_is(model: str) -> Callable[[pd.Series], pd.Series]:
+    return lambda s: s == model
+
+
 def _unshifted(s: pd.Series) -> pd.Series:
     return s == "none"
 
@@ -95,6 +99,16 @@ class Claim:
             object.__setattr__(self, "limit", round(max(0.15, 1.5 * self.tolerance), 10))
         if self.table == "evals" and "shift" not in self.where and self.pair_by != "shift":  # a claim about the training distribution
             object.__setattr__(self, "where", {**self.where, "shift": _unshifted})
+        if self.model is not None and "model" not in self.where:  # another model's runs are not this claim's, nor its exclusions
+            object.__setattr__(self, "where", {**self.where, "model": _model_is(self.model)})
+
+    @property
+    def model(self) -> str | None:
+        """Whose runs the claim is about: the LSA for the training curves, the optimum and the
+        LSA's estimators; the transformer for its own; None for a baseline's (EM's error)."""
+        if self.table in ("trials", "curves") or self.estimator in ("lsa", "lsa_projected"):
+            return "lsa"
+        return "transformer" if self.estimator == "transformer" else None
 
     @property
     def window(self) -> str:

@@ -504,8 +504,14 @@ def _evaluate_law(claim: Claim, df: pd.DataFrame, tables: dict[str, pd.DataFrame
         skipped.append((claim.name, f"{len(groups)} group(s) against {claim.x} in the window {claim.window}: {reason} (e.g. {json.dumps(groups[0])}); needs {claim.needs}"))
 
 
+def _with_model(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Tables without a `model` column (hand-made ones) hold LSA runs: the only model there was."""
+    return {name: df if df.empty or "model" in df else df.assign(model="lsa") for name, df in tables.items()}
+
+
 def evaluate(tables: dict[str, pd.DataFrame], claims: tuple[Claim, ...] = CLAIMS) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Rows of the `fits` table for every claim and group with data; (claim, reason) for the rest."""
+    tables = _with_model(tables)
     rows: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
     cache: dict = {}  # each table's family rows, filtered by every claim on them
@@ -538,6 +544,7 @@ def local_slopes(tables: dict[str, pd.DataFrame], claims: tuple[Claim, ...] = CL
     start x_k that leaves 3 levels, over all the data in its regime (the window ignored): where the
     local slope settles is where the asymptote begins. Columns: claim, group, start, slope, theory,
     window_start (the claim's fixed start; NaN when relative to a field)."""
+    tables = _with_model(tables)
     out = []
     cache: dict = {}
     for claim in claims:

@@ -141,7 +141,7 @@ def test_fit_verb_writes_the_fits_table(store, tmp_path):
     trials = pd.read_parquet(copy / "trials")
     extra = _synthetic(-1.0).assign(family=None)  # enough points for one real fit, in its own file
     extra = extra.reindex(columns=[c for c in trials.columns if c != "family"]).assign(
-        run_id=lambda d: "syn-" + d.index.astype(str), status="ok", schema_version=SCHEMA_VERSION, opt_converged=True, opt_g=_synthetic(-1.0).opt_g
+        run_id=lambda d: "syn-" + d.index.astype(str), model="lsa", status="ok", schema_version=SCHEMA_VERSION, opt_converged=True, opt_g=_synthetic(-1.0).opt_g
     )
     extra.to_parquet(copy / "trials" / "family=gmm" / "part-synthetic.parquet", index=False, schema=None)
     result = CliRunner().invoke(app, ["fit", "--store", str(copy)])
@@ -531,3 +531,30 @@ def test_report_shows_values_literally_and_colours_verdicts():
     assert re.findall(r"class='(\w+)'>(\w+)</td>", page) == [(v, v) for v in df["verdict"]]
     assert "<b>" not in page and "<strong>" not in page
     assert all(re.fullmatch(r"\w+", name) for name in FIGURES)
+
+
+def test_an_lsa_claim_reads_the_lsa_runs_of_a_mixed_store_alone(tmp_path):
+    """Transformer runs in the groups of the LSA's claims (the same task, N and M) change none of
+    their fits: not the estimates, not the `excluded` counts, not a skip; and the transformer's own
+    claims read only transformer runs."""
+    tiny = {"model": "transformer", "layers": 1, "width": 8, "heads": 2, "steps": 4, "batch": 8, "B": None, "lr": 1e-3}
+    gmm = {"family": "gmm", "fixed": {"d": 2, "snr": 1.0, "B": 256, "lr": 2.0, "steps": 30, "log_every": 2, "M": [4, 16, 64, "inf"], "n_eval": 64}, "grid": {"N": [5, 50, 100, 200]}}
+    mor_fixed = {"d": 2, "snr": 2.0, "sigma": 0.5, "N": 5, "lr": 0.1, "steps": 30, "log_every": 2, "M": [4, 8, 16, "inf"], "n_eval": 32, "em_iters": 5}
+    mor = {"family": "mor", "fixed": mor_fixed, "grid": {"B": [64, 128, 256]}}
+    parts = [gmm, mor]
+    for part in (gmm, mor):  # the same tasks, N and M, trained as transformers
+        fixed = {k: v for k, v in part["fixed"].items() if k not in ("B", "lr", "steps", "log_every", "N")}
+        parts.append({"family": part["family"], "fixed": {**fixed, **tiny}, "grid": {"N": part["grid"].get("N", [part["fixed"].get("N")])}})
+    tables = load(_execute(tmp_path, {"name": "mixed", "seeds": 2, "parts": parts})).tables
+    assert set(tables["trials"]["model"]) == {"lsa", "transformer"}
+    lsa_only = {name: df[df["model"] == "lsa"] for name, df in tables.items()}
+    mixed_rows, mixed_skips = verdicts.evaluate(tables)
+    alone_rows, alone_skips = verdicts.evaluate(lsa_only)
+    about_lsa = [c.name for c in claims.CLAIMS if c.model == "lsa"]
+    pick = lambda rows: rows[rows["claim"].isin(about_lsa)].reset_index(drop=True)  # noqa: E731
+    assert len(pick(alone_rows)) >= 20
+    alone = pick(alone_rows)
+    pd.testing.assert_frame_equal(pick(mixed_rows)[alone.columns], alone)  # the mixed table also has the transformer claims' group columns
+    assert [s for s in mixed_skips if s[0] in about_lsa] == [s for s in alone_skips if s[0] in about_lsa]
+    transformer_rows = mixed_rows[mixed_rows["claim"].isin([c.name for c in claims.CLAIMS if c.model == "transformer"])]
+    assert len(transformer_rows) and (transformer_rows["excluded"] == 0).all()
