@@ -539,6 +539,23 @@ def with_group_columns(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([rows.iloc[:, :at], fields, rows.iloc[:, at:]], axis=1)
 
 
+def _seed_averaged_curves(claim: Claim, data: pd.DataFrame, group: list[str]) -> list[tuple[Any, pd.Series]]:
+    """(group key, y averaged over seeds by x) of every group: `_points` per group and then the mean
+    over seeds, for all groups in two groupbys (a groupby per group cost 3 ms each: seconds a store)."""
+    pts = data.groupby([*group, "seed", claim.x], dropna=False, sort=True)["y"].mean().reset_index()
+    if claim.signed:  # each group's sign (that of its points' mean) fitted out, as `_points` does
+        pts["y"] = pts["y"] * np.sign(pts.groupby(group, dropna=False, sort=False)["y"].transform("mean") if group else pts["y"].mean())
+    if claim.law == "excess":  # y - y(x = inf) per seed; seeds without the floor leave
+        floor = pts[np.isinf(pts[claim.x])].set_index([*group, "seed"])["y"]
+        at = pd.MultiIndex.from_frame(pts[[*group, "seed"]]) if group else pd.Index(pts["seed"])
+        base = floor.reindex(at).to_numpy()
+        pts = pts.assign(y=pts["y"] - base)[np.isfinite(pts[claim.x]).to_numpy() & ~np.isnan(base)]
+    curves = pts.groupby([*group, claim.x], dropna=False, sort=True)["y"].mean()
+    if not group:
+        return [((), curves)]
+    return [(key, curve.droplevel(list(range(len(group))))) for key, curve in curves.groupby(level=list(range(len(group))), dropna=False, sort=True)]
+
+
 def local_slopes(tables: dict[str, pd.DataFrame], claims: tuple[Claim, ...] = CLAIMS) -> pd.DataFrame:
     """Every exponent claim's plain log-log slope of the seed-averaged curve on [x_k, x_max] for each
     start x_k that leaves 3 levels, over all the data in its regime (the window ignored): where the
@@ -555,13 +572,7 @@ def local_slopes(tables: dict[str, pd.DataFrame], claims: tuple[Claim, ...] = CL
             continue
         data = df[_usable(df, claim.signed) & (df[claim.x] <= claim.x_max)]
         group = _group_fields(claim, data)
-        for key, part in data.groupby(group, dropna=False, sort=True) if group else [((), data)]:
-            pts = _points(claim, part)
-            if claim.law == "excess":
-                floor = pts[np.isinf(pts[claim.x])].set_index("seed")["y"]
-                pts = pts[np.isfinite(pts[claim.x]) & pts["seed"].isin(floor.index)]
-                pts = pts.assign(y=pts["y"] - pts["seed"].map(floor))
-            curve = pts.groupby(claim.x)["y"].mean()
+        for key, curve in _seed_averaged_curves(claim, data, group):
             curve = curve[np.isfinite(curve.index) & (curve.index > 0)]
             levels = curve.index.to_numpy(dtype=float)
             for k in range(len(levels) - 2):

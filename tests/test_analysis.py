@@ -558,3 +558,34 @@ def test_an_lsa_claim_reads_the_lsa_runs_of_a_mixed_store_alone(tmp_path):
     assert [s for s in mixed_skips if s[0] in about_lsa] == [s for s in alone_skips if s[0] in about_lsa]
     transformer_rows = mixed_rows[mixed_rows["claim"].isin([c.name for c in claims.CLAIMS if c.model == "transformer"])]
     assert len(transformer_rows) and (transformer_rows["excluded"] == 0).all()
+
+
+def test_local_slopes_seed_averaged_curves_equal_the_per_group_computation(rich_store):
+    """verdicts._seed_averaged_curves (two groupbys for all groups) against the plain per-group
+    computation it replaced (`_points` on each group's frame, then the mean over seeds), bit for bit,
+    on every exponent claim the rich store has data for (signed and excess laws among them)."""
+    tables = verdicts._with_model(load(rich_store).tables)
+    checked = 0
+    for claim in claims.CLAIMS:
+        if claim.law not in claims.EXPONENT_LAWS or isinstance(claim.x_min, str):
+            continue
+        df, _ = verdicts._select(claim, tables, window=False)
+        if df.empty:
+            continue
+        data = df[verdicts._usable(df, claim.signed) & (df[claim.x] <= claim.x_max)]
+        group = verdicts._group_fields(claim, data)
+        fast = verdicts._seed_averaged_curves(claim, data, group)
+        plain = []
+        for key, part in data.groupby(group, dropna=False, sort=True) if group else [((), data)]:
+            pts = verdicts._points(claim, part)
+            if claim.law == "excess":
+                floor = pts[np.isinf(pts[claim.x])].set_index("seed")["y"]
+                pts = pts[np.isfinite(pts[claim.x]) & pts["seed"].isin(floor.index)]
+                pts = pts.assign(y=pts["y"] - pts["seed"].map(floor))
+            plain.append((key, pts.groupby(claim.x)["y"].mean()))
+        assert len(fast) == len(plain), claim.name
+        for (k1, a), (k2, b) in zip(fast, plain):
+            assert verdicts._keyed(k1) == verdicts._keyed(k2), claim.name
+            pd.testing.assert_series_equal(a.rename("y"), b.rename("y"), check_exact=True, check_names=False, check_index_type=False)
+        checked += 1
+    assert checked >= 4
