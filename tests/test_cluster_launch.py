@@ -75,17 +75,6 @@ def names(message: str, *fields: str) -> bool:
     return all(re.search(rf"(?<![\w.$]){re.escape(f)}(?![\w\[])", message) for f in fields)
 
 
-def _walk(node, where=""):
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _walk(v, f"{where}.{k}" if where else str(k))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _walk(v, f"{where}[{i}]")
-    else:
-        yield where, node
-
-
 def placeholders(path: Path) -> dict[str, str]:
     """Location -> value of every value still to edit: EDIT-ME, or a documentation address (RFC 5737)."""
     docs = [ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")]
@@ -96,7 +85,7 @@ def placeholders(path: Path) -> dict[str, str]:
         except ValueError:
             return False
 
-    return {w: v for w, v in _walk(yaml.safe_load(path.read_text())) if isinstance(v, str) and (v == launch.PLACEHOLDER or doc_address(v))}
+    return {w: v for w, v in launch._walk(yaml.safe_load(path.read_text())) if isinstance(v, str) and (v == launch.PLACEHOLDER or doc_address(v))}
 
 
 # ---- offline: the shipped files and the checks -------------------------------------------------
