@@ -233,8 +233,11 @@ def test_local_ssh_installs_into_its_own_venv():
 def _ray_processes(home: Path | None = None) -> list[tuple[int, str]]:
     """Processes that `ray stop` would end, matched as `ray stop` matches them; with `home`, those
     started by the test's head (their HOME is its head home)."""
-    import psutil  # Ray's own copy (ray/thirdparty_files), on sys.path once ray is imported
-    from ray.autoscaler._private.constants import RAY_PROCESSES
+    import importlib
+
+    from ray.autoscaler._private.constants import RAY_PROCESSES  # importing ray puts its own psutil (ray/thirdparty_files) on sys.path
+
+    psutil = importlib.import_module("psutil")
 
     found = []
     for proc in psutil.process_iter(["pid", "name", "cmdline"]):
