@@ -37,7 +37,8 @@ from study.config import MODEL_CONFIGS, TASK_CONFIGS, Eval, Train
 GMM_TASK = ("d", "c", "snr", "cov", "kappa", "symmetric", "B", "param")
 MOR_TASK = ("d", "K", "snr", "sigma", "components", "assignment", "cov", "kappa")
 GROUPS = {"gmm": GMM_TASK, "mor": MOR_TASK}  # the task fields that label a run (rates are per run)
-TRAIN_FIELDS = ("model", "param", "init_scale", "N", "B", "lr", "steps", "log_every", "dtype")
+# every model's fields and training's (from the config classes): what a baseline's error does not depend on
+TRAIN_FIELDS = tuple(dict.fromkeys(f for cls in (*MODEL_CONFIGS.values(), Train) for f in cls.model_fields))
 EVAL_FIELDS = ("M", "n_eval", "estimators", "shifts", "em_iters", "em_restarts", "em_tol", "em_sigma", "gem_steps")
 GD_FIELDS = ("lr", "steps", "log_every")  # the empirical minimiser does not depend on how GD approached it
 # the configuration columns, from the config classes themselves (every task's and model's fields,

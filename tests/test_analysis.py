@@ -541,10 +541,16 @@ def test_an_lsa_claim_reads_the_lsa_runs_of_a_mixed_store_alone(tmp_path):
     gmm = {"family": "gmm", "fixed": {"d": 2, "snr": 1.0, "B": 256, "lr": 2.0, "steps": 30, "log_every": 2, "M": [4, 16, 64, "inf"], "n_eval": 64}, "grid": {"N": [5, 50, 100, 200]}}
     mor_fixed = {"d": 2, "snr": 2.0, "sigma": 0.5, "N": 5, "lr": 0.1, "steps": 30, "log_every": 2, "M": [4, 8, 16, "inf"], "n_eval": 32, "em_iters": 5}
     mor = {"family": "mor", "fixed": mor_fixed, "grid": {"B": [64, 128, 256]}}
-    parts = [gmm, mor]
-    for part in (gmm, mor):  # the same tasks, N and M, trained as transformers
-        fixed = {k: v for k, v in part["fixed"].items() if k not in ("B", "lr", "steps", "log_every", "N")}
-        parts.append({"family": part["family"], "fixed": {**fixed, **tiny}, "grid": {"N": part["grid"].get("N", [part["fixed"].get("N")])}})
+    kwon = {  # [K]'s model, EM's claims: its rows repeat for every run of the same prompts, whichever the model
+        "family": "mor",
+        "fixed": {"d": 2, "K": 2, "symmetric": True, "sigma": 1.0, "lr": 0.1, "steps": 0, "N": 5, "B": 64, "M": [32, 64, 128], "n_eval": 32, "estimators": ["em"], "em_iters": 5},
+        "grid": {"snr": [0.5, 4.0]},
+    }
+    parts = [gmm, mor, kwon]
+    for part in (gmm, mor, kwon):  # the same tasks, N and M, trained as transformers
+        fixed = {k: v for k, v in part["fixed"].items() if k not in ("B", "lr", "steps", "log_every")}
+        grid = {k: v for k, v in part["grid"].items() if k != "B"} or {"N": [part["fixed"]["N"]]}
+        parts.append({"family": part["family"], "fixed": {k: v for k, v in {**fixed, **tiny}.items() if k not in grid}, "grid": grid})
     tables = load(_execute(tmp_path, {"name": "mixed", "seeds": 2, "parts": parts})).tables
     assert set(tables["trials"]["model"]) == {"lsa", "transformer"}
     lsa_only = {name: df[df["model"] == "lsa"] for name, df in tables.items()}
@@ -556,6 +562,11 @@ def test_an_lsa_claim_reads_the_lsa_runs_of_a_mixed_store_alone(tmp_path):
     alone = pick(alone_rows)
     pd.testing.assert_frame_equal(pick(mixed_rows)[alone.columns], alone)  # the mixed table also has the transformer claims' group columns
     assert [s for s in mixed_skips if s[0] in about_lsa] == [s for s in alone_skips if s[0] in about_lsa]
+    baseline = [c.name for c in claims.CLAIMS if c.model is None]  # EM's claims: the same groups and verdicts, the same numbers up to the order of a sum
+    em_mixed, em_alone = mixed_rows[mixed_rows["claim"].isin(baseline)].reset_index(drop=True), alone_rows[alone_rows["claim"].isin(baseline)].reset_index(drop=True)
+    assert len(em_alone) > 0 and len(em_mixed) == len(em_alone)
+    assert (em_mixed[["claim", "group", "verdict", "n_points", "excluded"]] == em_alone[["claim", "group", "verdict", "n_points", "excluded"]]).all().all()
+    assert np.allclose(em_mixed["estimate"], em_alone["estimate"], rtol=1e-12, atol=0, equal_nan=True)
     transformer_rows = mixed_rows[mixed_rows["claim"].isin([c.name for c in claims.CLAIMS if c.model == "transformer"])]
     assert len(transformer_rows) and (transformer_rows["excluded"] == 0).all()
 
