@@ -168,7 +168,7 @@ def calibrate(device: str = "cpu", threads: int = 1) -> Calibration:
     import torch
 
     from pipelines.runner import code_version
-    from study.trial import clear_shared_rows, run_bundle
+    from study.trial import forget_kept, run_bundle
 
     t0 = time.perf_counter()
     before = torch.get_num_threads()
@@ -182,7 +182,7 @@ def calibrate(device: str = "cpu", threads: int = 1) -> Calibration:
             if bundle[0].config.model.model not in warm:
                 run_bundle(bundle[:1], device)  # warm-up: lazy initialisation, first-call costs
                 warm.add(bundle[0].config.model.model)
-            clear_shared_rows()  # time the baselines too, as a first stack of their prompts pays them
+            forget_kept()  # time the baselines too, as a first stack of their prompts pays them
             t = time.perf_counter()
             run_bundle(bundle, device)
             runs.setdefault(kind, []).append((n, sum(flops(r) for r in bundle), time.perf_counter() - t))

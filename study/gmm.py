@@ -25,7 +25,7 @@ import torch
 
 from study.config import GMMTask
 from study.covariance import Covariance
-from study.rng import EVAL_BLOCK, EXAMPLE_BLOCK, TRAIN_BLOCK, blocks, generator
+from study.rng import EVAL_BLOCK, EXAMPLE_BLOCK, TRAIN_BLOCK, blocks, drawn_once, generator
 from study.training import TrainStats
 
 
@@ -84,24 +84,29 @@ def _draw_examples(task: GMMTask, cov: Covariance, means: torch.Tensor, n: int, 
 
 
 def sample_train(task: GMMTask, cov: Covariance, N: int, B: int, seed: int, gram: bool = False) -> TrainStats:
-    """B training prompts of length N, as sufficient statistics (raw examples only if `gram`)."""
-    E = label_embedding(task.c)
+    """B training prompts of length N, as sufficient statistics (raw examples only if `gram`).
+    Each block's statistics are computed once per process (`rng.drawn_once`): a B sweep reuses
+    the smaller B's blocks."""
     key = _key(task, seed)
-    parts = []
-    for b, n in blocks(B, TRAIN_BLOCK):
-        # a block is always drawn whole and then cut, so prompt i does not depend on B
-        g = generator(key, "train", b)
-        t = _draw_tasks(task, cov, TRAIN_BLOCK, g)
-        if gram:
-            G = _raw_gram(task, cov, t, N, key, b, E)
-            V = G[:, task.d :, : task.d]
-        else:
-            G = None
-            sums = _exact_class_sums(task, cov, t.means, N, g)
-            V = torch.einsum("kj,pkd->pjd", E, sums) / N
-        parts.append((V[:n], t.xq[:n], t.yq[:n], G[:n] if gram else None))
+    parts = [
+        tuple(t[:n] if t is not None else None for t in drawn_once(["gmm", key, N, b, gram], lambda b=b: _train_block(task, cov, N, key, b, gram)))
+        for b, n in blocks(B, TRAIN_BLOCK)
+    ]
     V, xq, yq, G = (torch.cat(z) if z[0] is not None else None for z in zip(*parts))
     return TrainStats(V, xq, yq, G)
+
+
+def _train_block(task: GMMTask, cov: Covariance, N: int, key: Any, b: int, gram: bool) -> tuple[torch.Tensor | None, ...]:
+    """The statistics (V, xq, yq, G) of training block b, whole: a block is always drawn whole and
+    then cut, so prompt i does not depend on B."""
+    E = label_embedding(task.c)
+    g = generator(key, "train", b)
+    t = _draw_tasks(task, cov, TRAIN_BLOCK, g)
+    if gram:
+        G = _raw_gram(task, cov, t, N, key, b, E)
+        return G[:, task.d :, : task.d], t.xq, t.yq, G
+    sums = _exact_class_sums(task, cov, t.means, N, g)
+    return torch.einsum("kj,pkd->pjd", E, sums) / N, t.xq, t.yq, None
 
 
 def sample_prompts(task: GMMTask, cov: Covariance, N: int, P: int, seed: int, stream: str, prefix: tuple[int, ...] = (), block: int = TRAIN_BLOCK) -> tuple[torch.Tensor, torch.Tensor, Tasks]:

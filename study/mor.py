@@ -17,7 +17,7 @@ import torch
 
 from study.config import MORTask
 from study.covariance import Covariance
-from study.rng import EXAMPLE_BLOCK, TRAIN_BLOCK, blocks, generator
+from study.rng import EXAMPLE_BLOCK, TRAIN_BLOCK, blocks, drawn_once, generator
 from study.training import TrainStats
 
 
@@ -70,33 +70,36 @@ def prompt_blocks(
     online stream), so that each prefix draws its own prompts. `key_task`: the task whose random
     streams are used (default `task`): a shifted task draws the same numbers as its original.
     """
-    pi = torch.tensor(task.weights, dtype=torch.float64)
     key = _key(key_task or task, seed)
-    fixed = pool(task) if task.components == "pool" else None
     for b, n_cut in blocks(P, block):
-        n = block  # a block is always drawn whole and then cut, so prompt i does not depend on P
-        g = generator(key, stream, *prefix, b)
-        betas = fixed.expand(n, task.K, task.d) if fixed is not None else _sphere(n, task.K, task.d, task.radius, task.symmetric, g)
-        zq = torch.multinomial(pi, n, replacement=True, generator=g)
-        xq = torch.randn(n, task.d, generator=g, dtype=torch.float64) @ cov.half
-        yq = (betas[torch.arange(n), zq] * xq).sum(-1) + task.sigma * torch.randn(n, generator=g, dtype=torch.float64)
-        xs, ys, zs = [], [], []
-        for e, m in blocks(N, EXAMPLE_BLOCK):
-            ge = generator(key, stream, *prefix, b, e)
-            # draw whole blocks so that example i is the same whatever N is
-            z = torch.multinomial(pi, n * EXAMPLE_BLOCK, replacement=True, generator=ge).reshape(n, EXAMPLE_BLOCK)[:, :m]
-            if task.assignment == "prompt":
-                z = zq[:, None].expand(n, m)
-            x = (torch.randn(n, EXAMPLE_BLOCK, task.d, generator=ge, dtype=torch.float64) @ cov.half)[:, :m]
-            eps = torch.randn(n, EXAMPLE_BLOCK, generator=ge, dtype=torch.float64)[:, :m]
-            beta = torch.gather(betas, 1, z[..., None].expand(n, m, task.d))
-            xs.append(x)
-            ys.append((beta * x).sum(-1) + task.sigma * eps)
-            zs.append(z)
-        empty = torch.zeros(n, 0, dtype=torch.float64)
-        cat = lambda t, like: torch.cat(t, 1) if t else like  # noqa: E731
-        p = MixturePrompts(cat(xs, empty[..., None].expand(n, 0, task.d)), cat(ys, empty), cat(zs, empty.long()), xq, yq, zq, betas.clone())
+        p = _draw_block(task, cov, N, block, key, stream, prefix, b)
         yield MixturePrompts(*(getattr(p, f)[:n_cut] for f in MixturePrompts.__dataclass_fields__))
+
+
+def _draw_block(task: MORTask, cov: Covariance, N: int, n: int, key: dict[str, Any], stream: str, prefix: tuple[int, ...], b: int) -> MixturePrompts:
+    """Block b of n prompts, whole: a block is always drawn whole and then cut, so prompt i does not depend on P."""
+    pi = torch.tensor(task.weights, dtype=torch.float64)
+    g = generator(key, stream, *prefix, b)
+    betas = pool(task).expand(n, task.K, task.d) if task.components == "pool" else _sphere(n, task.K, task.d, task.radius, task.symmetric, g)
+    zq = torch.multinomial(pi, n, replacement=True, generator=g)
+    xq = torch.randn(n, task.d, generator=g, dtype=torch.float64) @ cov.half
+    yq = (betas[torch.arange(n), zq] * xq).sum(-1) + task.sigma * torch.randn(n, generator=g, dtype=torch.float64)
+    xs, ys, zs = [], [], []
+    for e, m in blocks(N, EXAMPLE_BLOCK):
+        ge = generator(key, stream, *prefix, b, e)
+        # draw whole blocks so that example i is the same whatever N is
+        z = torch.multinomial(pi, n * EXAMPLE_BLOCK, replacement=True, generator=ge).reshape(n, EXAMPLE_BLOCK)[:, :m]
+        if task.assignment == "prompt":
+            z = zq[:, None].expand(n, m)
+        x = (torch.randn(n, EXAMPLE_BLOCK, task.d, generator=ge, dtype=torch.float64) @ cov.half)[:, :m]
+        eps = torch.randn(n, EXAMPLE_BLOCK, generator=ge, dtype=torch.float64)[:, :m]
+        beta = torch.gather(betas, 1, z[..., None].expand(n, m, task.d))
+        xs.append(x)
+        ys.append((beta * x).sum(-1) + task.sigma * eps)
+        zs.append(z)
+    empty = torch.zeros(n, 0, dtype=torch.float64)
+    cat = lambda t, like: torch.cat(t, 1) if t else like  # noqa: E731
+    return MixturePrompts(cat(xs, empty[..., None].expand(n, 0, task.d)), cat(ys, empty), cat(zs, empty.long()), xq, yq, zq, betas.clone())
 
 
 def sample_prompts(task: MORTask, cov: Covariance, N: int, P: int, seed: int, stream: str = "train", prefix: tuple[int, ...] = (), block: int = TRAIN_BLOCK) -> MixturePrompts:
@@ -107,18 +110,27 @@ def sample_prompts(task: MORTask, cov: Covariance, N: int, P: int, seed: int, st
 
 def sample_train(task: MORTask, cov: Covariance, N: int, B: int, seed: int, gram: bool = False) -> TrainStats:
     """B training prompts as the LSA's statistics: V = h^T (so that V W x_q = x_q^T W^T h), x_q, y_q,
-    and with `gram` Z Z^T / N (label row y, query column included)."""
-    parts = []
-    for p in prompt_blocks(task, cov, N, B, seed, "train"):
-        z = torch.cat([p.x, p.y[..., None]], dim=-1)
-        G = None
-        if gram:
-            G = z.transpose(1, 2) @ z
-            G[:, : task.d, : task.d] += p.xq[:, :, None] * p.xq[:, None, :]
-            G = G / N
-        parts.append((context_h(p)[:, None, :], p.xq, p.yq, G))
+    and with `gram` Z Z^T / N (label row y, query column included). Each block's statistics are
+    computed once per process (`rng.drawn_once`): a B sweep reuses the smaller B's blocks."""
+    key = _key(task, seed)
+    parts = [
+        tuple(t[:n] if t is not None else None for t in drawn_once(["mor", key, N, b, gram], lambda b=b: _train_block(task, cov, N, key, b, gram)))
+        for b, n in blocks(B, TRAIN_BLOCK)
+    ]
     V, xq, yq, G = (torch.cat(t) if t[0] is not None else None for t in zip(*parts))
     return TrainStats(V, xq, yq, G)
+
+
+def _train_block(task: MORTask, cov: Covariance, N: int, key: dict[str, Any], b: int, gram: bool) -> tuple[torch.Tensor | None, ...]:
+    """The statistics (V, xq, yq, G) of training block b, whole."""
+    p = _draw_block(task, cov, N, TRAIN_BLOCK, key, "train", (), b)
+    G = None
+    if gram:
+        z = torch.cat([p.x, p.y[..., None]], dim=-1)
+        G = z.transpose(1, 2) @ z
+        G[:, : task.d, : task.d] += p.xq[:, :, None] * p.xq[:, None, :]
+        G = G / N
+    return context_h(p)[:, None, :], p.xq, p.yq, G
 
 
 def context_h(p: MixturePrompts) -> torch.Tensor:

@@ -8,17 +8,19 @@ test length M are the same whatever the M grid or the chunking.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from study.config import stable_hash
+from study.config import canonical_json, stable_hash
 
 STREAMS = ("task", "train", "eval", "init", "online", "batch")  # online: fresh training prompts per step; batch: minibatches of a fixed set
 TRAIN_BLOCK = 1024  # training prompts per random block
 EVAL_BLOCK = 64  # evaluation prompts per random block
 EXAMPLE_BLOCK = 64  # context examples per random block (always drawn whole, then cut)
+DRAWN_BYTES = 256 * 2**20  # what a process keeps of the blocks it has drawn (`drawn_once`)
 
 
 def generator(key: Any, stream: str, *indices: int) -> torch.Generator:
@@ -35,3 +37,39 @@ def blocks(total: int, size: int) -> Iterator[tuple[int, int]]:
     """(block index, block length) of `total` items in blocks of `size`."""
     for b, start in enumerate(range(0, total, size)):
         yield b, min(size, total - start)
+
+
+_drawn: OrderedDict[str, tuple[torch.Tensor | None, ...]] = OrderedDict()
+_drawn_bytes = 0
+
+
+def drawn_once(key: Any, draw: Callable[[], tuple[torch.Tensor | None, ...]]) -> tuple[torch.Tensor | None, ...]:
+    """`draw()`, a pure function of `key`, computed once per process while its tensors fit.
+
+    A block's draws do not depend on how much of it is used, so the stacks of a B sweep (B is
+    part of a stack's shape) need the same blocks: the largest B's prompts include every smaller
+    B's. The most recently used blocks are kept, up to DRAWN_BYTES. The tensors are shared:
+    callers copy what they keep (`torch.cat` does).
+    """
+    global _drawn_bytes
+    name = canonical_json(key)
+    if name in _drawn:
+        _drawn.move_to_end(name)
+        return _drawn[name]
+    out = draw()
+    _drawn[name] = out
+    _drawn_bytes += _nbytes(out)
+    while _drawn and _drawn_bytes > DRAWN_BYTES:
+        _drawn_bytes -= _nbytes(_drawn.popitem(last=False)[1])
+    return out
+
+
+def _nbytes(tensors: tuple[torch.Tensor | None, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def forget_drawn() -> None:
+    """Forget the kept blocks (timings that must not profit from earlier draws)."""
+    global _drawn_bytes
+    _drawn.clear()
+    _drawn_bytes = 0

@@ -6,7 +6,8 @@ evaluation settings, e.g. an N sweep) are evaluated in one pass, so the baseline
 once and every model is compared on identical prompts. The baselines' rows are a pure function of
 those prompts, so a process also keeps the most recent ones (`SHARED_ROWS`) for the next stack
 that meets the same prompts with another shape (a B sweep: B is part of the shape), instead of
-fitting EM or logistic regression again.
+fitting EM or logistic regression again; the samplers likewise keep the training blocks they have
+drawn (`rng.drawn_once`), which the larger B of such a sweep share with the smaller.
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ from study.config import Run, TrialConfig, canonical_json, prompts_key, shape_ke
 from study.covariance import covariance
 from study.families import FAMILIES
 from study.models import MODELS
+from study.rng import forget_drawn
 
 SHARED_ROWS = 256  # evaluation groups whose shared estimators' rows a process keeps
 _shared_rows: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
 
 
-def clear_shared_rows() -> None:
-    """Forget the kept rows (timings that must not profit from an earlier stack)."""
+def forget_kept() -> None:
+    """Forget what this process keeps between stacks, the baselines' rows and the drawn training
+    blocks (`rng.drawn_once`): timings that must not profit from an earlier stack."""
     _shared_rows.clear()
+    forget_drawn()
 
 
 @dataclass

@@ -348,3 +348,39 @@ def test_em_failure_is_the_share_of_fits_off_by_more_than_half_a_regressor():
         torch.testing.assert_close(extra["param_failure"], (extra["param_error"] > task.radius / 2).double())
         share[restarts] = float(extra["param_failure"].mean())
     assert 0.2 < share[1] < 0.7 and share[4] < share[1] / 2, share
+
+
+@pytest.mark.parametrize("family, gram", [("gmm", False), ("gmm", True), ("mor", False), ("mor", True)])
+def test_kept_training_blocks_change_nothing(family, gram, monkeypatch):
+    """A process draws each training block once (rng.drawn_once): a B sweep's smaller B reuse the
+    larger B's blocks, and what comes back is what a fresh process draws, bit for bit."""
+    from study import gmm, mor, rng
+    from study.config import GMMTask
+
+    module = gmm if family == "gmm" else mor
+    task = GMMTask(d=3, c=3, snr=1.0) if family == "gmm" else MORTask(**VARIANTS["fresh-sample-weighted"])
+    cov = _cov(task)
+    fields = ("V", "xq", "yq", "gram")
+
+    def fresh(B):
+        rng.forget_drawn()
+        return module.sample_train(task, cov, 70, B, seed=4, gram=gram)
+
+    cold = {B: fresh(B) for B in (300, 1024, 2500)}
+    draws = []
+    real = module._train_block
+    monkeypatch.setattr(module, "_train_block", lambda *a: draws.append(a[4]) or real(*a))
+    rng.forget_drawn()
+    for B in (2500, 300, 1024, 2500):
+        warm = module.sample_train(task, cov, 70, B, seed=4, gram=gram)
+        for f in fields:
+            a, b = getattr(cold[B], f), getattr(warm, f)
+            assert (a is None and b is None) or torch.equal(a, b), (B, f)
+        warm.V.add_(1.0)  # the caller's tensors are its own: the kept blocks stay as drawn
+    assert draws == [0, 1, 2]  # each block drawn once
+    monkeypatch.setattr(rng, "DRAWN_BYTES", 1)  # nothing fits: every call draws again, the same numbers
+    rng.forget_drawn()
+    for _ in range(2):
+        assert torch.equal(module.sample_train(task, cov, 70, 2500, seed=4, gram=gram).V, cold[2500].V)
+    assert draws[3:] == [0, 1, 2, 0, 1, 2]
+    rng.forget_drawn()

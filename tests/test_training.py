@@ -109,9 +109,9 @@ def test_kept_baseline_rows_equal_a_fresh_evaluation(family, monkeypatch):
     def rows(out):
         return sorted((e["run_id"], e["estimator"], e["M"], e["metric"], e["value"], e["stderr"], e["n_prompts"]) for e in out.evals)
 
-    trial.clear_shared_rows()
+    trial.forget_kept()
     fresh = rows(run_bundle(later))
-    trial.clear_shared_rows()
+    trial.forget_kept()
     run_bundle(first)
     assert len(trial._shared_rows) == 2
     calls = []
@@ -125,7 +125,7 @@ def test_kept_baseline_rows_equal_a_fresh_evaluation(family, monkeypatch):
     kept = rows(run_bundle(later))
     assert kept == fresh
     assert sorted(calls) == [False, True]  # seed 0 from memory (its model only), seed 2 evaluated in full
-    trial.clear_shared_rows()
+    trial.forget_kept()
 
 
 def test_full_param_first_step_is_the_reduced_step_and_training_decreases_the_loss():
