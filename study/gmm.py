@@ -25,7 +25,7 @@ import torch
 
 from study.config import GMMTask
 from study.covariance import Covariance
-from study.rng import EVAL_BLOCK, EXAMPLE_BLOCK, TRAIN_BLOCK, blocks, drawn_once, generator
+from study.rng import EVAL_BLOCK, EXAMPLE_BLOCK, TRAIN_BLOCK, blocks, drawn_blocks, generator
 from study.training import TrainStats
 
 
@@ -88,12 +88,7 @@ def sample_train(task: GMMTask, cov: Covariance, N: int, B: int, seed: int, gram
     Each block's statistics are computed once per process (`rng.drawn_once`): a B sweep reuses
     the smaller B's blocks."""
     key = _key(task, seed)
-    parts = [
-        tuple(t[:n] if t is not None else None for t in drawn_once(["gmm", key, N, b, gram], lambda b=b: _train_block(task, cov, N, key, b, gram)))
-        for b, n in blocks(B, TRAIN_BLOCK)
-    ]
-    V, xq, yq, G = (torch.cat(z) if z[0] is not None else None for z in zip(*parts))
-    return TrainStats(V, xq, yq, G)
+    return TrainStats(*drawn_blocks(["gmm", key, N, gram], B, TRAIN_BLOCK, lambda b: _train_block(task, cov, N, key, b, gram)))
 
 
 def _train_block(task: GMMTask, cov: Covariance, N: int, key: Any, b: int, gram: bool) -> tuple[torch.Tensor | None, ...]:

@@ -17,7 +17,7 @@ import torch
 
 from study.config import MORTask
 from study.covariance import Covariance
-from study.rng import EXAMPLE_BLOCK, TRAIN_BLOCK, blocks, drawn_once, generator
+from study.rng import EXAMPLE_BLOCK, TRAIN_BLOCK, blocks, drawn_blocks, generator
 from study.training import TrainStats
 
 
@@ -113,12 +113,7 @@ def sample_train(task: MORTask, cov: Covariance, N: int, B: int, seed: int, gram
     and with `gram` Z Z^T / N (label row y, query column included). Each block's statistics are
     computed once per process (`rng.drawn_once`): a B sweep reuses the smaller B's blocks."""
     key = _key(task, seed)
-    parts = [
-        tuple(t[:n] if t is not None else None for t in drawn_once(["mor", key, N, b, gram], lambda b=b: _train_block(task, cov, N, key, b, gram)))
-        for b, n in blocks(B, TRAIN_BLOCK)
-    ]
-    V, xq, yq, G = (torch.cat(t) if t[0] is not None else None for t in zip(*parts))
-    return TrainStats(V, xq, yq, G)
+    return TrainStats(*drawn_blocks(["mor", key, N, gram], B, TRAIN_BLOCK, lambda b: _train_block(task, cov, N, key, b, gram)))
 
 
 def _train_block(task: MORTask, cov: Covariance, N: int, key: dict[str, Any], b: int, gram: bool) -> tuple[torch.Tensor | None, ...]:

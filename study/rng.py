@@ -64,6 +64,13 @@ def drawn_once(key: Any, draw: Callable[[], tuple[torch.Tensor | None, ...]]) ->
     return out
 
 
+def drawn_blocks(key: list[Any], total: int, size: int, draw: Callable[[int], tuple[torch.Tensor | None, ...]]) -> tuple[torch.Tensor | None, ...]:
+    """The first `total` items of blocks of `size`: block b is `draw(b)`, drawn whole once per process
+    (`drawn_once`, keyed by `key` and b), then cut; each tensor of the blocks concatenated (None stays None)."""
+    parts = [tuple(t[:n] if t is not None else None for t in drawn_once([*key, b], lambda b=b: draw(b))) for b, n in blocks(total, size)]
+    return tuple(torch.cat(z) if z[0] is not None else None for z in zip(*parts))
+
+
 def _nbytes(tensors: tuple[torch.Tensor | None, ...]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
