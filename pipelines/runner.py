@@ -152,11 +152,13 @@ def _provenance(bundle: Bundle, sweep: str, code: str) -> dict[str, dict[str, An
 
 def execute_bundle(payload: list[list[Any]], store: str, sweep: str, code: str, device: str = "cpu") -> dict[str, Any]:
     """Train, evaluate and store one bundle (its stacks in turn, one commit); returns a summary."""
+    from study.rng import forget_drawn
     from study.trial import run_bundle
 
     bundle = Bundle.from_payload(payload)
     dev = pick_device(device)
     outs = [run_bundle(stack, dev) for stack in bundle.stacks()]
+    forget_drawn()  # the kept training blocks serve this bundle's stacks (a B sweep shares one): a reused worker does not carry them on
     base = _provenance(bundle, sweep, code)
     trials = [{**base[row["run_id"]], **row, "device": _device_name(dev)} for out in outs for row in out.trials]
     tables = {"trials": to_table("trials", trials)}

@@ -8,6 +8,7 @@ from pipelines import store as store_mod
 from pipelines.runner import Summary, _collect, execute_bundle, record_failure
 from pipelines.store import Store
 from pipelines.sweep import parse_sweep
+from study import rng
 
 SWEEP = {
     "name": "unit",
@@ -30,6 +31,7 @@ def test_bundle_rows_round_trip_through_pandas(tmp_path, sweep):
     assert sum(len(b.runs) for b in bundles) == 8
     for b in bundles:
         execute_bundle(b.to_payload(), str(tmp_path), sweep.name, "test", "cpu")
+        assert not rng._drawn, "a bundle's kept training blocks outlive it in a reused worker"
     trials = pd.read_parquet(tmp_path / "trials")  # plain pandas, no project code
     assert len(trials) == 8 and trials.run_id.is_unique
     assert set(trials.status) == {"ok"} and set(trials.family) == {"gmm"}
