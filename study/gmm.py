@@ -85,7 +85,7 @@ def _draw_examples(task: GMMTask, cov: Covariance, means: torch.Tensor, n: int, 
 
 def sample_train(task: GMMTask, cov: Covariance, N: int, B: int, seed: int, gram: bool = False) -> TrainStats:
     """B training prompts of length N, as sufficient statistics (raw examples only if `gram`).
-    Each block's statistics are computed once per process (`rng.drawn_once`): a B sweep reuses
+    Each block's statistics are computed once per trial (`rng.drawn_blocks`): a B sweep reuses
     the smaller B's blocks."""
     key = _key(task, seed)
     return TrainStats(*drawn_blocks(["gmm", key, N, gram], B, TRAIN_BLOCK, lambda b: _train_block(task, cov, N, key, b, gram)))

@@ -111,7 +111,7 @@ def sample_prompts(task: MORTask, cov: Covariance, N: int, P: int, seed: int, st
 def sample_train(task: MORTask, cov: Covariance, N: int, B: int, seed: int, gram: bool = False) -> TrainStats:
     """B training prompts as the LSA's statistics: V = h^T (so that V W x_q = x_q^T W^T h), x_q, y_q,
     and with `gram` Z Z^T / N (label row y, query column included). Each block's statistics are
-    computed once per process (`rng.drawn_once`): a B sweep reuses the smaller B's blocks."""
+    computed once per trial (`rng.drawn_blocks`): a B sweep reuses the smaller B's blocks."""
     key = _key(task, seed)
     return TrainStats(*drawn_blocks(["mor", key, N, gram], B, TRAIN_BLOCK, lambda b: _train_block(task, cov, N, key, b, gram)))
 

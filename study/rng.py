@@ -20,7 +20,7 @@ STREAMS = ("task", "train", "eval", "init", "online", "batch")  # online: fresh 
 TRAIN_BLOCK = 1024  # training prompts per random block
 EVAL_BLOCK = 64  # evaluation prompts per random block
 EXAMPLE_BLOCK = 64  # context examples per random block (always drawn whole, then cut)
-DRAWN_BYTES = 256 * 2**20  # what a process keeps of the blocks it has drawn (`drawn_once`)
+DRAWN_BYTES = 256 * 2**20  # what a process keeps of the training blocks it has drawn (`drawn_blocks`)
 
 
 def generator(key: Any, stream: str, *indices: int) -> torch.Generator:
@@ -39,44 +39,33 @@ def blocks(total: int, size: int) -> Iterator[tuple[int, int]]:
         yield b, min(size, total - start)
 
 
-_drawn: OrderedDict[str, tuple[torch.Tensor | None, ...]] = OrderedDict()
-_drawn_bytes = 0
+_drawn: OrderedDict[str, tuple[torch.Tensor | None, ...]] = OrderedDict()  # kept blocks, least recently used first
 
 
-def drawn_once(key: Any, draw: Callable[[], tuple[torch.Tensor | None, ...]]) -> tuple[torch.Tensor | None, ...]:
-    """`draw()`, a pure function of `key`, computed once per process while its tensors fit.
+def drawn_blocks(key: list[Any], total: int, size: int, draw: Callable[[int], tuple[torch.Tensor | None, ...]]) -> tuple[torch.Tensor | None, ...]:
+    """The first `total` items of blocks of `size`, each tensor concatenated over the blocks (None stays None).
 
-    A block's draws do not depend on how much of it is used, so the stacks of a B sweep (B is
-    part of a stack's shape) need the same blocks: the largest B's prompts include every smaller
-    B's. The most recently used blocks are kept, up to DRAWN_BYTES. The tensors are shared:
-    callers copy what they keep (`torch.cat` does).
+    Block b is `draw(b)`, a pure function of (`key`, b), drawn whole and then cut, so the stacks of a
+    B sweep (B is part of a stack's shape) need the same blocks: the largest B's prompts include
+    every smaller B's. The process keeps the blocks it draws, the most recently used up to
+    DRAWN_BYTES, until `forget_drawn` (a trial calls it when it ends, `runner.execute_bundle`).
     """
-    global _drawn_bytes
+    parts = [tuple(t[:n] if t is not None else None for t in _kept([*key, b], lambda b=b: draw(b))) for b, n in blocks(total, size)]
+    return tuple(torch.cat(z) if z[0] is not None else None for z in zip(*parts))  # copies: the kept tensors stay as drawn
+
+
+def _kept(key: list[Any], draw: Callable[[], tuple[torch.Tensor | None, ...]]) -> tuple[torch.Tensor | None, ...]:
     name = canonical_json(key)
     if name in _drawn:
         _drawn.move_to_end(name)
         return _drawn[name]
-    out = draw()
-    _drawn[name] = out
-    _drawn_bytes += _nbytes(out)
-    while _drawn and _drawn_bytes > DRAWN_BYTES:
-        _drawn_bytes -= _nbytes(_drawn.popitem(last=False)[1])
+    out = _drawn[name] = draw()
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts if t is not None)  # noqa: E731
+    while _drawn and sum(nbytes(ts) for ts in _drawn.values()) > DRAWN_BYTES:
+        _drawn.popitem(last=False)
     return out
 
 
-def drawn_blocks(key: list[Any], total: int, size: int, draw: Callable[[int], tuple[torch.Tensor | None, ...]]) -> tuple[torch.Tensor | None, ...]:
-    """The first `total` items of blocks of `size`: block b is `draw(b)`, drawn whole once per process
-    (`drawn_once`, keyed by `key` and b), then cut; each tensor of the blocks concatenated (None stays None)."""
-    parts = [tuple(t[:n] if t is not None else None for t in drawn_once([*key, b], lambda b=b: draw(b))) for b, n in blocks(total, size)]
-    return tuple(torch.cat(z) if z[0] is not None else None for z in zip(*parts))
-
-
-def _nbytes(tensors: tuple[torch.Tensor | None, ...]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
 def forget_drawn() -> None:
-    """Forget the kept blocks (timings that must not profit from earlier draws)."""
-    global _drawn_bytes
+    """Forget the kept blocks (a trial's end; timings that must not profit from earlier draws)."""
     _drawn.clear()
-    _drawn_bytes = 0

@@ -7,7 +7,8 @@ once and every model is compared on identical prompts. The baselines' rows are a
 those prompts, so a process also keeps the most recent ones (`SHARED_ROWS`) for the next stack
 that meets the same prompts with another shape (a B sweep: B is part of the shape), instead of
 fitting EM or logistic regression again; the samplers likewise keep the training blocks they have
-drawn (`rng.drawn_once`), which the larger B of such a sweep share with the smaller.
+drawn for the rest of the trial (`rng.drawn_blocks`), which the larger B of such a sweep share
+with the smaller.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ _shared_rows: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
 
 def forget_kept() -> None:
     """Forget what this process keeps between stacks, the baselines' rows and the drawn training
-    blocks (`rng.drawn_once`): timings that must not profit from an earlier stack."""
+    blocks (`rng.drawn_blocks`): timings that must not profit from an earlier stack."""
     _shared_rows.clear()
     forget_drawn()
 

@@ -352,8 +352,8 @@ def test_em_failure_is_the_share_of_fits_off_by_more_than_half_a_regressor():
 
 @pytest.mark.parametrize("family, gram", [("gmm", False), ("gmm", True), ("mor", False), ("mor", True)])
 def test_kept_training_blocks_change_nothing(family, gram, monkeypatch):
-    """A process draws each training block once (rng.drawn_once): a B sweep's smaller B reuse the
-    larger B's blocks, and what comes back is what a fresh process draws, bit for bit."""
+    """A trial draws each training block once (rng.drawn_blocks): a B sweep's larger B reuse the
+    smaller B's blocks, and what comes back is what a fresh process draws, bit for bit."""
     from study import gmm, mor, rng
     from study.config import GMMTask
 
