@@ -9,9 +9,10 @@ with `pip install --no-compile` and then runs
 
     python -m pipelines.bytecode
 
-which starts one process per kind of process the study runs (`PROCESSES`), all at once, each
-importing that kind's entry modules with bytecode writing on: exactly the modules imported are
-compiled (about 2,900), on every core. Modules that a process imports by name at run time are
+which imports the entry modules of every process the study runs (the CLI and Tune's driver, a
+trial, Ray's workers and its own processes, `fit` and `report`) with bytecode writing on, in a few
+processes at once (`PROCESSES`, grouped so that no two import the same large library): exactly
+the modules imported are compiled (about 2,900), on every core. Modules that a process imports by name at run time are
 compiled whole, by package (`PACKAGES`). A module missing from an installed package (a renamed Ray
 module, say) is reported and left out, a package not installed (the dev extra's tools in a plain
 install) passed over: compiling is only a speed-up.
@@ -27,11 +28,15 @@ import sys
 import time
 from pathlib import Path
 
-PROCESSES: dict[str, tuple[str, ...]] = {
-    "trial": ("study.trial", "pipelines.trainable", "ray._private.workers.default_worker"),
-    "driver": ("pipelines.cli", "pipelines.runner", "analysis.report", "analysis.verdicts"),
-    "trackers": ("ray.air.integrations.wandb", "ray.air.integrations.mlflow", "ray.air.integrations.comet", "ray.tune.logger.aim"),  # Tune's driver looks for them
-    "ray": ("ray.dashboard.dashboard", "ray.dashboard.agent", "ray._private.log_monitor", "ray.autoscaler._private.monitor", "ray._private.runtime_env.agent.main", "ray.util.state", "pydantic.v1"),
+PROCESSES: dict[str, tuple[str, ...]] = {  # the study's entry modules, grouped so that no two processes import the same large library
+    "torch": ("study.trial",),  # a trial's science: torch, numpy
+    "ray": (
+        "pipelines.cli", "pipelines.runner", "pipelines.trainable",  # the driver and Tune, pandas and pyarrow
+        "ray._private.workers.default_worker", "ray._private.log_monitor", "ray.autoscaler._private.monitor",  # Ray's workers and its own processes
+        "ray.dashboard.dashboard", "ray.dashboard.agent", "ray._private.runtime_env.agent.main", "ray.util.state", "pydantic.v1",
+        "ray.air.integrations.wandb", "ray.air.integrations.mlflow", "ray.air.integrations.comet", "ray.tune.logger.aim",  # Tune's driver looks for these
+    ),
+    "analysis": ("analysis.report", "analysis.verdicts"),  # fit and report: matplotlib, seaborn, scipy
     "tests": ("pytest", "hypothesis", "moto.server", "boto3", "duckdb", "polars"),  # the dev extra's tools, where installed
 }
 PACKAGES = ("ray.dashboard.modules",)  # the dashboard imports every module below it by name
