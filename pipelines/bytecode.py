@@ -12,7 +12,7 @@ with `pip install --no-compile` and then runs
 which imports the entry modules of every process the study runs (the CLI and Tune's driver, a
 trial, Ray's workers and its own processes, `fit` and `report`) with bytecode writing on, in a few
 processes at once (`PROCESSES`, grouped so that no two import the same large library): exactly
-the modules imported are compiled (about 2,900), on every core. Modules that a process imports by name at run time are
+the modules imported are compiled (about 3,500 files), on every core. Modules that a process imports by name at run time are
 compiled whole, by package (`PACKAGES`). A module missing from an installed package (a renamed Ray
 module, say) is reported and left out, a package not installed (the dev extra's tools in a plain
 install) passed over: compiling is only a speed-up.
