@@ -74,11 +74,7 @@ def compile_imports(processes: dict[str, tuple[str, ...]] = PROCESSES, packages:
         p.wait()
 
 
-def main() -> None:
+if __name__ == "__main__":
     t0 = time.perf_counter()
     compile_imports()
     print(f"pipelines.bytecode: the study's imports compiled in {time.perf_counter() - t0:.1f} s")
-
-
-if __name__ == "__main__":
-    main()
