@@ -12,10 +12,10 @@ with `pip install --no-compile` and then runs
 which imports the entry modules of every process the study runs (the CLI and Tune's driver, a
 trial, Ray's workers and its own processes, `fit` and `report`) with bytecode writing on, in a few
 processes at once (`PROCESSES`, grouped so that no two import the same large library): exactly
-the modules imported are compiled (about 3,500 files), on every core. Modules that a process imports by name at run time are
-compiled whole, by package (`PACKAGES`). A module missing from an installed package (a renamed Ray
-module, say) is reported and left out, a package not installed (the dev extra's tools in a plain
-install) passed over: compiling is only a speed-up.
+the modules imported are compiled (about 3,500 files), on every core. Modules that a process
+imports by name at run time are compiled whole, by package (`PACKAGES`). A module missing from an
+installed package (a renamed Ray module, say) is reported and left out, a package not installed
+(the dev extra's tools in a plain install) passed over: compiling is only a speed-up.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ for name in sys.argv[1:]:
 
 
 def compile_imports(processes: dict[str, tuple[str, ...]] = PROCESSES, packages: tuple[str, ...] = PACKAGES, env: dict[str, str] | None = None) -> None:
-    """Import each process's modules in a process of its own, all at once, with bytecode writing on,
+    """Import each group's modules in a process of its own, all at once, with bytecode writing on,
     and compile the packages whole meanwhile. `env`: the processes' environment (default: this one's)."""
     env = {k: v for k, v in (os.environ if env is None else env).items() if k != "PYTHONDONTWRITEBYTECODE"}
     procs = [subprocess.Popen([sys.executable, "-c", _IMPORT, *modules], env=env) for modules in processes.values()]
