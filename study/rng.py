@@ -40,6 +40,7 @@ def blocks(total: int, size: int) -> Iterator[tuple[int, int]]:
 
 
 _drawn: OrderedDict[str, tuple[torch.Tensor | None, ...]] = OrderedDict()  # kept blocks, least recently used first
+_drawn_bytes = 0  # their size, counted as they come and go (summed anew at every draw, it was quadratic in the blocks: 74k sums a quickstart trial)
 
 
 def drawn_blocks(key: list[Any], total: int, size: int, draw: Callable[[int], tuple[torch.Tensor | None, ...]]) -> tuple[torch.Tensor | None, ...]:
@@ -55,17 +56,24 @@ def drawn_blocks(key: list[Any], total: int, size: int, draw: Callable[[int], tu
 
 
 def _kept(key: list[Any], draw: Callable[[], tuple[torch.Tensor | None, ...]]) -> tuple[torch.Tensor | None, ...]:
+    global _drawn_bytes
     name = canonical_json(key)
     if name in _drawn:
         _drawn.move_to_end(name)
         return _drawn[name]
     out = _drawn[name] = draw()
-    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts if t is not None)  # noqa: E731
-    while _drawn and sum(nbytes(ts) for ts in _drawn.values()) > DRAWN_BYTES:
-        _drawn.popitem(last=False)
+    _drawn_bytes += _nbytes(out)
+    while _drawn and _drawn_bytes > DRAWN_BYTES:
+        _drawn_bytes -= _nbytes(_drawn.popitem(last=False)[1])
     return out
+
+
+def _nbytes(ts: tuple[torch.Tensor | None, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
 def forget_drawn() -> None:
     """Forget the kept blocks (a trial's end; timings that must not profit from earlier draws)."""
+    global _drawn_bytes
     _drawn.clear()
+    _drawn_bytes = 0

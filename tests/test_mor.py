@@ -350,6 +350,26 @@ def test_em_failure_is_the_share_of_fits_off_by_more_than_half_a_regressor():
     assert 0.2 < share[1] < 0.7 and share[4] < share[1] / 2, share
 
 
+def test_kept_blocks_are_counted_and_the_least_recent_leave_first(monkeypatch):
+    """rng.drawn_blocks keeps at most DRAWN_BYTES of blocks, its running count equal to what it
+    holds, and evicts the least recently used block first."""
+    from study import rng
+
+    block = lambda b: (torch.full((100,), float(b), dtype=torch.float64), None)  # noqa: E731  800 bytes a block
+    monkeypatch.setattr(rng, "DRAWN_BYTES", 2500)  # three blocks fit
+    rng.forget_drawn()
+    held = lambda: sorted(int(ts[0][0]) for ts in rng._drawn.values())  # noqa: E731
+    for key in ("a", "b", "c"):
+        rng.drawn_blocks([key], 100, 100, lambda b, k=key: block(ord(k)))
+    rng.drawn_blocks(["a"], 100, 100, lambda b: block(-1))  # kept: not drawn again, now the most recent
+    assert held() == [ord("a"), ord("b"), ord("c")] and rng._drawn_bytes == 2400
+    rng.drawn_blocks(["d"], 100, 100, lambda b: block(ord("d")))  # "b" is the least recent
+    assert held() == [ord("a"), ord("c"), ord("d")]
+    assert rng._drawn_bytes == sum(rng._nbytes(ts) for ts in rng._drawn.values()) == 2400
+    rng.forget_drawn()
+    assert not rng._drawn and rng._drawn_bytes == 0
+
+
 @pytest.mark.parametrize("family, gram", [("gmm", False), ("gmm", True), ("mor", False), ("mor", True)])
 def test_kept_training_blocks_change_nothing(family, gram, monkeypatch):
     """A trial draws each training block once (rng.drawn_blocks): a B sweep's larger B reuse the
