@@ -125,11 +125,14 @@ def pick_device(device: str) -> Any:
 
 
 def _device_name(device: Any) -> str:
+    """The trials table's `device`: the GPU's name, or `cpu`, `cpu+fused` where the fused C step was built (study/fused.py)."""
     import torch
+
+    from study import fused
 
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return "cpu"
+    return "cpu+fused" if fused.library() is not None else "cpu"
 
 
 def _provenance(bundle: Bundle, sweep: str, code: str) -> dict[str, dict[str, Any]]:

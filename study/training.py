@@ -10,11 +10,12 @@ on for `REFERENCE_FACTOR` times as many steps). A member whose loss turns non-fi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 
-from study import lsa
+from study import fused, lsa
 from study.optimum import empirical_optimum, local_rate, quadratic_subopt
 
 REFERENCE_FACTOR = 10  # full param: the reference optimum is GD run on to 10x the steps
@@ -68,6 +69,11 @@ class Problem:
     @property
     def S(self) -> int:
         return self.V.shape[0]
+
+    @functools.cached_property
+    def labels(self) -> torch.Tensor:
+        """yq as float64 (the class index or the target), as the fused step reads it.  Shapes: [S, B]."""
+        return self.yq.to(torch.float64).contiguous()
 
     @property
     def B(self) -> int:
@@ -149,8 +155,11 @@ def step(params: dict[str, torch.Tensor], prob: Problem) -> tuple[torch.Tensor, 
     xq = prob.xq.transpose(1, 2)  # [S, d, B], contiguous
     if "W" in params:
         W = params["W"]
-        grad = torch.zeros_like(W)
         V = prob.V.permute(0, 2, 3, 1)  # [S, c', d, B], contiguous
+        if W.dtype == torch.float64 and not W.requires_grad and fused.applies(V):
+            loss, grad = fused.loss_grad(W, V, xq, prob.labels, prob.loss)
+            return loss / B, {"W": grad / B}
+        grad = torch.zeros_like(W)
         for c in _chunks(prob, (V.shape[1] + 1) * d):
             ls, g = lsa.reduced_loss_grad(W, V[..., c], xq[..., c], prob.yq[:, c], prob.loss)
             loss += ls

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from pipelines.store import SCHEMA_VERSION
+from study import fused
 from tests import configs
 from tests.processes import kill_session
 
@@ -46,7 +47,7 @@ def test_smoke_sweep_then_rerun_adds_nothing(tmp_path):
     assert len(list((store / "_tune").iterdir())) == 3
     trials = pd.read_parquet(store / "trials")
     assert len(trials) == 22 and trials.run_id.is_unique and set(trials.status) == {"ok"}
-    assert set(trials.device) == {"cpu"} and (trials.schema_version == SCHEMA_VERSION).all()
+    assert set(trials.device) == {"cpu+fused" if fused.library() else "cpu"} and (trials.schema_version == SCHEMA_VERSION).all()
     assert trials.groupby("family", observed=True).size().to_dict() == {"gmm": 18, "mor": 4}
     tf = trials[trials.model == "transformer"]
     assert len(tf) == 2 and (tf.layers == 1).all() and tf.param.isna().all() and tf.opt_loss.isna().all() and trials[trials.model == "lsa"].layers.isna().all()

@@ -1,0 +1,110 @@
+"""The fused C step (study/fused.py) against the torch kernels it replaces, and its build."""
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from study import fused, lsa, training
+
+needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler: training takes the torch path")
+
+
+def _torch_step(W, V, xq, y, loss, chunk=300):
+    """lsa.reduced_loss_grad over chunks of prompts (what training.step runs without the kernel)."""
+    out, grad = W.new_zeros(W.shape[0]), torch.zeros_like(W)
+    for s in range(0, V.shape[-1], chunk):
+        ls, g = lsa.reduced_loss_grad(W, V[..., s : s + chunk], xq[..., s : s + chunk], y[:, s : s + chunk], loss)
+        out += ls
+        grad += g
+    return out, grad
+
+
+def _stack(S, d, c, B, loss, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    V = torch.randn(S, c, d, B, generator=g, dtype=torch.float64)
+    xq = torch.randn(S, d, B, generator=g, dtype=torch.float64)
+    y = torch.randn(S, B, generator=g, dtype=torch.float64) if loss == "squared" else torch.randint(max(c, 2), (S, B), generator=g)
+    W = torch.randn(S, d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    return W, V, xq, y
+
+
+@needs_cc
+def test_the_kernel_builds_where_a_compiler_is():
+    """Where there is a C compiler the fused step is built, so the tests below compare two paths."""
+    assert fused.library() is not None
+
+
+@needs_cc
+@pytest.mark.parametrize(
+    "d, c, loss",
+    [(1, 1, "ce"), (2, 1, "ce"), (4, 3, "ce"), (3, 2, "ce"), (8, 10, "ce"), (16, 1, "ce"), (32, 5, "ce"), (4, 1, "squared"), (32, 1, "squared"), (fused.MAX_D, fused.MAX_C, "ce")],
+)
+def test_fused_step_equals_the_torch_kernels(d, c, loss):
+    """Loss and gradient to 1e-12 for binary, softmax and squared losses, every d and c' the kernel
+    takes; B = 1000 is not a multiple of the kernel's tile, and each member has its own prompts."""
+    W, V, xq, y = _stack(3, d, c, 1000, loss)
+    want_loss, want_grad = _torch_step(W, V, xq, y, loss)
+    got_loss, got_grad = fused.loss_grad(W, V, xq, y.double(), loss)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12 * float(want_grad.abs().max()))
+
+
+@needs_cc
+def test_training_takes_the_fused_step_and_trains_the_same_W(monkeypatch):
+    """training.gd through the kernel and through the torch kernels: the same W after 50 steps to 1e-12."""
+    W, V, xq, y = _stack(2, 4, 3, 3000, "ce", seed=1)
+    prob = training.Problem(V.permute(0, 3, 1, 2), xq.transpose(1, 2), y, None, torch.tensor([2.0, 4.0], dtype=torch.float64), torch.zeros(2, 4, 4, dtype=torch.float64), 3.0)
+    calls = []
+    monkeypatch.setattr(fused, "loss_grad", lambda *a: calls.append(1) or _kernel(*a))
+    fast, _, _ = training.gd({"W": W.clone()}, prob, steps=50)
+    assert len(calls) == 51
+    monkeypatch.setattr(fused, "applies", lambda V: False)
+    slow, _, _ = training.gd({"W": W.clone()}, prob, steps=50)
+    torch.testing.assert_close(fast["W"], slow["W"], rtol=1e-12, atol=1e-14)
+
+
+_kernel = fused.loss_grad
+
+
+@needs_cc
+@pytest.mark.parametrize("c, loss", [(1, "ce"), (3, "ce"), (1, "squared")])
+def test_non_finite_parameters_give_a_non_finite_loss(c, loss):
+    """A diverged member's loss stays non-finite through the kernel (no fast-math), as in torch, and
+    the other members are untouched."""
+    W, V, xq, y = _stack(2, 3, c, 700, loss)
+    W[1, 0, 0] = math.nan
+    got, _ = fused.loss_grad(W, V, xq, y.double(), loss)
+    want, _ = _torch_step(W, V, xq, y, loss)
+    assert not math.isfinite(float(got[1])) and not math.isfinite(float(want[1]))
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=0)
+    W[1, 0, 0] = math.inf
+    got, _ = fused.loss_grad(W, V, xq, y.double(), loss)
+    assert not math.isfinite(float(got[1]))
+
+
+def test_shapes_beyond_the_kernel_and_other_devices_or_dtypes_take_the_torch_path():
+    V = torch.zeros(1, 1, fused.MAX_D + 1, 8, dtype=torch.float64)
+    assert not fused.applies(V)
+    assert not fused.applies(torch.zeros(1, fused.MAX_C + 1, 2, 8, dtype=torch.float64))
+    assert not fused.applies(torch.zeros(1, 1, 2, 8, dtype=torch.float32))
+
+
+@needs_cc
+def test_the_library_is_built_once_per_cache_and_switched_off_by_the_environment(tmp_path):
+    """A fresh process builds the library into the cache, whole; the next one loads it; with
+    ICL_STUDY_FUSED=0, or no compiler, there is no library and training takes the torch path."""
+    probe = "from study import fused; print(fused.library() is not None)"
+    env = {**os.environ, "ICL_STUDY_CACHE": str(tmp_path)}
+    run = lambda **extra: subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
+    assert run() == "True"
+    built = list(tmp_path.iterdir())
+    assert len(built) == 1 and built[0].name.startswith("fused_step-") and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    assert run() == "True" and [p.stat().st_mtime_ns for p in tmp_path.iterdir()] == [stamp]
+    assert run(ICL_STUDY_FUSED="0") == "False"
+    assert run(CC=str(tmp_path / "no-such-compiler")) == "False"
