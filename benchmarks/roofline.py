@@ -39,7 +39,9 @@ and constructors, so the benchmark measures whatever the current implementation 
    the gradient), 2 x 8 S B (c' d + d), plus yq once, 8 S B. Flops: 4 S B (d^2 + c' d). With
    cache-sized chunks the second read can come from cache, so the compulsory DRAM traffic is the
    statistics read ONCE; `fraction_once` (table column "if read once") is the fraction with that
-   smaller count.
+   smaller count. The step as shipped runs the fused C kernel (study/fused.py) where it is built;
+   the rows marked "[torch kernels]" time the same steps with it switched off (what runs where no
+   C compiler is), in the same run. The byte count is the issue's, the same for both.
 2. full GD step, `step({"W_PV": [S,D,D], "W_KQ": [S,D,D]}, prob)` with gram [S,B,D,D] = Z Z^T / n
    of random Z [S,B,D,n] (symmetric PSD), D = d + c': d=4 with c'=1 and c'=3 at S=24, B=16384, and
    binary d=16 at S=16, B=4096. Bytes: the Gram and xq read twice, 2 x 8 S B (D^2 + d), plus yq
@@ -140,6 +142,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import unittest.mock
 from pathlib import Path
 from typing import Any, Callable
 
@@ -152,6 +155,11 @@ from study.config import GMMTask, MORTask, TrialConfig
 from study.covariance import covariance
 from study.families import FAMILIES
 from study.optimum import empirical_optimum
+
+try:
+    from study import fused  # the fused C step (issue 10); absent from older checkouts (--compare)
+except ImportError:
+    fused = None
 
 F64, F32 = torch.float64, torch.float32
 INF = math.inf
@@ -308,14 +316,17 @@ def problem(S: int, B: int, d: int, cp: int, loss: str, full: bool, seed: int) -
     )
 
 
-def reduced_kernel(family: str, d: int, cp: int, S: int, B: int, a) -> dict[str, Any]:
+def reduced_kernel(family: str, d: int, cp: int, S: int, B: int, a, torch_kernels: bool = False) -> dict[str, Any]:
+    """training.step as shipped (the fused C step where it is built), or with `torch_kernels` as it
+    runs where it is not (fused.applies patched to False: lsa.reduced_loss_grad over chunks)."""
     loss = "squared" if family == "mor" else "ce"
     prob = problem(S, B, d, cp, loss, False, seed=1000 * d + cp)
     W = 0.1 * torch.randn(S, d, d, generator=torch.Generator().manual_seed(2), dtype=F64)
-    t = timed(lambda: training.step({"W": W}, prob), a)
+    with unittest.mock.patch.object(fused, "applies", lambda V: False) if torch_kernels else contextlib.nullcontext():
+        t = timed(lambda: training.step({"W": W}, prob), a)
     stats = 8 * S * B * (cp * d + d)
     return {
-        "group": "reduced step", "name": f"reduced {family} d={d} c'={cp} S={S} B={B}", **t,
+        "group": "reduced step", "name": f"reduced {family} d={d} c'={cp} S={S} B={B}" + (" [torch kernels]" if torch_kernels else ""), **t,
         "parts": [part(2 * stats + 8 * S * B, 4 * S * B * (d * d + cp * d))], "bytes_once": stats + 8 * S * B,
         "shape": {"family": family, "d": d, "c'": cp, "S": S, "B": B, "loss": loss},
         "member_steps_per_s": S / t["s"],
@@ -736,6 +747,9 @@ def bench(a) -> dict[str, Any]:
 
     for fam, d, cp, S, B in sz["reduced"]:
         add(reduced_kernel(fam, d, cp, S, B, a))
+    if fused is not None and fused.library() is not None:  # the same steps where no C compiler is
+        for fam, d, cp, S, B in sz["reduced"]:
+            add(reduced_kernel(fam, d, cp, S, B, a, torch_kernels=True))
     for d, cp, S, B in sz["full"]:
         add(full_kernel(d, cp, S, B, a))
     nw = sz["newton"]
