@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from study import lsa
+from study import fused, lsa
 from study.config import TrialConfig
 from study.covariance import Covariance
 from study.estimators import Estimator
@@ -202,7 +202,24 @@ def logreg_fit(x: torch.Tensor, y: torch.Tensor, c: int, chunk_elems: int | None
     - For c = 2 the probability of class 0 is sigmoid((w_0 - w_1) [x; 1]), the softmax's.
     - ClassificationPrompts go in chunks of about `chunk_elems` elements of the products (default
       LOGREG_CHUNK_ELEMS); a chunk drops its converged prompts once they are half of it.
+
+    On the CPU, where the fused C kernels are built (`study.fused`), the same iteration runs one
+    context after another in C (`fused.logreg_newton`); `chunk_elems` then does not apply.
     """
+    if fused.logreg_applies(x, c):
+        out = fused.logreg_newton(x, y, c, LOGREG_L2, LOGREG_TOL, LOGREG_ITERS)
+    else:
+        out = _newton(x, y, c, chunk_elems)
+    unseen = torch.ones(*out.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, y, False)
+    tied = unseen & (unseen.sum(1, keepdim=True) > 1)
+    if bool(tied.any()):
+        mean = (out * tied[..., None]).sum(1, keepdim=True) / tied.sum(1)[:, None, None].clamp(min=1)
+        out = torch.where(tied[..., None], mean, out)
+    return out
+
+
+def _newton(x: torch.Tensor, y: torch.Tensor, c: int, chunk_elems: int | None) -> torch.Tensor:
+    """`logreg_fit`'s Newton iterations in torch, batched over chunks of prompts.  x [P, M, d], y [P, M] -> w [P, c, d+1]."""
     P, M, d = x.shape
     e, D = d + 1, c * (d + 1)
     T2 = d * (d + 1) // 2
@@ -256,11 +273,6 @@ def logreg_fit(x: torch.Tensor, y: torch.Tensor, c: int, chunk_elems: int | None
                 n = left
                 active = torch.ones(n, dtype=torch.bool, device=x.device)
         out[idx] = w
-    unseen = torch.ones(P, c, dtype=torch.bool, device=x.device).scatter_(1, y, False)
-    tied = unseen & (unseen.sum(1, keepdim=True) > 1)
-    if bool(tied.any()):
-        mean = (out * tied[..., None]).sum(1, keepdim=True) / tied.sum(1)[:, None, None].clamp(min=1)
-        out = torch.where(tied[..., None], mean, out)
     return out
 
 

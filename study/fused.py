@@ -1,17 +1,19 @@
-"""The reduced LSA's GD step fused into one pass over the prompts: C, compiled on first use.
+"""Passes over prompts fused into one loop each, in C (`fused.c`), compiled on first use.
 
-`lsa.reduced_loss_grad` runs about ten torch operations over every chunk of prompts and reads the
-chunk twice; at small d each is a few flops per number read, so the step is bound by passes over
-memory and by per-operation cost, not by arithmetic. `fused_step.c` does the whole step, loss and
-gradient, in one pass over tiles of prompts that stay in the L1 cache, vectorised by the compiler.
+- `loss_grad`: the reduced LSA's GD step. `lsa.reduced_loss_grad` runs about ten torch operations
+  over every chunk of prompts and reads the chunk twice; at small d each does a few flops per number
+  it reads, so the step is bound by passes over memory and by the cost per operation. The kernel
+  does the whole step, loss and gradient, in one pass over tiles of prompts that stay in L1.
+- `logreg_newton`: `classifiers.logreg`'s Newton fits, one context after another, each step one pass
+  over the context's examples (logits, softmax, gradient and Hessian sums) and a Cholesky solve.
 
 The C source is compiled by the system's C compiler (`$CC`, else `cc`) the first time a process
 needs it, for the CPU it runs on (`-march=native`), and the library is cached under
 `$ICL_STUDY_CACHE` (default `$XDG_CACHE_HOME/icl-study`, else `~/.cache/icl-study`), keyed by the
 source, the flags, the compiler and the CPU, so that nodes of a cluster sharing a home directory
-each get their own. Where no compiler works, or with `ICL_STUDY_FUSED=0`, training takes the torch
-path; the two agree to rounding (tests compare them to 1e-12), and the trials table's `device`
-column says which ran (`cpu+fused` or `cpu`).
+each get their own. Where no compiler works, or with `ICL_STUDY_FUSED=0`, the torch code runs; the
+two agree to rounding (tests/test_fused.py), and the trials table's `device` column says which ran
+(`cpu+fused` or `cpu`).
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("fused_step.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC"]
+SOURCE = Path(__file__).with_name("fused.c")
+# no -ffast-math: non-finite values must propagate; not trapping lets compares of doubles vectorise
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
 # exp and log through the C library's vector variants (glibc's libmvec), where it has them
 VECTOR_MATH = (["-DICL_MVEC"], ["-lmvec", "-lm"])
-MAX_D, MAX_C = 32, 16  # as fused_step.c
+MAX_D, MAX_C = 32, 16  # the GD step's d and c', as fused.c
+LOGREG_MAX_D, LOGREG_MAX_C = 16, 8  # logreg_newton's d and c
 
 
 def _cpu() -> str:
@@ -79,15 +83,17 @@ def library() -> ctypes.CDLL | None:
         return None
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu()]).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"fused_step-{key}.so"
+    path = _cache_dir() / f"fused-{key}.so"
     try:
         if not path.exists() and not _compile(cc, path):
             return None
         lib = ctypes.CDLL(str(path))
     except OSError:
         return None
-    lib.reduced_step.restype = ctypes.c_int
-    lib.reduced_step.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long, *[ctypes.c_void_p] * 4, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    i, ptr = ctypes.c_int, ctypes.c_void_p
+    lib.reduced_step.restype = lib.logreg_newton.restype = i
+    lib.reduced_step.argtypes = [i, i, i, ctypes.c_long, ptr, ptr, ptr, ptr, i, i, ptr, ptr]
+    lib.logreg_newton.argtypes = [i, i, i, ctypes.c_long, ptr, ptr, ctypes.c_double, ctypes.c_double, i, ptr, ptr, ptr]
     return lib
 
 
@@ -113,3 +119,27 @@ def loss_grad(W: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch.Tenso
     if done != 0:
         raise ValueError(f"fused.loss_grad: shapes beyond the kernel's (d <= {MAX_D}, c' <= {MAX_C}): d = {d}, c' = {c}")
     return out, grad
+
+
+def logreg_applies(x: torch.Tensor, c: int) -> bool:
+    """Whether `logreg_newton` can fit contexts x [P, M, d] with c classes."""
+    return x.device.type == "cpu" and x.dtype == torch.float64 and x.shape[2] <= LOGREG_MAX_D and 2 <= c <= LOGREG_MAX_C and library() is not None
+
+
+def logreg_newton(x: torch.Tensor, y: torch.Tensor, c: int, l2: float, tol: float, max_steps: int) -> torch.Tensor:
+    """Newton's method from w = 0 on each context, as `classifiers.logreg_fit` (see `logreg_applies`).
+
+    Each prompt stops after its first step with max |step| < tol (that step applied) or after
+    max_steps; a prompt whose Hessian is not positive definite (non-finite data) gets NaN weights.
+    Shapes: x [P, M, d], y [P, M] class index -> w [P, c, d+1] (intercept last).
+    """
+    P, M, d = x.shape
+    xt = x.transpose(1, 2).contiguous()  # examples last
+    yd = y.to(torch.float64).contiguous()
+    w = x.new_empty(P, c, d + 1)
+    steps = torch.empty(P, dtype=torch.int32)
+    work = x.new_empty((d + 1) * (d + 2) // 2 * M)  # one context's products f_i f_j
+    done = library().logreg_newton(P, d, c, M, xt.data_ptr(), yd.data_ptr(), l2, tol, max_steps, w.data_ptr(), steps.data_ptr(), work.data_ptr())
+    if done != 0:
+        raise ValueError(f"fused.logreg_newton: shapes beyond the kernel's (d <= {LOGREG_MAX_D}, 2 <= c <= {LOGREG_MAX_C}): d = {d}, c = {c}")
+    return w.masked_fill_((steps < 0)[:, None, None], math.nan)

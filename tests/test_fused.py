@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from study import fused, lsa, training
+from study import classifiers, fused, lsa, training
 
 needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler: training takes the torch path")
 
@@ -103,8 +103,40 @@ def test_the_library_is_built_once_per_cache_and_switched_off_by_the_environment
     run = lambda **extra: subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
     assert run() == "True"
     built = list(tmp_path.iterdir())
-    assert len(built) == 1 and built[0].name.startswith("fused_step-") and built[0].suffix == ".so"
+    assert len(built) == 1 and built[0].name.startswith("fused-") and built[0].suffix == ".so"
     stamp = built[0].stat().st_mtime_ns
     assert run() == "True" and [p.stat().st_mtime_ns for p in tmp_path.iterdir()] == [stamp]
     assert run(ICL_STUDY_FUSED="0") == "False"
     assert run(CC=str(tmp_path / "no-such-compiler")) == "False"
+
+
+@needs_cc
+@pytest.mark.parametrize("d, c", [(1, 2), (2, 2), (4, 3), (3, 4), (fused.LOGREG_MAX_D, fused.LOGREG_MAX_C)])
+def test_fused_logreg_equals_the_torch_newton(d, c):
+    """logreg's Newton fits in C against the torch iteration, every context on its own: the same
+    minimiser to 1e-12 at M below d, around a tile (257) and beyond it, with unseen classes."""
+    g = torch.Generator().manual_seed(d * 10 + c)
+    for M in (1, 3, 257, 600):
+        x = torch.randn(6, M, d, generator=g, dtype=torch.float64) + torch.randn(6, 1, d, generator=g, dtype=torch.float64)
+        y = torch.randint(c, (6, M), generator=g)
+        y[0] = 0  # one class only
+        want = classifiers._newton(x, y, c, None)
+        got = fused.logreg_newton(x, y, c, classifiers.LOGREG_L2, classifiers.LOGREG_TOL, classifiers.LOGREG_ITERS)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12 * max(1.0, float(want.abs().max())), msg=f"M={M}")
+
+
+@needs_cc
+def test_fused_logreg_non_finite_data_gives_nan_weights_for_that_context_only():
+    x = torch.randn(3, 20, 2, dtype=torch.float64)
+    y = torch.randint(3, (3, 20))
+    x[1, 4, 0] = math.nan
+    w = fused.logreg_newton(x, y, 3, 1.0, 1e-10, 25)
+    assert torch.isnan(w[1]).all() and torch.isfinite(w[[0, 2]]).all()
+    torch.testing.assert_close(w[[0, 2]], classifiers._newton(x[[0, 2]], y[[0, 2]], 3, None), rtol=0, atol=1e-12)
+
+
+def test_logreg_beyond_the_kernel_takes_the_torch_path():
+    x = torch.zeros(1, 4, fused.LOGREG_MAX_D + 1, dtype=torch.float64)
+    assert not fused.logreg_applies(x, 3)
+    assert not fused.logreg_applies(x[..., :2], fused.LOGREG_MAX_C + 1)
+    assert not fused.logreg_applies(x[..., :2].float(), 3)

@@ -1,0 +1,382 @@
+/* Passes over prompts fused into one loop each, compiled on first use by study/fused.py:
+
+   - reduced_step: the reduced LSA's GD step over a stack of training problems (training.step);
+   - logreg_newton: L2-regularised softmax regression on each context by Newton (classifiers.logreg).
+
+   Every loop runs over contiguous prompts or examples, so that the compiler vectorises it, exp and
+   log included where the C library has vector variants of them (ICL_MVEC). Sums over prompts or
+   examples are partial sums per tile, then per member or prompt: the sums of the torch kernels
+   they replace, in another order (tests compare the two). */
+
+#include <math.h>
+#include <string.h>
+
+#ifdef ICL_MVEC
+__attribute__((simd("notinbranch"))) double exp(double);
+__attribute__((simd("notinbranch"))) double log(double);
+#endif
+
+#define TILE 256
+#define MAX_D 32
+#define MAX_C 16
+
+/* sum of log t[0..n) for t in [1, bound] (or non-finite, which propagates): one log per product
+   of k factors, k small enough that a product never overflows (lsa._sum_log) */
+static double sum_log(const double *t, int n, int k) {
+  double out = 0.0;
+  for (int i = 0; i < n; i += k) {
+    int m = n - i < k ? n - i : k;
+    double p = 1.0;
+#pragma omp simd reduction(* : p)
+    for (int j = 0; j < m; j++) p *= t[i + j];
+    out += log(p);
+  }
+  return out;
+}
+
+/* The loss summed over a tile's n prompts; z [c][TILE] (logits) becomes dloss/dz in place.
+   y: the class index (ce) or the target (squared), as doubles. */
+static double tile_loss(int c, int n, double *z, const double *y, int squared, int k) {
+  double acc = 0.0, t[TILE];
+  if (squared) {
+#pragma omp simd reduction(+ : acc)
+    for (int i = 0; i < n; i++) {
+      double r = z[i] - y[i];
+      acc += r * r;
+      z[i] = r;
+    }
+    return 0.5 * acc;
+  }
+  if (c == 1) { /* w = -ytil s; loss softplus(w) = max(w, 0) + log(1 + exp(-|w|)); dloss/ds = -ytil sigma(w) */
+#pragma omp simd reduction(+ : acc)
+    for (int i = 0; i < n; i++) {
+      double sign = 1.0 - 2.0 * y[i];
+      double w = z[i] * sign, e = exp(-fabs(w)), total = 1.0 + e;
+      double pos = w > 0.0 ? w : 0.0, num = w >= 0.0 ? 1.0 : e;
+      acc += pos;
+      t[i] = total;
+      z[i] = num / total * sign;
+    }
+    return acc + sum_log(t, n, k);
+  }
+  double m[TILE];
+  memcpy(m, z, n * sizeof(double));
+  for (int j = 1; j < c; j++) {
+    const double *zj = z + j * TILE;
+#pragma omp simd
+    for (int i = 0; i < n; i++) m[i] = (zj[i] > m[i] || zj[i] != zj[i]) ? zj[i] : m[i]; /* NaN wins, as torch.maximum */
+  }
+  for (int j = 0; j < c; j++) {
+    const double *zj = z + j * TILE;
+#pragma omp simd reduction(+ : acc)
+    for (int i = 0; i < n; i++) acc -= y[i] == j ? zj[i] : 0.0;
+  }
+#pragma omp simd reduction(+ : acc)
+  for (int i = 0; i < n; i++) acc += m[i];
+  memset(t, 0, n * sizeof(double));
+  for (int j = 0; j < c; j++) {
+    double *zj = z + j * TILE;
+#pragma omp simd
+    for (int i = 0; i < n; i++) {
+      zj[i] = exp(zj[i] - m[i]);
+      t[i] += zj[i];
+    }
+  }
+  for (int j = 0; j < c; j++) {
+    double *zj = z + j * TILE, cj = j;
+#pragma omp simd
+    for (int i = 0; i < n; i++) {
+      double hit = y[i] == cj ? 1.0 : 0.0;
+      zj[i] = zj[i] / t[i] - hit;
+    }
+  }
+  return acc + sum_log(t, n, k);
+}
+
+/* ---------------------------------------------------------------------------------------------
+   The reduced LSA's GD step. For each member s and prompt b (prompts last, as training.Problem
+   stores them): u = W x_q, z = V u (c' logits), loss(z, y), g = dloss/dz, grad += (V^T g) x_q^T.
+   A tile of TILE prompts is read once (lsa.reduced_loss_grad reads each chunk twice).
+
+   W [S][d][d], V [S][c][d][B], X [S][d][B], y [S][B] (class index or target)
+   -> loss [S] (summed over prompts), grad [S][d][d] (summed). Returns 0, or -1 for shapes
+   beyond MAX_D / MAX_C. k: the factors per log in the cross-entropy's sum of logs. */
+int reduced_step(int S, int d, int c, long B, const double *W, const double *V, const double *X,
+                 const double *y, int squared, int k, double *loss, double *grad) {
+  if (d > MAX_D || c > MAX_C || d < 1 || c < 1) return -1;
+  double u[MAX_D][TILE], z[MAX_C * TILE], gv[MAX_D][TILE];
+  for (int s = 0; s < S; s++) {
+    const double *Ws = W + (long)s * d * d, *Vs = V + (long)s * c * d * B, *Xs = X + (long)s * d * B;
+    const double *ys = y + (long)s * B;
+    double *G = grad + (long)s * d * d, acc = 0.0;
+    memset(G, 0, d * d * sizeof(double));
+    for (long b0 = 0; b0 < B; b0 += TILE) {
+      int n = B - b0 < TILE ? (int)(B - b0) : TILE;
+      for (int a = 0; a < d; a++) { /* u = W x_q, four columns of W at a time: fewer loads and stores of u */
+        double *ua = u[a];
+        const double *wa = Ws + a * d;
+#pragma omp simd
+        for (int i = 0; i < n; i++) ua[i] = 0.0;
+        int l = 0;
+        for (; l + 4 <= d; l += 4) {
+          const double *x0 = Xs + l * B + b0, *x1 = x0 + B, *x2 = x1 + B, *x3 = x2 + B;
+          double w0 = wa[l], w1 = wa[l + 1], w2 = wa[l + 2], w3 = wa[l + 3];
+#pragma omp simd
+          for (int i = 0; i < n; i++) ua[i] += w0 * x0[i] + w1 * x1[i] + w2 * x2[i] + w3 * x3[i];
+        }
+        for (; l < d; l++) {
+          const double *xl = Xs + l * B + b0;
+          double wl = wa[l];
+#pragma omp simd
+          for (int i = 0; i < n; i++) ua[i] += wl * xl[i];
+        }
+      }
+      for (int j = 0; j < c; j++) {
+        double *zj = z + j * TILE;
+        const double *vj = Vs + (long)j * d * B + b0;
+#pragma omp simd
+        for (int i = 0; i < n; i++) zj[i] = vj[i] * u[0][i];
+        for (int a = 1; a < d; a++) {
+          const double *vja = vj + a * B;
+#pragma omp simd
+          for (int i = 0; i < n; i++) zj[i] += vja[i] * u[a][i];
+        }
+      }
+      acc += tile_loss(c, n, z, ys + b0, squared, k);
+      for (int a = 0; a < d; a++) {
+        double *ga = gv[a];
+        const double *v0a = Vs + a * B + b0;
+#pragma omp simd
+        for (int i = 0; i < n; i++) ga[i] = z[i] * v0a[i];
+        for (int j = 1; j < c; j++) {
+          const double *vja = Vs + ((long)j * d + a) * B + b0, *zj = z + j * TILE;
+#pragma omp simd
+          for (int i = 0; i < n; i++) ga[i] += zj[i] * vja[i];
+        }
+      }
+      /* grad += (V^T g) x_q^T: two rows by four columns at a time, 6 loads per 8 multiply-adds (the
+         row-by-column dot products of the plain loop load twice per multiply-add) */
+      for (int a = 0; a < d; a += 2) {
+        int a2 = a + 1 < d;
+        const double *g0 = gv[a], *g1 = gv[a + a2];
+        int l = 0;
+        for (; l + 4 <= d; l += 4) {
+          const double *x0 = Xs + l * B + b0, *x1 = x0 + B, *x2 = x1 + B, *x3 = x2 + B;
+          double s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13)
+          for (int i = 0; i < n; i++) {
+            s00 += g0[i] * x0[i]; s01 += g0[i] * x1[i]; s02 += g0[i] * x2[i]; s03 += g0[i] * x3[i];
+            s10 += g1[i] * x0[i]; s11 += g1[i] * x1[i]; s12 += g1[i] * x2[i]; s13 += g1[i] * x3[i];
+          }
+          G[a * d + l] += s00; G[a * d + l + 1] += s01; G[a * d + l + 2] += s02; G[a * d + l + 3] += s03;
+          if (a2) { G[(a + 1) * d + l] += s10; G[(a + 1) * d + l + 1] += s11; G[(a + 1) * d + l + 2] += s12; G[(a + 1) * d + l + 3] += s13; }
+        }
+        for (; l < d; l++) {
+          const double *xl = Xs + l * B + b0;
+          double s0 = 0.0, s1 = 0.0;
+#pragma omp simd reduction(+ : s0, s1)
+          for (int i = 0; i < n; i++) { s0 += g0[i] * xl[i]; s1 += g1[i] * xl[i]; }
+          G[a * d + l] += s0;
+          if (a2) G[(a + 1) * d + l] += s1;
+        }
+      }
+    }
+    loss[s] = acc;
+  }
+  return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+   L2-regularised softmax regression on each context by Newton's method (classifiers.logreg_fit):
+   per prompt, minimise sum_m CE(softmax(w [x_m; 1]), y_m) + l2 / 2 ||w||^2 over w [c][d+1] from
+   w = 0, stopping after the first step with max |step| < tol (that step applied) or after max_iter.
+
+   Per step the Hessian is l2 I + sum_m (diag p_m - p_m p_m^T) (x) f_m f_m^T with f = [x; 1]. The
+   rows of diag p - p p^T sum to 0, so its sums follow from the pairs k <= l < c - 1; f f^T is
+   symmetric, so each context keeps its T = e(e+1)/2 products f_i f_j (i <= j), formed once. The
+   system is solved by Cholesky (the Hessian is positive definite: l2 > 0). */
+
+#define LR_MAX_E 17 /* d + 1 */
+#define LR_MAX_C 8
+#define LR_MAX_N (LR_MAX_C * LR_MAX_E)
+#define LR_MAX_T (LR_MAX_E * (LR_MAX_E + 1) / 2)
+#define LR_MAX_U ((LR_MAX_C - 1) * LR_MAX_C / 2)
+
+/* out[r] += sum_i q[i] rows[r][i] for r < count: four rows at a time (independent sums, 5 loads per
+   4 multiply-adds) */
+static void dot_rows(const double *q, const double *const *rows, int count, int n, double *out) {
+  int r = 0;
+  for (; r + 4 <= count; r += 4) {
+    const double *f0 = rows[r], *f1 = rows[r + 1], *f2 = rows[r + 2], *f3 = rows[r + 3];
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int i = 0; i < n; i++) {
+      s0 += q[i] * f0[i];
+      s1 += q[i] * f1[i];
+      s2 += q[i] * f2[i];
+      s3 += q[i] * f3[i];
+    }
+    out[r] += s0, out[r + 1] += s1, out[r + 2] += s2, out[r + 3] += s3;
+  }
+  for (; r < count; r++) {
+    const double *f0 = rows[r];
+    double s0 = 0.0;
+#pragma omp simd reduction(+ : s0)
+    for (int i = 0; i < n; i++) s0 += q[i] * f0[i];
+    out[r] += s0;
+  }
+}
+
+/* solve A s = b for symmetric positive definite A [n][n] (overwritten by its factor); b becomes s */
+static int cholesky_solve(int n, double *A, double *b) {
+  for (int j = 0; j < n; j++) {
+    double *aj = A + j * n, s = aj[j];
+    for (int k = 0; k < j; k++) s -= aj[k] * aj[k];
+    if (!(s > 0.0)) return -1;
+    s = sqrt(s);
+    aj[j] = s;
+    for (int i = j + 1; i < n; i++) {
+      double *ai = A + i * n, t = ai[j];
+      for (int k = 0; k < j; k++) t -= ai[k] * aj[k];
+      ai[j] = t / s;
+    }
+  }
+  for (int i = 0; i < n; i++) { /* L z = b */
+    double t = b[i];
+    for (int k = 0; k < i; k++) t -= A[i * n + k] * b[k];
+    b[i] = t / A[i * n + i];
+  }
+  for (int i = n - 1; i >= 0; i--) { /* L^T s = z */
+    double t = b[i];
+    for (int k = i + 1; k < n; k++) t -= A[k * n + i] * b[k];
+    b[i] = t / A[i * n + i];
+  }
+  return 0;
+}
+
+/* x [P][d][M] (examples last), y [P][M] (class index as double) -> w [P][c][d+1] (intercept last),
+   steps [P] (Newton steps taken; -1 where a Hessian was not positive definite). work: T * M doubles. */
+int logreg_newton(int P, int d, int c, long M, const double *x, const double *y, double l2, double tol,
+                  int max_iter, double *w, int *steps, double *work) {
+  int e = d + 1, n = c * e, T = e * (e + 1) / 2, U = (c - 1) * c / 2;
+  if (e > LR_MAX_E || c > LR_MAX_C || c < 2 || d < 1) return -1;
+  int ti[LR_MAX_T], tj[LR_MAX_T], tix[LR_MAX_E][LR_MAX_E], pa[LR_MAX_U], pb[LR_MAX_U];
+  for (int i = 0, t = 0; i < e; i++)
+    for (int j = i; j < e; j++, t++) ti[t] = i, tj[t] = j, tix[i][j] = tix[j][i] = t;
+  for (int a = 0, u = 0; a < c - 1; a++)
+    for (int b = a; b < c - 1; b++, u++) pa[u] = a, pb[u] = b;
+  double H[LR_MAX_N * LR_MAX_N], g[LR_MAX_N], hs[LR_MAX_U][LR_MAX_T], gs[LR_MAX_C][LR_MAX_E];
+  double z[LR_MAX_C][TILE], q[TILE];
+  for (int p = 0; p < P; p++) {
+    const double *xp = x + (long)p * d * M, *yp = y + (long)p * M;
+    double *wp = w + (long)p * n;
+    for (int t = 0; t < T; t++) { /* f_i f_j, the intercept's products included */
+      double *out = work + t * M;
+      int i = ti[t], j = tj[t];
+      if (j == d) { /* f_i * 1 */
+        if (i == d) for (long m = 0; m < M; m++) out[m] = 1.0;
+        else memcpy(out, xp + i * M, M * sizeof(double));
+      } else {
+        const double *xi = xp + i * M, *xj = xp + j * M;
+#pragma omp simd
+        for (long m = 0; m < M; m++) out[m] = xi[m] * xj[m];
+      }
+    }
+    memset(wp, 0, n * sizeof(double));
+    steps[p] = max_iter;
+    for (int it = 0; it < max_iter; it++) {
+      for (int u = 0; u < U; u++) memset(hs[u], 0, T * sizeof(double));
+      for (int k = 0; k < c; k++) memset(gs[k], 0, e * sizeof(double));
+      for (long m0 = 0; m0 < M; m0 += TILE) {
+        int nt = M - m0 < TILE ? (int)(M - m0) : TILE;
+        const double *ym = yp + m0, *frow[LR_MAX_E], *prow[LR_MAX_T];
+        double mx[TILE], tot[TILE];
+        for (int t = 0; t < T; t++) prow[t] = work + t * M + m0;
+        for (int l = 0; l < e; l++) frow[l] = prow[tix[l][d]]; /* f_l = f_l * 1 */
+        for (int k = 0; k < c; k++) { /* logits w_k . [x; 1] */
+          const double *wk = wp + k * e;
+          double *zk = z[k];
+#pragma omp simd
+          for (int i = 0; i < nt; i++) zk[i] = wk[d];
+          for (int l = 0; l < d; l++) {
+            const double *xl = xp + l * M + m0, wl = wk[l];
+#pragma omp simd
+            for (int i = 0; i < nt; i++) zk[i] += wl * xl[i];
+          }
+        }
+        memcpy(mx, z[0], nt * sizeof(double));
+        for (int k = 1; k < c; k++) {
+#pragma omp simd
+          for (int i = 0; i < nt; i++) mx[i] = z[k][i] > mx[i] ? z[k][i] : mx[i];
+        }
+        memset(tot, 0, nt * sizeof(double));
+        for (int k = 0; k < c; k++) {
+#pragma omp simd
+          for (int i = 0; i < nt; i++) {
+            double v = exp(z[k][i] - mx[i]);
+            z[k][i] = v;
+            tot[i] += v;
+          }
+        }
+        for (int k = 0; k < c; k++) { /* p, then the gradient's sums of (p_k - y_k) f */
+          double ck = k, *zk = z[k], *gk = gs[k];
+#pragma omp simd
+          for (int i = 0; i < nt; i++) {
+            double pk = zk[i] / tot[i];
+            zk[i] = pk;
+            q[i] = pk - (ym[i] == ck ? 1.0 : 0.0);
+          }
+          dot_rows(q, frow, e, nt, gk);
+        }
+        for (int u = 0; u < U; u++) { /* the pairs' weights p_a (delta_ab - p_b) against every product */
+          const double *za = z[pa[u]], *zb = z[pb[u]];
+          if (pa[u] == pb[u]) {
+#pragma omp simd
+            for (int i = 0; i < nt; i++) q[i] = za[i] * (1.0 - za[i]);
+          } else {
+#pragma omp simd
+            for (int i = 0; i < nt; i++) q[i] = -za[i] * zb[i];
+          }
+          dot_rows(q, prow, T, nt, hs[u]);
+        }
+      }
+      /* the c x c blocks from the pairs (rows sum to 0), then H = blocks (x) products + l2 I */
+      double blk[LR_MAX_C][LR_MAX_C][LR_MAX_T];
+      for (int u = 0; u < U; u++)
+        for (int t = 0; t < T; t++) blk[pa[u]][pb[u]][t] = blk[pb[u]][pa[u]][t] = hs[u][t];
+      for (int t = 0; t < T; t++) {
+        double all = 0.0;
+        for (int a = 0; a < c - 1; a++) {
+          double row = 0.0;
+          for (int b = 0; b < c - 1; b++) row += blk[a][b][t];
+          blk[a][c - 1][t] = blk[c - 1][a][t] = -row;
+          all += row;
+        }
+        blk[c - 1][c - 1][t] = all;
+      }
+      for (int k = 0; k < c; k++)
+        for (int i = 0; i < e; i++)
+          for (int l = 0; l < c; l++)
+            for (int j = 0; j < e; j++) H[(k * e + i) * n + l * e + j] = blk[k][l][tix[i][j]];
+      for (int r = 0; r < n; r++) {
+        H[r * n + r] += l2;
+        g[r] = gs[r / e][r % e] + l2 * wp[r];
+      }
+      if (cholesky_solve(n, H, g) != 0) {
+        steps[p] = -1;
+        break;
+      }
+      double big = 0.0;
+      for (int r = 0; r < n; r++) {
+        wp[r] -= g[r];
+        double a = fabs(g[r]);
+        big = a > big || a != a ? a : big;
+      }
+      if (!(big >= tol)) { /* NaN stops too, as in torch */
+        steps[p] = it + 1;
+        break;
+      }
+    }
+  }
+  return 0;
+}
