@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from study import fused
+
 SIGMA_FLOOR = 1e-6  # estimated sigma never collapses onto one example's exact fit
 RIDGE = 1e-8  # keeps an M-step solvable when a component holds fewer than d examples
 CHUNK_ELEMS = 1 << 20  # prompts per chunk: the largest temporary stays near 8 MiB (benchmarks/em.py)
@@ -94,10 +96,14 @@ def fit(
 
     sigma: the known noise std, or None to estimate it. Returns the best restart of every prompt.
     A prompt stops when none of its restarts' log-likelihoods moves by `tol`, and prompts are
-    processed in cache-sized chunks, so every prompt's fit is the one it would get alone.
+    processed in cache-sized chunks, so every prompt's fit is the one it would get alone. On the
+    CPU, where the fused C kernels are built (`study.fused`), EM runs one prompt after another in C
+    (`fused.em_fit`; gradient EM stays here): the same iteration, its sums in another order.
     """
     P, M, d = x.shape
     R, K = beta0.shape[1], beta0.shape[2]
+    if not grad_steps and fused.em_applies(x, K):
+        return Fit(*fused.em_fit(x, y, beta0, sigma, iters, tol, RIDGE, SIGMA_FLOOR))
     step = max(1, CHUNK_ELEMS // (M * max(d * d, R * K)))
     parts = [_fit_chunk(x[s : s + step], y[s : s + step], beta0[s : s + step], sigma, iters, tol, grad_steps) for s in range(0, P, step)]
     return Fit(*(torch.cat([getattr(f, n) for f in parts]) for n in ("beta", "pi", "sigma", "loglik")), max(f.iterations for f in parts))

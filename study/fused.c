@@ -1,7 +1,8 @@
 /* Passes over prompts fused into one loop each, compiled on first use by study/fused.py:
 
    - reduced_step: the reduced LSA's GD step over a stack of training problems (training.step);
-   - logreg_newton: L2-regularised softmax regression on each context by Newton (classifiers.logreg).
+   - logreg_newton: L2-regularised softmax regression on each context by Newton (classifiers.logreg);
+   - em_fit: EM for a mixture of linear regressions on each context, its restarts together (em.fit).
 
    Every loop runs over contiguous prompts or examples, so that the compiler vectorises it, exp and
    log included where the C library has vector variants of them (ICL_MVEC). Sums over prompts or
@@ -379,4 +380,256 @@ int logreg_newton(int P, int d, int c, long M, const double *x, const double *y,
     }
   }
   return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+   EM for a K-component mixture of linear regressions on each context (em.fit with grad_steps = 0):
+   all R restarts of a prompt iterate together until none of their mean log-likelihoods moves by
+   tol (that iteration's M-step applied), or for iters iterations; then the restart with the best
+   final log-likelihood is kept (the first on ties). sigma >= 0: known; < 0: estimated from the
+   data's std, floored at sigma_floor. The M-step solves (sum_i r_ki x_i x_i^T + ridge I) beta_k =
+   sum_i r_ki y_i x_i by Gaussian elimination with partial pivoting. */
+
+#ifndef M_PI
+#define M_PI 3.14159265358979323846
+#endif
+#define EM_MAX_D 16
+#define EM_MAX_K 8
+#define EM_MAX_T (EM_MAX_D * (EM_MAX_D + 1) / 2)
+
+/* solve A s = b, A [n][n] (overwritten), partial pivoting; b becomes s */
+static void lu_solve(int n, double *A, double *b) {
+  for (int j = 0; j < n; j++) {
+    int piv = j;
+    for (int i = j + 1; i < n; i++)
+      if (fabs(A[i * n + j]) > fabs(A[piv * n + j])) piv = i;
+    if (piv != j) {
+      for (int k = 0; k < n; k++) {
+        double t = A[j * n + k];
+        A[j * n + k] = A[piv * n + k];
+        A[piv * n + k] = t;
+      }
+      double t = b[j];
+      b[j] = b[piv];
+      b[piv] = t;
+    }
+    for (int i = j + 1; i < n; i++) {
+      double f = A[i * n + j] / A[j * n + j];
+      for (int k = j + 1; k < n; k++) A[i * n + k] -= f * A[j * n + k];
+      b[i] -= f * b[j];
+    }
+  }
+  for (int i = n - 1; i >= 0; i--) {
+    double t = b[i];
+    for (int k = i + 1; k < n; k++) t -= A[i * n + k] * b[k];
+    b[i] = t / A[i * n + i];
+  }
+}
+
+/* One E-step of one restart over a context: the mean log-likelihood; with sums != NULL also the
+   M-step's sums per component: [N_k, A_k (T products), b_k (d)] = sums + k * (1 + T + d). */
+static double em_estep(int d, int K, long M, const double *x, const double *y, const double *const *prow,
+                       const double *beta, const double *pi, double sig, double *sums) {
+  int T = d * (d + 1) / 2, W = 1 + T + d;
+  double s2 = sig * sig, c0 = 0.5 * log(2.0 * M_PI * s2), lpi[EM_MAX_K], total = 0.0;
+  for (int k = 0; k < K; k++) lpi[k] = log(pi[k]);
+  if (sums) memset(sums, 0, K * W * sizeof(double));
+  double lw[EM_MAX_K][TILE], mx[TILE], den[TILE], ry[TILE];
+  const double *rows[EM_MAX_T];
+  for (long m0 = 0; m0 < M; m0 += TILE) {
+    int nt = M - m0 < TILE ? (int)(M - m0) : TILE;
+    const double *ym = y + m0;
+    for (int k = 0; k < K; k++) {
+      const double *bk = beta + k * d;
+      double *lk = lw[k];
+#pragma omp simd
+      for (int i = 0; i < nt; i++) lk[i] = 0.0;
+      for (int l = 0; l < d; l++) {
+        const double *xl = x + l * M + m0, bl = bk[l];
+#pragma omp simd
+        for (int i = 0; i < nt; i++) lk[i] += bl * xl[i];
+      }
+      double lp = lpi[k];
+#pragma omp simd
+      for (int i = 0; i < nt; i++) {
+        double r = ym[i] - lk[i];
+        lk[i] = lp + (-(r * r)) / (2.0 * s2) - c0;
+      }
+    }
+    memcpy(mx, lw[0], nt * sizeof(double));
+    for (int k = 1; k < K; k++) {
+#pragma omp simd
+      for (int i = 0; i < nt; i++) mx[i] = lw[k][i] > mx[i] ? lw[k][i] : mx[i];
+    }
+    memset(den, 0, nt * sizeof(double));
+    for (int k = 0; k < K; k++) {
+#pragma omp simd
+      for (int i = 0; i < nt; i++) {
+        double v = exp(lw[k][i] - mx[i]);
+        lw[k][i] = v;
+        den[i] += v;
+      }
+    }
+    double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+    for (int i = 0; i < nt; i++) acc += log(den[i]) + mx[i];
+    total += acc;
+    if (!sums) continue;
+    for (int l = 0; l < T; l++) rows[l] = prow[l] + m0;
+    for (int k = 0; k < K; k++) { /* responsibilities, then their sums against 1, x x^T and y x */
+      double *rk = lw[k], *sk = sums + k * W, n = 0.0;
+#pragma omp simd reduction(+ : n)
+      for (int i = 0; i < nt; i++) {
+        double r = rk[i] / den[i];
+        rk[i] = r;
+        ry[i] = r * ym[i];
+        n += r;
+      }
+      sk[0] += n;
+      dot_rows(rk, rows, T, nt, sk + 1);
+      const double *xrows[EM_MAX_D];
+      for (int l = 0; l < d; l++) xrows[l] = x + l * M + m0;
+      dot_rows(ry, xrows, d, nt, sk + 1 + T);
+    }
+  }
+  return total / M;
+}
+
+/* sum_k sum_i r_ki (y_i - beta_k x_i)^2 over a context, the responsibilities r at (beta_old, pi, sig) */
+static double em_scatter(int d, int K, long M, const double *x, const double *y, const double *beta_old,
+                         const double *pi, double sig, const double *beta_new) {
+  double s2 = sig * sig, c0 = 0.5 * log(2.0 * M_PI * s2), lpi[EM_MAX_K], total = 0.0;
+  for (int k = 0; k < K; k++) lpi[k] = log(pi[k]);
+  double lw[EM_MAX_K][TILE], e2[EM_MAX_K][TILE], mx[TILE], den[TILE];
+  for (long m0 = 0; m0 < M; m0 += TILE) {
+    int nt = M - m0 < TILE ? (int)(M - m0) : TILE;
+    const double *ym = y + m0;
+    for (int k = 0; k < K; k++) {
+      const double *bo = beta_old + k * d, *bn = beta_new + k * d;
+      double *lk = lw[k], *ek = e2[k];
+#pragma omp simd
+      for (int i = 0; i < nt; i++) lk[i] = ek[i] = 0.0;
+      for (int l = 0; l < d; l++) {
+        const double *xl = x + l * M + m0;
+        double a = bo[l], b = bn[l];
+#pragma omp simd
+        for (int i = 0; i < nt; i++) {
+          lk[i] += a * xl[i];
+          ek[i] += b * xl[i];
+        }
+      }
+      double lp = lpi[k];
+#pragma omp simd
+      for (int i = 0; i < nt; i++) {
+        double r = ym[i] - lk[i], e = ym[i] - ek[i];
+        lk[i] = lp + (-(r * r)) / (2.0 * s2) - c0;
+        ek[i] = e * e;
+      }
+    }
+    memcpy(mx, lw[0], nt * sizeof(double));
+    for (int k = 1; k < K; k++) {
+#pragma omp simd
+      for (int i = 0; i < nt; i++) mx[i] = lw[k][i] > mx[i] ? lw[k][i] : mx[i];
+    }
+    memset(den, 0, nt * sizeof(double));
+    for (int k = 0; k < K; k++) {
+#pragma omp simd
+      for (int i = 0; i < nt; i++) {
+        double v = exp(lw[k][i] - mx[i]);
+        lw[k][i] = v;
+        den[i] += v;
+      }
+    }
+    for (int k = 0; k < K; k++) {
+      double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+      for (int i = 0; i < nt; i++) acc += lw[k][i] / den[i] * e2[k][i];
+      total += acc;
+    }
+  }
+  return total;
+}
+
+/* x [P][d][M] (examples last), y [P][M], beta0 [P][R][K][d] -> beta [P][K][d], pi [P][K], sigma [P],
+   loglik [P]; returns the most iterations any prompt ran, or -1 for shapes beyond the kernel.
+   work: T * M + R * (K * d + K + 2 + K * (1 + T + d)) doubles, T = d (d + 1) / 2. */
+int em_fit(int P, int d, int K, int R, long M, const double *x, const double *y, const double *beta0,
+           double sigma, int iters, double tol, double ridge, double sigma_floor, double *beta_out,
+           double *pi_out, double *sigma_out, double *loglik_out, double *work) {
+  if (d < 1 || d > EM_MAX_D || K < 1 || K > EM_MAX_K || R < 1 || M < 1) return -1;
+  int T = d * (d + 1) / 2, W = 1 + T + d, most = 0;
+  int ti[EM_MAX_T], tj[EM_MAX_T];
+  for (int i = 0, t = 0; i < d; i++)
+    for (int j = i; j < d; j++, t++) ti[t] = i, tj[t] = j;
+  double *prod = work, *beta = prod + T * M, *pi = beta + R * K * d, *sig = pi + R * K, *sums = sig + R;
+  double *prev = sums + R * K * W;
+  const double *prow[EM_MAX_T];
+  for (int t = 0; t < T; t++) prow[t] = prod + t * M;
+  for (int p = 0; p < P; p++) {
+    const double *xp = x + (long)p * d * M, *yp = y + (long)p * M;
+    for (int t = 0; t < T; t++) {
+      const double *a = xp + ti[t] * M, *b = xp + tj[t] * M;
+      double *out = prod + t * M;
+#pragma omp simd
+      for (long m = 0; m < M; m++) out[m] = a[m] * b[m];
+    }
+    double s0 = sigma;
+    if (sigma < 0.0) { /* the data's std (unbiased), floored */
+      double mean = 0.0, ss = 0.0;
+      for (long m = 0; m < M; m++) mean += yp[m];
+      mean /= M;
+      for (long m = 0; m < M; m++) ss += (yp[m] - mean) * (yp[m] - mean);
+      s0 = M > 1 ? sqrt(ss / (M - 1)) : NAN;
+      s0 = s0 > sigma_floor ? s0 : sigma_floor;
+    }
+    memcpy(beta, beta0 + (long)p * R * K * d, R * K * d * sizeof(double));
+    for (int r = 0; r < R; r++) {
+      for (int k = 0; k < K; k++) pi[r * K + k] = 1.0 / K;
+      sig[r] = s0;
+      prev[r] = -INFINITY;
+    }
+    int it = 0;
+    for (it = 1; it <= iters; it++) {
+      double moved = 0.0;
+      for (int r = 0; r < R; r++) {
+        double *br = beta + r * K * d, *pr = pi + r * K, *sr = sums + r * K * W;
+        double sc = sig[r] > sigma_floor ? sig[r] : sigma_floor;
+        double ll = em_estep(d, K, M, xp, yp, prow, br, pr, sc, sr);
+        double mv = fabs(ll - prev[r]);
+        moved = mv > moved || mv != mv ? mv : moved;
+        prev[r] = ll;
+        double nb[EM_MAX_K * EM_MAX_D];
+        for (int k = 0; k < K; k++) {
+          double *sk = sr + k * W, A[EM_MAX_D * EM_MAX_D], *bk = nb + k * d;
+          for (int t = 0; t < T; t++) A[ti[t] * d + tj[t]] = A[tj[t] * d + ti[t]] = sk[1 + t];
+          for (int l = 0; l < d; l++) A[l * d + l] += ridge, bk[l] = sk[1 + T + l];
+          lu_solve(d, A, bk);
+        }
+        if (sigma < 0.0) {
+          double s = sqrt(em_scatter(d, K, M, xp, yp, br, pr, sc, nb) / M);
+          sig[r] = s > sigma_floor ? s : sigma_floor;
+        }
+        for (int k = 0; k < K; k++) {
+          double n = sr[k * W] / M;
+          pr[k] = n > 1e-12 ? n : 1e-12;
+        }
+        memcpy(br, nb, K * d * sizeof(double));
+      }
+      if (!(moved >= tol)) break; /* converged (NaN stops too, as in torch) */
+    }
+    if (it > iters) it = iters;
+    most = it > most ? it : most;
+    int best = 0;
+    double best_ll = 0.0;
+    for (int r = 0; r < R; r++) {
+      double sc = sig[r] > sigma_floor ? sig[r] : sigma_floor;
+      double ll = em_estep(d, K, M, xp, yp, prow, beta + r * K * d, pi + r * K, sc, NULL);
+      if (r == 0 || ll > best_ll) best = r, best_ll = ll;
+    }
+    memcpy(beta_out + (long)p * K * d, beta + best * K * d, K * d * sizeof(double));
+    memcpy(pi_out + (long)p * K, pi + best * K, K * sizeof(double));
+    sigma_out[p] = sig[best];
+    loglik_out[p] = best_ll;
+  }
+  return most;
 }

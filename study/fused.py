@@ -6,6 +6,8 @@
   does the whole step, loss and gradient, in one pass over tiles of prompts that stay in L1.
 - `logreg_newton`: `classifiers.logreg`'s Newton fits, one context after another, each step one pass
   over the context's examples (logits, softmax, gradient and Hessian sums) and a Cholesky solve.
+- `em_fit`: `em.fit`'s EM, one context after another with its restarts together, each iteration one
+  pass over the examples per restart (E-step and the M-step's sums) and a d x d solve per component.
 
 The C source is compiled by the system's C compiler (`$CC`, else `cc`) the first time a process
 needs it, for the CPU it runs on (`-march=native`), and the library is cached under
@@ -38,6 +40,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapp
 VECTOR_MATH = (["-DICL_MVEC"], ["-lmvec", "-lm"])
 MAX_D, MAX_C = 32, 16  # the GD step's d and c', as fused.c
 LOGREG_MAX_D, LOGREG_MAX_C = 16, 8  # logreg_newton's d and c
+EM_MAX_D, EM_MAX_K = 16, 8  # em_fit's d and K
 
 
 def _cpu() -> str:
@@ -94,6 +97,9 @@ def library() -> ctypes.CDLL | None:
     lib.reduced_step.restype = lib.logreg_newton.restype = i
     lib.reduced_step.argtypes = [i, i, i, ctypes.c_long, ptr, ptr, ptr, ptr, i, i, ptr, ptr]
     lib.logreg_newton.argtypes = [i, i, i, ctypes.c_long, ptr, ptr, ctypes.c_double, ctypes.c_double, i, ptr, ptr, ptr]
+    f64 = ctypes.c_double
+    lib.em_fit.restype = i
+    lib.em_fit.argtypes = [i, i, i, i, ctypes.c_long, ptr, ptr, ptr, f64, i, f64, f64, f64, ptr, ptr, ptr, ptr, ptr]
     return lib
 
 
@@ -143,3 +149,29 @@ def logreg_newton(x: torch.Tensor, y: torch.Tensor, c: int, l2: float, tol: floa
     if done != 0:
         raise ValueError(f"fused.logreg_newton: shapes beyond the kernel's (d <= {LOGREG_MAX_D}, 2 <= c <= {LOGREG_MAX_C}): d = {d}, c = {c}")
     return w.masked_fill_((steps < 0)[:, None, None], math.nan)
+
+
+def em_applies(x: torch.Tensor, K: int) -> bool:
+    """Whether `em_fit` can fit contexts x [P, M, d] with K components."""
+    return x.device.type == "cpu" and x.dtype == torch.float64 and x.shape[2] <= EM_MAX_D and K <= EM_MAX_K and library() is not None
+
+
+def em_fit(x: torch.Tensor, y: torch.Tensor, beta0: torch.Tensor, sigma: float | None, iters: int, tol: float, ridge: float, sigma_floor: float) -> tuple[torch.Tensor, ...]:
+    """EM on each context from the starts beta0, as `em.fit` with grad_steps = 0 (see `em_applies`).
+
+    Shapes: x [P, M, d], y [P, M], beta0 [P, R, K, d] -> beta [P, K, d], pi [P, K], sigma [P],
+    loglik [P] of the best restart, and the most iterations any prompt ran.
+    """
+    P, M, d = x.shape
+    R, K = beta0.shape[1], beta0.shape[2]
+    T = d * (d + 1) // 2
+    xt = x.transpose(1, 2).contiguous()  # examples last
+    y, beta0 = y.to(torch.float64).contiguous(), beta0.to(torch.float64).contiguous()
+    beta, pi, sig, loglik = x.new_empty(P, K, d), x.new_empty(P, K), x.new_empty(P), x.new_empty(P)
+    work = x.new_empty(T * M + R * (K * d + K + 2 + K * (1 + T + d)))  # see fused.c
+    known = -1.0 if sigma is None else float(sigma)
+    outs = [t.data_ptr() for t in (beta, pi, sig, loglik, work)]
+    its = library().em_fit(P, d, K, R, M, xt.data_ptr(), y.data_ptr(), beta0.data_ptr(), known, iters, tol, ridge, sigma_floor, *outs)
+    if its < 0:
+        raise ValueError(f"fused.em_fit: shapes beyond the kernel's (d <= {EM_MAX_D}, K <= {EM_MAX_K}, M >= 1): d = {d}, K = {K}, M = {M}")
+    return beta, pi, sig, loglik, its

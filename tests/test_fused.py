@@ -1,5 +1,6 @@
 """The fused C step (study/fused.py) against the torch kernels it replaces, and its build."""
 
+import itertools
 import math
 import os
 import shutil
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from study import classifiers, fused, lsa, training
+from study import classifiers, em, fused, lsa, training
 
 needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler: training takes the torch path")
 
@@ -140,3 +141,45 @@ def test_logreg_beyond_the_kernel_takes_the_torch_path():
     assert not fused.logreg_applies(x, 3)
     assert not fused.logreg_applies(x[..., :2], fused.LOGREG_MAX_C + 1)
     assert not fused.logreg_applies(x[..., :2].float(), 3)
+
+
+def _mixture(P, M, d, K, R, snr, seed):
+    g = torch.Generator().manual_seed(seed)
+    betas = torch.randn(P, K, d, generator=g, dtype=torch.float64)
+    betas = snr * betas / betas.norm(dim=-1, keepdim=True)
+    x = torch.randn(P, M, d, generator=g, dtype=torch.float64)
+    lab = torch.randint(K, (P, M), generator=g)
+    y = (betas[torch.arange(P)[:, None], lab] * x).sum(-1) + 0.5 * torch.randn(P, M, generator=g, dtype=torch.float64)
+    return x, y, em.init_beta(x, y, torch.randn(P, R, K, d, generator=g, dtype=torch.float64))
+
+
+@needs_cc
+@pytest.mark.parametrize("d, K, R, sigma", [(4, 2, 4, 0.5), (4, 2, 4, None), (2, 3, 2, 0.0), (3, 3, 3, None), (fused.EM_MAX_D, 2, 1, 0.5)])
+def test_fused_em_equals_the_torch_em(d, K, R, sigma, monkeypatch):
+    """EM in C against the torch iteration: the same log-likelihoods (1e-9, 1e-12 relative) and iterations, and the
+    same fits up to the order of the components (restarts that reach one optimum tie to 1e-16 in
+    log-likelihood, with their components in any order, and rounding decides which is kept), at
+    M below, around and beyond a tile."""
+    for M in (8, 37, 300):
+        x, y, b0 = _mixture(64, M, d, K, R, snr=3.0, seed=M + d)
+        got = em.fit(x, y, b0, sigma, 50, 1e-8)
+        monkeypatch.setattr(fused, "em_applies", lambda x, K: False)
+        want = em.fit(x, y, b0, sigma, 50, 1e-8)
+        monkeypatch.undo()
+        assert got.iterations == want.iterations
+        torch.testing.assert_close(got.loglik, want.loglik, rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(got.sigma, want.sigma, rtol=1e-6, atol=1e-9)
+        perms = torch.tensor(list(itertools.permutations(range(K))))
+        gap = lambda p: torch.maximum((got.beta[:, p] - want.beta).abs().amax((1, 2)), (got.pi[:, p] - want.pi).abs().amax(1))  # noqa: E731
+        assert float(torch.stack([gap(p) for p in perms]).amin(0).max()) < 1e-5, f"M={M}"
+
+
+@needs_cc
+def test_fused_em_is_chosen_for_em_only_and_within_its_limits(monkeypatch):
+    x, y, b0 = _mixture(4, 10, 2, 2, 2, snr=2.0, seed=1)
+    calls = []
+    monkeypatch.setattr(fused, "em_fit", lambda *a: calls.append(1) or pytest.fail("gradient EM must stay in torch"))
+    em.fit(x, y, b0, 0.5, 5, 1e-8, grad_steps=3)
+    assert calls == []
+    assert not fused.em_applies(torch.zeros(1, 4, fused.EM_MAX_D + 1, dtype=torch.float64), 2)
+    assert not fused.em_applies(torch.zeros(1, 4, 2, dtype=torch.float64), fused.EM_MAX_K + 1)
