@@ -1,6 +1,6 @@
 /* Passes over prompts fused into one loop each, compiled on first use by study/fused.py:
 
-   - reduced_step: the reduced LSA's GD step over a stack of training problems (training.step);
+   - reduced_step, full_step: the LSA's GD step over a stack of training problems (training.step);
    - logreg_newton: L2-regularised softmax regression on each context by Newton (classifiers.logreg);
    - em_fit: EM for a mixture of linear regressions on each context, its restarts together (em.fit).
 
@@ -92,6 +92,31 @@ static double tile_loss(int c, int n, double *z, const double *y, int squared, i
     }
   }
   return acc + sum_log(t, n, k);
+}
+
+/* out[r] += sum_i q[i] rows[r][i] for r < count: four rows at a time (independent sums, 5 loads per
+   4 multiply-adds) */
+static void dot_rows(const double *q, const double *const *rows, int count, int n, double *out) {
+  int r = 0;
+  for (; r + 4 <= count; r += 4) {
+    const double *f0 = rows[r], *f1 = rows[r + 1], *f2 = rows[r + 2], *f3 = rows[r + 3];
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int i = 0; i < n; i++) {
+      s0 += q[i] * f0[i];
+      s1 += q[i] * f1[i];
+      s2 += q[i] * f2[i];
+      s3 += q[i] * f3[i];
+    }
+    out[r] += s0, out[r + 1] += s1, out[r + 2] += s2, out[r + 3] += s3;
+  }
+  for (; r < count; r++) {
+    const double *f0 = rows[r];
+    double s0 = 0.0;
+#pragma omp simd reduction(+ : s0)
+    for (int i = 0; i < n; i++) s0 += q[i] * f0[i];
+    out[r] += s0;
+  }
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -188,6 +213,116 @@ int reduced_step(int S, int d, int c, long B, const double *W, const double *V, 
 }
 
 /* ---------------------------------------------------------------------------------------------
+   The full LSA's GD step (lsa.full_loss_grad). For each member s and prompt b: a = K x_q,
+   h = G a, z = P h (c' logits), loss(z, y), g = dloss/dz; dP += g h^T, da = G^T (P^T g),
+   dK += da x_q^T. A tile of FULL_TILE prompts of G (D x D each) is read from memory once; its
+   second use (da) finds it in cache.
+
+   P [S][c][D], K [S][D][d], G [S][D][D][B], X [S][d][B], y [S][B] -> loss [S], dP [S][c][D],
+   dK [S][D][d] (sums over prompts). Returns 0, or -1 beyond FULL_MAX_D / MAX_C. */
+
+#define FULL_TILE 64
+#define FULL_MAX_D 48 /* D = d + c' */
+
+int full_step(int S, int d, int c, int D, long B, const double *P, const double *K, const double *G,
+              const double *X, const double *y, int squared, int k, double *loss, double *dP, double *dK) {
+  if (D > FULL_MAX_D || c > MAX_C || d < 1 || c < 1 || D < d) return -1;
+  double a[FULL_MAX_D][FULL_TILE], h[FULL_MAX_D][FULL_TILE], pg[FULL_MAX_D][FULL_TILE], z[MAX_C * TILE];
+  const double *rows[FULL_MAX_D], *xrows[FULL_MAX_D];
+  for (int i = 0; i < D; i++) rows[i] = h[i];
+  for (int s = 0; s < S; s++) {
+    const double *Ps = P + (long)s * c * D, *Ks = K + (long)s * D * d, *Gs = G + (long)s * D * D * B;
+    const double *Xs = X + (long)s * d * B, *ys = y + (long)s * B;
+    double *dPs = dP + (long)s * c * D, *dKs = dK + (long)s * D * d, acc = 0.0;
+    memset(dPs, 0, c * D * sizeof(double));
+    memset(dKs, 0, D * d * sizeof(double));
+    for (long b0 = 0; b0 < B; b0 += FULL_TILE) {
+      int n = B - b0 < FULL_TILE ? (int)(B - b0) : FULL_TILE;
+      for (int l = 0; l < d; l++) xrows[l] = Xs + l * B + b0;
+      for (int i = 0; i < D; i++) { /* a = K x_q */
+        const double *ki = Ks + i * d;
+        double *ai = a[i];
+#pragma omp simd
+        for (int t = 0; t < n; t++) ai[t] = 0.0;
+        for (int l = 0; l < d; l++) {
+          const double *xl = xrows[l], w = ki[l];
+#pragma omp simd
+          for (int t = 0; t < n; t++) ai[t] += w * xl[t];
+        }
+      }
+      for (int i = 0; i < D; i++) { /* h = G a, four columns of G at a time */
+        double *hi = h[i];
+        const double *gi = Gs + (long)i * D * B + b0;
+#pragma omp simd
+        for (int t = 0; t < n; t++) hi[t] = 0.0;
+        int j = 0;
+        for (; j + 4 <= D; j += 4) {
+          const double *g0 = gi + j * B, *g1 = g0 + B, *g2 = g1 + B, *g3 = g2 + B;
+          const double *a0 = a[j], *a1 = a[j + 1], *a2 = a[j + 2], *a3 = a[j + 3];
+#pragma omp simd
+          for (int t = 0; t < n; t++) hi[t] += g0[t] * a0[t] + g1[t] * a1[t] + g2[t] * a2[t] + g3[t] * a3[t];
+        }
+        for (; j < D; j++) {
+          const double *gij = gi + j * B, *aj = a[j];
+#pragma omp simd
+          for (int t = 0; t < n; t++) hi[t] += gij[t] * aj[t];
+        }
+      }
+      for (int j = 0; j < c; j++) { /* z = P h */
+        double *zj = z + j * TILE;
+        const double *pj = Ps + j * D;
+#pragma omp simd
+        for (int t = 0; t < n; t++) zj[t] = 0.0;
+        for (int i = 0; i < D; i++) {
+          const double *hi = h[i], w = pj[i];
+#pragma omp simd
+          for (int t = 0; t < n; t++) zj[t] += w * hi[t];
+        }
+      }
+      acc += tile_loss(c, n, z, ys + b0, squared, k);
+      for (int j = 0; j < c; j++) dot_rows(z + j * TILE, rows, D, n, dPs + j * D); /* dP += g h^T */
+      for (int i = 0; i < D; i++) { /* pg = P^T g */
+        double *pi = pg[i];
+#pragma omp simd
+        for (int t = 0; t < n; t++) pi[t] = 0.0;
+        for (int j = 0; j < c; j++) {
+          const double *zj = z + j * TILE, w = Ps[j * D + i];
+#pragma omp simd
+          for (int t = 0; t < n; t++) pi[t] += w * zj[t];
+        }
+      }
+      for (int j = 0; j < D; j++) { /* da = G^T pg, into a (no longer needed) */
+        double *aj = a[j];
+#pragma omp simd
+        for (int t = 0; t < n; t++) aj[t] = 0.0;
+      }
+      int i = 0;
+      for (; i + 4 <= D; i += 4) { /* four rows of G at a time */
+        const double *p0 = pg[i], *p1 = pg[i + 1], *p2 = pg[i + 2], *p3 = pg[i + 3];
+        for (int j = 0; j < D; j++) {
+          const double *g0 = Gs + ((long)i * D + j) * B + b0, *g1 = g0 + D * B, *g2 = g1 + D * B, *g3 = g2 + D * B;
+          double *aj = a[j];
+#pragma omp simd
+          for (int t = 0; t < n; t++) aj[t] += g0[t] * p0[t] + g1[t] * p1[t] + g2[t] * p2[t] + g3[t] * p3[t];
+        }
+      }
+      for (; i < D; i++) {
+        const double *pi = pg[i];
+        for (int j = 0; j < D; j++) {
+          const double *gij = Gs + ((long)i * D + j) * B + b0;
+          double *aj = a[j];
+#pragma omp simd
+          for (int t = 0; t < n; t++) aj[t] += gij[t] * pi[t];
+        }
+      }
+      for (int i = 0; i < D; i++) dot_rows(a[i], xrows, d, n, dKs + i * d); /* dK += da x_q^T */
+    }
+    loss[s] = acc;
+  }
+  return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
    L2-regularised softmax regression on each context by Newton's method (classifiers.logreg_fit):
    per prompt, minimise sum_m CE(softmax(w [x_m; 1]), y_m) + l2 / 2 ||w||^2 over w [c][d+1] from
    w = 0, stopping after the first step with max |step| < tol (that step applied) or after max_iter.
@@ -202,31 +337,6 @@ int reduced_step(int S, int d, int c, long B, const double *W, const double *V, 
 #define LR_MAX_N (LR_MAX_C * LR_MAX_E)
 #define LR_MAX_T (LR_MAX_E * (LR_MAX_E + 1) / 2)
 #define LR_MAX_U ((LR_MAX_C - 1) * LR_MAX_C / 2)
-
-/* out[r] += sum_i q[i] rows[r][i] for r < count: four rows at a time (independent sums, 5 loads per
-   4 multiply-adds) */
-static void dot_rows(const double *q, const double *const *rows, int count, int n, double *out) {
-  int r = 0;
-  for (; r + 4 <= count; r += 4) {
-    const double *f0 = rows[r], *f1 = rows[r + 1], *f2 = rows[r + 2], *f3 = rows[r + 3];
-    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int i = 0; i < n; i++) {
-      s0 += q[i] * f0[i];
-      s1 += q[i] * f1[i];
-      s2 += q[i] * f2[i];
-      s3 += q[i] * f3[i];
-    }
-    out[r] += s0, out[r + 1] += s1, out[r + 2] += s2, out[r + 3] += s3;
-  }
-  for (; r < count; r++) {
-    const double *f0 = rows[r];
-    double s0 = 0.0;
-#pragma omp simd reduction(+ : s0)
-    for (int i = 0; i < n; i++) s0 += q[i] * f0[i];
-    out[r] += s0;
-  }
-}
 
 /* solve A s = b for symmetric positive definite A [n][n] (overwritten by its factor); b becomes s */
 static int cholesky_solve(int n, double *A, double *b) {

@@ -1,9 +1,10 @@
 """Passes over prompts fused into one loop each, in C (`fused.c`), compiled on first use.
 
-- `loss_grad`: the reduced LSA's GD step. `lsa.reduced_loss_grad` runs about ten torch operations
+- `loss_grad`, `full_loss_grad`: the reduced and the full LSA's GD step. `lsa.reduced_loss_grad` runs about ten torch operations
   over every chunk of prompts and reads the chunk twice; at small d each does a few flops per number
   it reads, so the step is bound by passes over memory and by the cost per operation. The kernel
-  does the whole step, loss and gradient, in one pass over tiles of prompts that stay in L1.
+  does the whole step, loss and gradient, in one pass over tiles of prompts that stay in L1 (the
+  full form's Gram matrices: in L2, for their second use).
 - `logreg_newton`: `classifiers.logreg`'s Newton fits, one context after another, each step one pass
   over the context's examples (logits, softmax, gradient and Hessian sums) and a Cholesky solve.
 - `em_fit`: `em.fit`'s EM, one context after another with its restarts together, each iteration one
@@ -39,6 +40,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapp
 # exp and log through the C library's vector variants (glibc's libmvec), where it has them
 VECTOR_MATH = (["-DICL_MVEC"], ["-lmvec", "-lm"])
 MAX_D, MAX_C = 32, 16  # the GD step's d and c', as fused.c
+FULL_MAX_D = 48  # the full step's D = d + c'
 LOGREG_MAX_D, LOGREG_MAX_C = 16, 8  # logreg_newton's d and c
 EM_MAX_D, EM_MAX_K = 16, 8  # em_fit's d and K
 
@@ -96,11 +98,19 @@ def library() -> ctypes.CDLL | None:
     i, ptr = ctypes.c_int, ctypes.c_void_p
     lib.reduced_step.restype = lib.logreg_newton.restype = i
     lib.reduced_step.argtypes = [i, i, i, ctypes.c_long, ptr, ptr, ptr, ptr, i, i, ptr, ptr]
+    lib.full_step.restype = i
+    lib.full_step.argtypes = [i, i, i, i, ctypes.c_long, ptr, ptr, ptr, ptr, ptr, i, i, ptr, ptr, ptr]
     lib.logreg_newton.argtypes = [i, i, i, ctypes.c_long, ptr, ptr, ctypes.c_double, ctypes.c_double, i, ptr, ptr, ptr]
     f64 = ctypes.c_double
     lib.em_fit.restype = i
     lib.em_fit.argtypes = [i, i, i, i, ctypes.c_long, ptr, ptr, ptr, f64, i, f64, f64, f64, ptr, ptr, ptr, ptr, ptr]
     return lib
+
+
+def _logs_per_product(c: int) -> int:
+    """Factors per log in the cross-entropy's sum of logs (lsa._sum_log): each lies in [1, 2] (binary) or [1, c']."""
+    bound = 2.0 if c == 1 else float(c)
+    return max(1, int(0.9 * math.log(torch.finfo(torch.float64).max) / math.log(bound)))
 
 
 def applies(V: torch.Tensor) -> bool:
@@ -119,12 +129,34 @@ def loss_grad(W: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch.Tenso
         raise ValueError("fused.loss_grad needs contiguous statistics, prompts last, and float64 labels")
     W = W.contiguous()
     out, grad = W.new_empty(S), torch.empty_like(W)
-    bound = 2.0 if c == 1 else float(c)  # each prompt's term of the sum of logs lies in [1, bound]
-    k = max(1, int(0.9 * math.log(torch.finfo(torch.float64).max) / math.log(bound)))
-    done = library().reduced_step(S, d, c, B, W.data_ptr(), V.data_ptr(), xq.data_ptr(), y.data_ptr(), int(loss == "squared"), k, out.data_ptr(), grad.data_ptr())
+    done = library().reduced_step(S, d, c, B, W.data_ptr(), V.data_ptr(), xq.data_ptr(), y.data_ptr(), int(loss == "squared"), _logs_per_product(c), out.data_ptr(), grad.data_ptr())
     if done != 0:
         raise ValueError(f"fused.loss_grad: shapes beyond the kernel's (d <= {MAX_D}, c' <= {MAX_C}): d = {d}, c' = {c}")
     return out, grad
+
+
+def full_applies(G: torch.Tensor, c: int) -> bool:
+    """Whether the fused full step can run on Gram matrices G [S, D, D, B] (prompts last) with c' labels."""
+    return G.device.type == "cpu" and G.dtype == torch.float64 and G.shape[1] <= FULL_MAX_D and c <= MAX_C and library() is not None
+
+
+def full_loss_grad(P: torch.Tensor, K: torch.Tensor, G: torch.Tensor, xq: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """lsa.full_loss_grad over all the prompts in one pass (see `full_applies`).
+
+    Shapes: P [S, c', D], K [S, D, d], G [S, D, D, B], xq [S, d, B] (contiguous), y [S, B] float64
+    -> summed loss [S], dP [S, c', D], dK [S, D, d].
+    """
+    S, c, D = P.shape
+    d, B = xq.shape[1], xq.shape[2]
+    if not (G.is_contiguous() and xq.is_contiguous() and y.is_contiguous() and y.dtype == torch.float64):
+        raise ValueError("fused.full_loss_grad needs contiguous statistics, prompts last, and float64 labels")
+    P, K = P.contiguous(), K.contiguous()
+    out, dP, dK = P.new_empty(S), torch.empty_like(P), torch.empty_like(K)
+    ins = [t.data_ptr() for t in (P, K, G, xq, y)]
+    done = library().full_step(S, d, c, D, B, *ins, int(loss == "squared"), _logs_per_product(c), out.data_ptr(), dP.data_ptr(), dK.data_ptr())
+    if done != 0:
+        raise ValueError(f"fused.full_loss_grad: shapes beyond the kernel's (D <= {FULL_MAX_D}, c' <= {MAX_C}): D = {D}, c' = {c}")
+    return out, dP, dK
 
 
 def logreg_applies(x: torch.Tensor, c: int) -> bool:

@@ -166,13 +166,16 @@ def step(params: dict[str, torch.Tensor], prob: Problem) -> tuple[torch.Tensor, 
             grad += g
         return loss / B, {"W": grad / B}
     P, K = params["W_PV"][:, d:, :], params["W_KQ"][:, :, :d]
-    dP, dK = torch.zeros_like(P), torch.zeros_like(K)
     G = prob.gram.permute(0, 2, 3, 1)  # [S, D, D, B], contiguous
-    for c in _chunks(prob, G.shape[1] ** 2 + d):
-        ls, gP, gK = lsa.full_loss_grad(P, K, G[..., c], xq[..., c], prob.yq[:, c], prob.loss)
-        loss += ls
-        dP += gP
-        dK += gK
+    if P.dtype == torch.float64 and not P.requires_grad and fused.full_applies(G, P.shape[1]):
+        loss, dP, dK = fused.full_loss_grad(P, K, G, xq, prob.labels, prob.loss)
+    else:
+        dP, dK = torch.zeros_like(P), torch.zeros_like(K)
+        for c in _chunks(prob, G.shape[1] ** 2 + d):
+            ls, gP, gK = lsa.full_loss_grad(P, K, G[..., c], xq[..., c], prob.yq[:, c], prob.loss)
+            loss += ls
+            dP += gP
+            dK += gK
     gPV, gKQ = torch.zeros_like(params["W_PV"]), torch.zeros_like(params["W_KQ"])
     gPV[:, d:, :], gKQ[:, :, :d] = dP / B, dK / B
     return loss / B, {"W_PV": gPV, "W_KQ": gKQ}

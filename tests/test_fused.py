@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
-from study import classifiers, em, fused, lsa, training
+from study import classifiers, em, fused, gmm, lsa, training
+from study.config import GMMTask
+from study.covariance import covariance
 
 needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler: training takes the torch path")
 
@@ -183,3 +185,50 @@ def test_fused_em_is_chosen_for_em_only_and_within_its_limits(monkeypatch):
     assert calls == []
     assert not fused.em_applies(torch.zeros(1, 4, fused.EM_MAX_D + 1, dtype=torch.float64), 2)
     assert not fused.em_applies(torch.zeros(1, 4, 2, dtype=torch.float64), fused.EM_MAX_K + 1)
+
+
+def _torch_full(P, K, G, xq, y, loss, chunk=300):
+    out, dP, dK = P.new_zeros(P.shape[0]), torch.zeros_like(P), torch.zeros_like(K)
+    for s in range(0, G.shape[-1], chunk):
+        ls, gP, gK = lsa.full_loss_grad(P, K, G[..., s : s + chunk], xq[..., s : s + chunk], y[:, s : s + chunk], loss)
+        out, dP, dK = out + ls, dP + gP, dK + gK
+    return out, dP, dK
+
+
+@needs_cc
+@pytest.mark.parametrize("d, c, loss", [(1, 1, "ce"), (4, 1, "ce"), (4, 3, "ce"), (16, 1, "ce"), (3, 1, "squared"), (fused.FULL_MAX_D - fused.MAX_C, fused.MAX_C, "ce")])
+def test_fused_full_step_equals_the_torch_kernels(d, c, loss):
+    """The full form's loss and gradients to 1e-12, on Gram matrices Z Z^T / n of random Z (as
+    training stores them), B = 1000 (not a multiple of the tile)."""
+    S, B, D = 2, 1000, d + c
+    g = torch.Generator().manual_seed(d + 7 * c)
+    Z = torch.randn(S, B, D, D + 2, generator=g, dtype=torch.float64)
+    G = (Z @ Z.transpose(-1, -2) / (D + 2)).permute(0, 2, 3, 1).contiguous()
+    xq = torch.randn(S, d, B, generator=g, dtype=torch.float64)
+    y = torch.randn(S, B, generator=g, dtype=torch.float64) if loss == "squared" else torch.randint(max(c, 2), (S, B), generator=g)
+    P = torch.randn(S, c, D, generator=g, dtype=torch.float64) / D
+    K = torch.randn(S, D, d, generator=g, dtype=torch.float64) / D
+    want = _torch_full(P, K, G, xq, y, loss)
+    got = fused.full_loss_grad(P, K, G, xq, y.double(), loss)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max()))
+
+
+@needs_cc
+def test_training_the_full_form_takes_the_fused_step_and_trains_the_same_parameters(monkeypatch):
+    task = GMMTask(d=3, c=3, snr=1.5)
+    cov = covariance(task.cov, task.d, task.kappa, task.cov_seed)
+    st = [gmm.sample_train(task, cov, 20, 700, s, gram=True) for s in (0, 1)]
+    stats = [torch.stack([getattr(s, f) for s in st]) for f in ("V", "xq", "yq", "gram")]
+    prob = training.Problem(*stats, torch.tensor([1.0, 2.0], dtype=torch.float64), cov.inv.expand(2, 3, 3).clone(), 3.0)
+    calls = []
+    monkeypatch.setattr(fused, "full_loss_grad", lambda *a: calls.append(1) or _full_kernel(*a))
+    fast, _, _ = training.gd(training.init_params(prob, "full"), prob, steps=30)
+    assert len(calls) == 31
+    monkeypatch.setattr(fused, "full_applies", lambda G, c: False)
+    slow, _, _ = training.gd(training.init_params(prob, "full"), prob, steps=30)
+    for k in fast:
+        torch.testing.assert_close(fast[k], slow[k], rtol=1e-11, atol=1e-13)
+
+
+_full_kernel = fused.full_loss_grad
