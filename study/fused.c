@@ -138,23 +138,33 @@ int reduced_step(int S, int d, int c, long B, const double *W, const double *V, 
     memset(G, 0, d * d * sizeof(double));
     for (long b0 = 0; b0 < B; b0 += TILE) {
       int n = B - b0 < TILE ? (int)(B - b0) : TILE;
-      for (int a = 0; a < d; a++) { /* u = W x_q, four columns of W at a time: fewer loads and stores of u */
-        double *ua = u[a];
-        const double *wa = Ws + a * d;
+      /* u = W x_q: two rows by four columns of W at a time (x_q read once for both rows) */
+      for (int a = 0; a < d; a += 2) {
+        int two = a + 1 < d; /* an odd d's last row goes alone: ub is then scratch */
+        double *ua = u[a], *ub = two ? u[a + 1] : gv[0];
+        const double *wa = Ws + a * d, *wb = Ws + (a + two) * d;
 #pragma omp simd
-        for (int i = 0; i < n; i++) ua[i] = 0.0;
+        for (int i = 0; i < n; i++) ua[i] = ub[i] = 0.0;
         int l = 0;
         for (; l + 4 <= d; l += 4) {
           const double *x0 = Xs + l * B + b0, *x1 = x0 + B, *x2 = x1 + B, *x3 = x2 + B;
           double w0 = wa[l], w1 = wa[l + 1], w2 = wa[l + 2], w3 = wa[l + 3];
+          double v0 = wb[l], v1 = wb[l + 1], v2 = wb[l + 2], v3 = wb[l + 3];
 #pragma omp simd
-          for (int i = 0; i < n; i++) ua[i] += w0 * x0[i] + w1 * x1[i] + w2 * x2[i] + w3 * x3[i];
+          for (int i = 0; i < n; i++) {
+            double y0 = x0[i], y1 = x1[i], y2 = x2[i], y3 = x3[i];
+            ua[i] += w0 * y0 + w1 * y1 + w2 * y2 + w3 * y3;
+            ub[i] += v0 * y0 + v1 * y1 + v2 * y2 + v3 * y3;
+          }
         }
         for (; l < d; l++) {
           const double *xl = Xs + l * B + b0;
-          double wl = wa[l];
+          double wl = wa[l], vl = wb[l];
 #pragma omp simd
-          for (int i = 0; i < n; i++) ua[i] += wl * xl[i];
+          for (int i = 0; i < n; i++) {
+            ua[i] += wl * xl[i];
+            ub[i] += vl * xl[i];
+          }
         }
       }
       for (int j = 0; j < c; j++) {
