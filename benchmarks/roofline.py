@@ -424,20 +424,31 @@ def counting_solves():
 class Probe:
     """Wraps logreg (`kind` "logreg") or em.fit ("em"): its wall time, and per call on a finite context
     the prompt-iterations it ran (the rows of its torch.linalg.solve calls: one system per prompt and
-    Newton step, or per prompt and EM M-step) and their cost."""
+    Newton step, or per prompt and EM M-step) and their cost. Where the fused C kernels ran (no torch
+    solves), the call is repeated once, untimed, with them switched off, to count the iterations of
+    the same algorithm (each prompt stops by the same rule either way); the count is kept for the
+    later passes (`reset` keeps it)."""
 
     def __init__(self, fn, kind: str):
-        self.fn, self.kind, self.seconds, self.calls = fn, kind, 0.0, []
+        self.fn, self.kind, self.seconds, self.calls, self.counted = fn, kind, 0.0, [], {}
 
     def __call__(self, *args, **kw):
         with counting_solves() as tally:
             t0 = time.perf_counter()
             out = self.fn(*args, **kw)
             self.seconds += time.perf_counter() - t0
+        if self.kind == "logreg" and args[0].ctx.exact:
+            return out
+        at = len(self.calls)
+        if tally["rows"] == 0 and fused is not None and fused.library() is not None:
+            if at not in self.counted:
+                switch = "logreg_applies" if self.kind == "logreg" else "em_applies"
+                with unittest.mock.patch.object(fused, switch, lambda *_: False), counting_solves() as torch_tally:
+                    self.fn(*args, **kw)
+                self.counted[at] = dict(torch_tally)
+            tally = self.counted[at]
         if self.kind == "logreg":
             pr = args[0]
-            if pr.ctx.exact:
-                return out
             P, M, d = pr.ctx.x.shape
             estimated = tally["rows"] == 0  # an implementation without torch.linalg.solve: the budget
             rows = classifiers.LOGREG_ITERS * P if estimated else tally["rows"]
