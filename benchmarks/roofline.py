@@ -156,8 +156,10 @@ from study.covariance import covariance
 from study.families import FAMILIES
 from study.optimum import empirical_optimum
 
-try:
-    from study import fused  # the fused C step (issue 10); absent from older checkouts (--compare)
+try:  # the fused C kernels (issue 10); absent from older checkouts (--compare), whose study/ may then
+    from study import fused  # find this checkout's module through the editable install: not theirs
+
+    fused = fused if Path(fused.__file__).parent == Path(training.__file__).parent else None
 except ImportError:
     fused = None
 
