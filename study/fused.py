@@ -30,6 +30,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -118,6 +119,21 @@ def applies(V: torch.Tensor) -> bool:
     return V.device.type == "cpu" and V.dtype == torch.float64 and V.shape[2] <= MAX_D and V.shape[1] <= MAX_C and library() is not None
 
 
+def _parts(n: int, call) -> list[int]:
+    """call(lo, hi) on contiguous ranges of n members or prompts, one per torch thread, at once.
+
+    The kernels are single-threaded and each member or prompt is computed alone, so the ranges give
+    the same numbers whatever the thread count; ctypes releases the GIL for each call.
+    """
+    k = max(1, min(torch.get_num_threads(), n))
+    cuts = [n * i // k for i in range(k + 1)]
+    ranges = [(lo, hi) for lo, hi in zip(cuts, cuts[1:]) if hi > lo] or [(0, n)]
+    if len(ranges) == 1:
+        return [call(*ranges[0])]
+    with ThreadPoolExecutor(len(ranges)) as pool:
+        return list(pool.map(lambda r: call(*r), ranges))
+
+
 def loss_grad(W: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
     """lsa.reduced_loss_grad over all the prompts in one pass (see `applies`).
 
@@ -129,8 +145,13 @@ def loss_grad(W: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch.Tenso
         raise ValueError("fused.loss_grad needs contiguous statistics, prompts last, and float64 labels")
     W = W.contiguous()
     out, grad = W.new_empty(S), torch.empty_like(W)
-    done = library().reduced_step(S, d, c, B, W.data_ptr(), V.data_ptr(), xq.data_ptr(), y.data_ptr(), int(loss == "squared"), _logs_per_product(c), out.data_ptr(), grad.data_ptr())
-    if done != 0:
+    squared, k = int(loss == "squared"), _logs_per_product(c)
+
+    def call(lo: int, hi: int) -> int:
+        ins = [t[lo:hi].data_ptr() for t in (W, V, xq, y)]
+        return library().reduced_step(hi - lo, d, c, B, *ins, squared, k, out[lo:hi].data_ptr(), grad[lo:hi].data_ptr())
+
+    if any(_parts(S, call)):
         raise ValueError(f"fused.loss_grad: shapes beyond the kernel's (d <= {MAX_D}, c' <= {MAX_C}): d = {d}, c' = {c}")
     return out, grad
 
@@ -152,9 +173,13 @@ def full_loss_grad(P: torch.Tensor, K: torch.Tensor, G: torch.Tensor, xq: torch.
         raise ValueError("fused.full_loss_grad needs contiguous statistics, prompts last, and float64 labels")
     P, K = P.contiguous(), K.contiguous()
     out, dP, dK = P.new_empty(S), torch.empty_like(P), torch.empty_like(K)
-    ins = [t.data_ptr() for t in (P, K, G, xq, y)]
-    done = library().full_step(S, d, c, D, B, *ins, int(loss == "squared"), _logs_per_product(c), out.data_ptr(), dP.data_ptr(), dK.data_ptr())
-    if done != 0:
+    squared, k = int(loss == "squared"), _logs_per_product(c)
+
+    def call(lo: int, hi: int) -> int:
+        ins = [t[lo:hi].data_ptr() for t in (P, K, G, xq, y)]
+        return library().full_step(hi - lo, d, c, D, B, *ins, squared, k, out[lo:hi].data_ptr(), dP[lo:hi].data_ptr(), dK[lo:hi].data_ptr())
+
+    if any(_parts(S, call)):
         raise ValueError(f"fused.full_loss_grad: shapes beyond the kernel's (D <= {FULL_MAX_D}, c' <= {MAX_C}): D = {D}, c' = {c}")
     return out, dP, dK
 
@@ -176,9 +201,13 @@ def logreg_newton(x: torch.Tensor, y: torch.Tensor, c: int, l2: float, tol: floa
     yd = y.to(torch.float64).contiguous()
     w = x.new_empty(P, c, d + 1)
     steps = torch.empty(P, dtype=torch.int32)
-    work = x.new_empty((d + 1) * (d + 2) // 2 * M)  # one context's products f_i f_j
-    done = library().logreg_newton(P, d, c, M, xt.data_ptr(), yd.data_ptr(), l2, tol, max_steps, w.data_ptr(), steps.data_ptr(), work.data_ptr())
-    if done != 0:
+
+    def call(lo: int, hi: int) -> int:
+        work = x.new_empty((d + 1) * (d + 2) // 2 * M)  # one context's products f_i f_j
+        ins = [t[lo:hi].data_ptr() for t in (xt, yd)]
+        return library().logreg_newton(hi - lo, d, c, M, *ins, l2, tol, max_steps, w[lo:hi].data_ptr(), steps[lo:hi].data_ptr(), work.data_ptr())
+
+    if any(_parts(P, call)):
         raise ValueError(f"fused.logreg_newton: shapes beyond the kernel's (d <= {LOGREG_MAX_D}, 2 <= c <= {LOGREG_MAX_C}): d = {d}, c = {c}")
     return w.masked_fill_((steps < 0)[:, None, None], math.nan)
 
@@ -200,10 +229,15 @@ def em_fit(x: torch.Tensor, y: torch.Tensor, beta0: torch.Tensor, sigma: float |
     xt = x.transpose(1, 2).contiguous()  # examples last
     y, beta0 = y.to(torch.float64).contiguous(), beta0.to(torch.float64).contiguous()
     beta, pi, sig, loglik = x.new_empty(P, K, d), x.new_empty(P, K), x.new_empty(P), x.new_empty(P)
-    work = x.new_empty(T * M + R * (K * d + K + 2 + K * (1 + T + d)))  # see fused.c
     known = -1.0 if sigma is None else float(sigma)
-    outs = [t.data_ptr() for t in (beta, pi, sig, loglik, work)]
-    its = library().em_fit(P, d, K, R, M, xt.data_ptr(), y.data_ptr(), beta0.data_ptr(), known, iters, tol, ridge, sigma_floor, *outs)
-    if its < 0:
+
+    def call(lo: int, hi: int) -> int:
+        work = x.new_empty(T * M + R * (K * d + K + 2 + K * (1 + T + d)))  # see fused.c
+        ins = [t[lo:hi].data_ptr() for t in (xt, y, beta0)]
+        outs = [t[lo:hi].data_ptr() for t in (beta, pi, sig, loglik)]
+        return library().em_fit(hi - lo, d, K, R, M, *ins, known, iters, tol, ridge, sigma_floor, *outs, work.data_ptr())
+
+    its = _parts(P, call)
+    if min(its) < 0:
         raise ValueError(f"fused.em_fit: shapes beyond the kernel's (d <= {EM_MAX_D}, K <= {EM_MAX_K}, M >= 1): d = {d}, K = {K}, M = {M}")
-    return beta, pi, sig, loglik, its
+    return beta, pi, sig, loglik, max(its)

@@ -232,3 +232,25 @@ def test_training_the_full_form_takes_the_fused_step_and_trains_the_same_paramet
 
 
 _full_kernel = fused.full_loss_grad
+
+
+@needs_cc
+def test_the_kernels_give_the_same_bits_on_any_number_of_threads():
+    """With torch's thread count above 1 the members or prompts are split between threads, each
+    computed alone: the same numbers, bit for bit, as on one thread."""
+    W, V, xq, y = _stack(5, 3, 2, 700, "ce")
+    xc = torch.randn(7, 30, 3, dtype=torch.float64)
+    yc = torch.randint(3, (7, 30))
+    xm, ym, b0 = _mixture(7, 30, 3, 2, 2, snr=2.0, seed=3)
+    runs = lambda: (fused.loss_grad(W, V, xq, y.double(), "ce"), fused.logreg_newton(xc, yc, 3, 1.0, 1e-10, 25), fused.em_fit(xm, ym, b0, None, 30, 1e-8, em.RIDGE, em.SIGMA_FLOOR))  # noqa: E731
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = runs()
+        torch.set_num_threads(3)
+        three = runs()
+    finally:
+        torch.set_num_threads(before)
+    flat = lambda out: [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(flat(one), flat(three)))
+    assert one[2][-1] == three[2][-1]
