@@ -12,7 +12,9 @@ with `pip install --no-compile` and then runs
 which imports the entry modules of every process the study runs (the CLI and Tune's driver, a
 trial, Ray's workers and its own processes, `fit` and `report`) with bytecode writing on, in a few
 processes at once (`PROCESSES`, grouped so that no two import the same large library): exactly
-the modules imported are compiled (about 3,500 files), on every core. Modules that a process
+the modules imported are compiled (about 3,500 files), on every core; the trial's process also builds
+the fused C kernels (`study.fused.library`, about 2 s), which trials would otherwise build on first
+use. Modules that a process
 imports by name at run time are compiled whole, by package (`PACKAGES`). A module missing from an
 installed package (a renamed Ray module, say) is reported and left out, a package not installed
 (the dev extra's tools in a plain install) passed over: compiling is only a speed-up.
@@ -29,7 +31,7 @@ import time
 from pathlib import Path
 
 PROCESSES: dict[str, tuple[str, ...]] = {  # the study's entry modules, grouped so that no two processes import the same large library
-    "torch": ("study.trial",),  # a trial's science: torch, numpy
+    "torch": ("study.trial", "study.fused:library"),  # a trial's science: torch, numpy; and the fused C kernels, built
     "ray": (
         "pipelines.cli", "pipelines.runner", "pipelines.trainable",  # the driver and Tune, pandas and pyarrow
         "ray._private.workers.default_worker", "ray._private.log_monitor", "ray.autoscaler._private.monitor",  # Ray's workers and its own processes
@@ -41,13 +43,17 @@ PROCESSES: dict[str, tuple[str, ...]] = {  # the study's entry modules, grouped 
 }
 PACKAGES = ("ray.dashboard.modules",)  # the dashboard imports every module below it by name
 
-# run in each process: import every module, report those that fail, never stop at one; a package
-# not installed at all (the dev extra's tools in a plain install) is passed over in silence
+# run in each process: import every module (and call `module:function` entries once imported),
+# report those that fail, never stop at one; a package not installed at all (the dev extra's tools
+# in a plain install) is passed over in silence
 _IMPORT = """
 import importlib, sys
 for name in sys.argv[1:]:
+    name, _, call = name.partition(":")
     try:
-        importlib.import_module(name)
+        module = importlib.import_module(name)
+        if call:
+            getattr(module, call)()
     except ModuleNotFoundError as err:
         if err.name != name.split(".")[0]:
             print(f"pipelines.bytecode: {name} not compiled: {type(err).__name__}: {err}", file=sys.stderr)

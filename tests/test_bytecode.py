@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from pathlib import Path
@@ -57,6 +58,15 @@ def test_a_missing_module_is_reported_and_the_rest_compiled(tree, capfd):
 
 def test_every_named_module_exists():
     """A renamed module (a Ray upgrade) would silently leave its process to compile at every start."""
-    missing = [m for mods in PROCESSES.values() for m in mods if importlib.util.find_spec(m) is None]
+    names = [m.partition(":") for mods in PROCESSES.values() for m in mods]
+    missing = [m for m, _, _ in names if importlib.util.find_spec(m) is None]
+    missing += [f"{m}:{f}" for m, _, f in names if f and not callable(getattr(importlib.import_module(m), f, None))]
     missing += [p for p in PACKAGES if importlib.util.find_spec(p) is None]
     assert not missing
+
+
+def test_a_named_function_is_called_once_its_module_is_imported(tree):
+    """`module:function` entries run after the import (the trial's process builds the fused kernels so)."""
+    (tree / "pkg/d.py").write_text(f"def build():\n    open({str(tree / 'built')!r}, 'w').write('yes')\n")
+    compile_imports({"one": ("pkg.d:build",)}, (), env=env_for(tree))
+    assert (tree / "built").read_text() == "yes" and compiled(tree / "pkg/d.py")
