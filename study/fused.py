@@ -1,10 +1,10 @@
 """Passes over prompts fused into one loop each, in C (`fused.c`), compiled on first use.
 
-- `loss_grad`, `full_loss_grad`: the reduced and the full LSA's GD step. `lsa.reduced_loss_grad` runs about ten torch operations
-  over every chunk of prompts and reads the chunk twice; at small d each does a few flops per number
-  it reads, so the step is bound by passes over memory and by the cost per operation. The kernel
-  does the whole step, loss and gradient, in one pass over tiles of prompts that stay in L1 (the
-  full form's Gram matrices: in L2, for their second use).
+- `reduced_step`, `full_step`: the reduced and the full LSA's GD step. `lsa.reduced_loss_grad`
+  runs about ten torch operations over every chunk of prompts and reads the chunk twice; at small d
+  each does a few flops per number it reads, so the step is bound by passes over memory and by the
+  cost per operation. The kernel does the whole step, loss and gradient, in one pass over tiles of
+  prompts that stay in L1 (the full form's Gram matrices: in L2, for their second use).
 - `logreg_newton`: `classifiers.logreg`'s Newton fits, one context after another, each step one pass
   over the context's examples (logits, softmax, gradient and Hessian sums) and a Cholesky solve.
 - `em_fit`: `em.fit`'s EM, one context after another with its restarts together, each iteration one
@@ -135,7 +135,7 @@ def _parts(n: int, call) -> list[int]:
         return list(pool.map(lambda r: call(*r), ranges))
 
 
-def loss_grad(W: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+def reduced_step(W: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
     """lsa.reduced_loss_grad over all the prompts in one pass (see `applies`).
 
     Shapes: W [S, d, d], V [S, c', d, B], xq [S, d, B] (contiguous), y [S, B] float64 (the class
@@ -143,7 +143,7 @@ def loss_grad(W: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch.Tenso
     """
     S, c, d, B = V.shape
     if not (V.is_contiguous() and xq.is_contiguous() and y.is_contiguous() and y.dtype == torch.float64):
-        raise ValueError("fused.loss_grad needs contiguous statistics, prompts last, and float64 labels")
+        raise ValueError("fused.reduced_step needs contiguous statistics, prompts last, and float64 labels")
     W = W.contiguous()
     out, grad = W.new_empty(S), torch.empty_like(W)
     squared, k = int(loss == "squared"), _logs_per_product(c)
@@ -153,7 +153,7 @@ def loss_grad(W: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch.Tenso
         return library().reduced_step(hi - lo, d, c, B, *ins, squared, k, out[lo:hi].data_ptr(), grad[lo:hi].data_ptr())
 
     if any(_parts(S, call)):
-        raise ValueError(f"fused.loss_grad: shapes beyond the kernel's (d <= {MAX_D}, c' <= {MAX_C}): d = {d}, c' = {c}")
+        raise ValueError(f"fused.reduced_step: shapes beyond the kernel's (d <= {MAX_D}, c' <= {MAX_C}): d = {d}, c' = {c}")
     return out, grad
 
 
@@ -162,7 +162,7 @@ def full_applies(G: torch.Tensor, c: int) -> bool:
     return G.device.type == "cpu" and G.dtype == torch.float64 and G.shape[1] <= FULL_MAX_D and c <= MAX_C and library() is not None
 
 
-def full_loss_grad(P: torch.Tensor, K: torch.Tensor, G: torch.Tensor, xq: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def full_step(P: torch.Tensor, K: torch.Tensor, G: torch.Tensor, xq: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """lsa.full_loss_grad over all the prompts in one pass (see `full_applies`).
 
     Shapes: P [S, c', D], K [S, D, d], G [S, D, D, B], xq [S, d, B] (contiguous), y [S, B] float64
@@ -171,7 +171,7 @@ def full_loss_grad(P: torch.Tensor, K: torch.Tensor, G: torch.Tensor, xq: torch.
     S, c, D = P.shape
     d, B = xq.shape[1], xq.shape[2]
     if not (G.is_contiguous() and xq.is_contiguous() and y.is_contiguous() and y.dtype == torch.float64):
-        raise ValueError("fused.full_loss_grad needs contiguous statistics, prompts last, and float64 labels")
+        raise ValueError("fused.full_step needs contiguous statistics, prompts last, and float64 labels")
     P, K = P.contiguous(), K.contiguous()
     out, dP, dK = P.new_empty(S), torch.empty_like(P), torch.empty_like(K)
     squared, k = int(loss == "squared"), _logs_per_product(c)
@@ -181,7 +181,7 @@ def full_loss_grad(P: torch.Tensor, K: torch.Tensor, G: torch.Tensor, xq: torch.
         return library().full_step(hi - lo, d, c, D, B, *ins, squared, k, out[lo:hi].data_ptr(), dP[lo:hi].data_ptr(), dK[lo:hi].data_ptr())
 
     if any(_parts(S, call)):
-        raise ValueError(f"fused.full_loss_grad: shapes beyond the kernel's (D <= {FULL_MAX_D}, c' <= {MAX_C}): D = {D}, c' = {c}")
+        raise ValueError(f"fused.full_step: shapes beyond the kernel's (D <= {FULL_MAX_D}, c' <= {MAX_C}): D = {D}, c' = {c}")
     return out, dP, dK
 
 

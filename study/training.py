@@ -157,7 +157,7 @@ def step(params: dict[str, torch.Tensor], prob: Problem) -> tuple[torch.Tensor, 
         W = params["W"]
         V = prob.V.permute(0, 2, 3, 1)  # [S, c', d, B], contiguous
         if W.dtype == torch.float64 and not W.requires_grad and fused.applies(V):
-            loss, grad = fused.loss_grad(W, V, xq, prob.labels, prob.loss)
+            loss, grad = fused.reduced_step(W, V, xq, prob.labels, prob.loss)
             return loss / B, {"W": grad / B}
         grad = torch.zeros_like(W)
         for c in _chunks(prob, (V.shape[1] + 1) * d):
@@ -168,7 +168,7 @@ def step(params: dict[str, torch.Tensor], prob: Problem) -> tuple[torch.Tensor, 
     P, K = params["W_PV"][:, d:, :], params["W_KQ"][:, :, :d]
     G = prob.gram.permute(0, 2, 3, 1)  # [S, D, D, B], contiguous
     if P.dtype == torch.float64 and not P.requires_grad and fused.full_applies(G, P.shape[1]):
-        loss, dP, dK = fused.full_loss_grad(P, K, G, xq, prob.labels, prob.loss)
+        loss, dP, dK = fused.full_step(P, K, G, xq, prob.labels, prob.loss)
     else:
         dP, dK = torch.zeros_like(P), torch.zeros_like(K)
         for c in _chunks(prob, G.shape[1] ** 2 + d):

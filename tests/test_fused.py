@@ -52,7 +52,7 @@ def test_fused_step_equals_the_torch_kernels(d, c, loss):
     takes; B = 1000 is not a multiple of the kernel's tile, and each member has its own prompts."""
     W, V, xq, y = _stack(3, d, c, 1000, loss)
     want_loss, want_grad = _torch_step(W, V, xq, y, loss)
-    got_loss, got_grad = fused.loss_grad(W, V, xq, y.double(), loss)
+    got_loss, got_grad = fused.reduced_step(W, V, xq, y.double(), loss)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-12, atol=0)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12 * float(want_grad.abs().max()))
 
@@ -63,7 +63,7 @@ def test_training_takes_the_fused_step_and_trains_the_same_W(monkeypatch):
     W, V, xq, y = _stack(2, 4, 3, 3000, "ce", seed=1)
     prob = training.Problem(V.permute(0, 3, 1, 2), xq.transpose(1, 2), y, None, torch.tensor([2.0, 4.0], dtype=torch.float64), torch.zeros(2, 4, 4, dtype=torch.float64), 3.0)
     calls = []
-    monkeypatch.setattr(fused, "loss_grad", lambda *a: calls.append(1) or _kernel(*a))
+    monkeypatch.setattr(fused, "reduced_step", lambda *a: calls.append(1) or _kernel(*a))
     fast, _, _ = training.gd({"W": W.clone()}, prob, steps=50)
     assert len(calls) == 51
     monkeypatch.setattr(fused, "applies", lambda V: False)
@@ -71,7 +71,7 @@ def test_training_takes_the_fused_step_and_trains_the_same_W(monkeypatch):
     torch.testing.assert_close(fast["W"], slow["W"], rtol=1e-12, atol=1e-14)
 
 
-_kernel = fused.loss_grad
+_kernel = fused.reduced_step
 
 
 @needs_cc
@@ -81,12 +81,12 @@ def test_non_finite_parameters_give_a_non_finite_loss(c, loss):
     the other members are untouched."""
     W, V, xq, y = _stack(2, 3, c, 700, loss)
     W[1, 0, 0] = math.nan
-    got, _ = fused.loss_grad(W, V, xq, y.double(), loss)
+    got, _ = fused.reduced_step(W, V, xq, y.double(), loss)
     want, _ = _torch_step(W, V, xq, y, loss)
     assert not math.isfinite(float(got[1])) and not math.isfinite(float(want[1]))
     torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=0)
     W[1, 0, 0] = math.inf
-    got, _ = fused.loss_grad(W, V, xq, y.double(), loss)
+    got, _ = fused.reduced_step(W, V, xq, y.double(), loss)
     assert not math.isfinite(float(got[1]))
 
 
@@ -209,7 +209,7 @@ def test_fused_full_step_equals_the_torch_kernels(d, c, loss):
     P = torch.randn(S, c, D, generator=g, dtype=torch.float64) / D
     K = torch.randn(S, D, d, generator=g, dtype=torch.float64) / D
     want = _torch_full(P, K, G, xq, y, loss)
-    got = fused.full_loss_grad(P, K, G, xq, y.double(), loss)
+    got = fused.full_step(P, K, G, xq, y.double(), loss)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max()))
 
@@ -222,7 +222,7 @@ def test_training_the_full_form_takes_the_fused_step_and_trains_the_same_paramet
     stats = [torch.stack([getattr(s, f) for s in st]) for f in ("V", "xq", "yq", "gram")]
     prob = training.Problem(*stats, torch.tensor([1.0, 2.0], dtype=torch.float64), cov.inv.expand(2, 3, 3).clone(), 3.0)
     calls = []
-    monkeypatch.setattr(fused, "full_loss_grad", lambda *a: calls.append(1) or _full_kernel(*a))
+    monkeypatch.setattr(fused, "full_step", lambda *a: calls.append(1) or _full_kernel(*a))
     fast, _, _ = training.gd(training.init_params(prob, "full"), prob, steps=30)
     assert len(calls) == 31
     monkeypatch.setattr(fused, "full_applies", lambda G, c: False)
@@ -231,7 +231,7 @@ def test_training_the_full_form_takes_the_fused_step_and_trains_the_same_paramet
         torch.testing.assert_close(fast[k], slow[k], rtol=1e-11, atol=1e-13)
 
 
-_full_kernel = fused.full_loss_grad
+_full_kernel = fused.full_step
 
 
 @needs_cc
@@ -242,7 +242,7 @@ def test_the_kernels_give_the_same_bits_on_any_number_of_threads():
     xc = torch.randn(7, 30, 3, dtype=torch.float64)
     yc = torch.randint(3, (7, 30))
     xm, ym, b0 = _mixture(7, 30, 3, 2, 2, snr=2.0, seed=3)
-    runs = lambda: (fused.loss_grad(W, V, xq, y.double(), "ce"), fused.logreg_newton(xc, yc, 3, 1.0, 1e-10, 25), fused.em_fit(xm, ym, b0, None, 30, 1e-8, em.RIDGE, em.SIGMA_FLOOR))  # noqa: E731
+    runs = lambda: (fused.reduced_step(W, V, xq, y.double(), "ce"), fused.logreg_newton(xc, yc, 3, 1.0, 1e-10, 25), fused.em_fit(xm, ym, b0, None, 30, 1e-8, em.RIDGE, em.SIGMA_FLOOR))  # noqa: E731
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
