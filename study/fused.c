@@ -508,7 +508,8 @@ int logreg_newton(int P, int d, int c, long M, const double *x, const double *y,
    tol (that iteration's M-step applied), or for iters iterations; then the restart with the best
    final log-likelihood is kept (the first on ties). sigma >= 0: known; < 0: estimated from the
    data's std, floored at sigma_floor. The M-step solves (sum_i r_ki x_i x_i^T + ridge I) beta_k =
-   sum_i r_ki y_i x_i by Gaussian elimination with partial pivoting. */
+   sum_i r_ki y_i x_i by Cholesky (the matrix is positive definite: the ridge), or, where rounding
+   makes it fail, by Gaussian elimination with partial pivoting. */
 
 #ifndef M_PI
 #define M_PI 3.14159265358979323846
@@ -723,7 +724,11 @@ int em_fit(int P, int d, int K, int R, long M, const double *x, const double *y,
           double *sk = sr + k * W, A[EM_MAX_D * EM_MAX_D], *bk = nb + k * d;
           for (int t = 0; t < T; t++) A[ti[t] * d + tj[t]] = A[tj[t] * d + ti[t]] = sk[1 + t];
           for (int l = 0; l < d; l++) A[l * d + l] += ridge, bk[l] = sk[1 + T + l];
-          lu_solve(d, A, bk);
+          if (cholesky_solve(d, A, bk) != 0) { /* not positive definite in rounding: pivoted LU */
+            for (int t = 0; t < T; t++) A[ti[t] * d + tj[t]] = A[tj[t] * d + ti[t]] = sk[1 + t];
+            for (int l = 0; l < d; l++) A[l * d + l] += ridge, bk[l] = sk[1 + T + l];
+            lu_solve(d, A, bk);
+          }
         }
         if (sigma < 0.0) {
           double s = sqrt(em_scatter(d, K, M, xp, yp, br, pr, sc, nb) / M);
