@@ -21,6 +21,74 @@ __attribute__((simd("notinbranch"))) double log(double);
 #define MAX_D 32
 #define MAX_C 16
 
+/* out[r] += sum_i q[i] rows[r][i] for r < count: four rows at a time (independent sums, 5 loads per
+   4 multiply-adds) */
+static void dot_rows(const double *q, const double *const *rows, int count, int n, double *out) {
+  int r = 0;
+  for (; r + 4 <= count; r += 4) {
+    const double *f0 = rows[r], *f1 = rows[r + 1], *f2 = rows[r + 2], *f3 = rows[r + 3];
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int i = 0; i < n; i++) {
+      s0 += q[i] * f0[i];
+      s1 += q[i] * f1[i];
+      s2 += q[i] * f2[i];
+      s3 += q[i] * f3[i];
+    }
+    out[r] += s0, out[r + 1] += s1, out[r + 2] += s2, out[r + 3] += s3;
+  }
+  for (; r < count; r++) {
+    const double *f0 = rows[r];
+    double s0 = 0.0;
+#pragma omp simd reduction(+ : s0)
+    for (int i = 0; i < n; i++) s0 += q[i] * f0[i];
+    out[r] += s0;
+  }
+}
+
+/* For rows z[k] (k < K, TILE apart) over n columns: mx = max_k z[k] (NaN wins, as torch.maximum),
+   z[k] <- exp(z[k] - mx) and den = sum_k z[k]: a softmax's or log-sum-exp's shifted exponentials */
+static void shifted_exp(int K, int n, double *z, double *mx, double *den) {
+  memcpy(mx, z, n * sizeof(double));
+  for (int k = 1; k < K; k++) {
+    const double *zk = z + k * TILE;
+#pragma omp simd
+    for (int i = 0; i < n; i++) mx[i] = (zk[i] > mx[i] || zk[i] != zk[i]) ? zk[i] : mx[i];
+  }
+  memset(den, 0, n * sizeof(double));
+  for (int k = 0; k < K; k++) {
+    double *zk = z + k * TILE;
+#pragma omp simd
+    for (int i = 0; i < n; i++) {
+      zk[i] = exp(zk[i] - mx[i]);
+      den[i] += zk[i];
+    }
+  }
+}
+
+/* out[r][t] = sum_l A[r * ars + l * acs] rows[l][t] for r < R, t < n (out rows `ostride` apart):
+   a small matrix times rows of contiguous prompts, four rows of them at a time */
+static void mat_rows(int R, int L, const double *A, int ars, int acs, const double *const *rows, int n, double *out, int ostride) {
+  for (int r = 0; r < R; r++) {
+    const double *ar = A + r * ars;
+    double *o = out + r * ostride;
+#pragma omp simd
+    for (int t = 0; t < n; t++) o[t] = 0.0;
+    int l = 0;
+    for (; l + 4 <= L; l += 4) {
+      const double *x0 = rows[l], *x1 = rows[l + 1], *x2 = rows[l + 2], *x3 = rows[l + 3];
+      double w0 = ar[l * acs], w1 = ar[(l + 1) * acs], w2 = ar[(l + 2) * acs], w3 = ar[(l + 3) * acs];
+#pragma omp simd
+      for (int t = 0; t < n; t++) o[t] += w0 * x0[t] + w1 * x1[t] + w2 * x2[t] + w3 * x3[t];
+    }
+    for (; l < L; l++) {
+      const double *xl = rows[l], w = ar[l * acs];
+#pragma omp simd
+      for (int t = 0; t < n; t++) o[t] += w * xl[t];
+    }
+  }
+}
+
 /* sum of log t[0..n) for t in [1, bound] (or non-finite, which propagates): one log per product
    of k factors, k small enough that a product never overflows (lsa._sum_log) */
 static double sum_log(const double *t, int n, int k) {
@@ -60,29 +128,15 @@ static double tile_loss(int c, int n, double *z, const double *y, int squared, i
     }
     return acc + sum_log(t, n, k);
   }
-  double m[TILE];
-  memcpy(m, z, n * sizeof(double));
-  for (int j = 1; j < c; j++) {
-    const double *zj = z + j * TILE;
-#pragma omp simd
-    for (int i = 0; i < n; i++) m[i] = (zj[i] > m[i] || zj[i] != zj[i]) ? zj[i] : m[i]; /* NaN wins, as torch.maximum */
-  }
-  for (int j = 0; j < c; j++) {
+  for (int j = 0; j < c; j++) { /* - z_y, before z turns into exponentials */
     const double *zj = z + j * TILE;
 #pragma omp simd reduction(+ : acc)
     for (int i = 0; i < n; i++) acc -= y[i] == j ? zj[i] : 0.0;
   }
+  double m[TILE];
+  shifted_exp(c, n, z, m, t);
 #pragma omp simd reduction(+ : acc)
   for (int i = 0; i < n; i++) acc += m[i];
-  memset(t, 0, n * sizeof(double));
-  for (int j = 0; j < c; j++) {
-    double *zj = z + j * TILE;
-#pragma omp simd
-    for (int i = 0; i < n; i++) {
-      zj[i] = exp(zj[i] - m[i]);
-      t[i] += zj[i];
-    }
-  }
   for (int j = 0; j < c; j++) {
     double *zj = z + j * TILE, cj = j;
 #pragma omp simd
@@ -92,31 +146,6 @@ static double tile_loss(int c, int n, double *z, const double *y, int squared, i
     }
   }
   return acc + sum_log(t, n, k);
-}
-
-/* out[r] += sum_i q[i] rows[r][i] for r < count: four rows at a time (independent sums, 5 loads per
-   4 multiply-adds) */
-static void dot_rows(const double *q, const double *const *rows, int count, int n, double *out) {
-  int r = 0;
-  for (; r + 4 <= count; r += 4) {
-    const double *f0 = rows[r], *f1 = rows[r + 1], *f2 = rows[r + 2], *f3 = rows[r + 3];
-    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int i = 0; i < n; i++) {
-      s0 += q[i] * f0[i];
-      s1 += q[i] * f1[i];
-      s2 += q[i] * f2[i];
-      s3 += q[i] * f3[i];
-    }
-    out[r] += s0, out[r + 1] += s1, out[r + 2] += s2, out[r + 3] += s3;
-  }
-  for (; r < count; r++) {
-    const double *f0 = rows[r];
-    double s0 = 0.0;
-#pragma omp simd reduction(+ : s0)
-    for (int i = 0; i < n; i++) s0 += q[i] * f0[i];
-    out[r] += s0;
-  }
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -238,8 +267,9 @@ int full_step(int S, int d, int c, int D, long B, const double *P, const double 
               const double *X, const double *y, int squared, int k, double *loss, double *dP, double *dK) {
   if (D > FULL_MAX_D || c > MAX_C || d < 1 || c < 1 || D < d) return -1;
   double a[FULL_MAX_D][FULL_TILE], h[FULL_MAX_D][FULL_TILE], pg[FULL_MAX_D][FULL_TILE], z[MAX_C * TILE];
-  const double *rows[FULL_MAX_D], *xrows[FULL_MAX_D];
+  const double *rows[FULL_MAX_D], *xrows[FULL_MAX_D], *zrows[MAX_C];
   for (int i = 0; i < D; i++) rows[i] = h[i];
+  for (int j = 0; j < c; j++) zrows[j] = z + j * TILE;
   for (int s = 0; s < S; s++) {
     const double *Ps = P + (long)s * c * D, *Ks = K + (long)s * D * d, *Gs = G + (long)s * D * D * B;
     const double *Xs = X + (long)s * d * B, *ys = y + (long)s * B;
@@ -249,17 +279,7 @@ int full_step(int S, int d, int c, int D, long B, const double *P, const double 
     for (long b0 = 0; b0 < B; b0 += FULL_TILE) {
       int n = B - b0 < FULL_TILE ? (int)(B - b0) : FULL_TILE;
       for (int l = 0; l < d; l++) xrows[l] = Xs + l * B + b0;
-      for (int i = 0; i < D; i++) { /* a = K x_q */
-        const double *ki = Ks + i * d;
-        double *ai = a[i];
-#pragma omp simd
-        for (int t = 0; t < n; t++) ai[t] = 0.0;
-        for (int l = 0; l < d; l++) {
-          const double *xl = xrows[l], w = ki[l];
-#pragma omp simd
-          for (int t = 0; t < n; t++) ai[t] += w * xl[t];
-        }
-      }
+      mat_rows(D, d, Ks, d, 1, xrows, n, a[0], FULL_TILE); /* a = K x_q */
       for (int i = 0; i < D; i++) { /* h = G a, four columns of G at a time */
         double *hi = h[i];
         const double *gi = Gs + (long)i * D * B + b0;
@@ -278,29 +298,10 @@ int full_step(int S, int d, int c, int D, long B, const double *P, const double 
           for (int t = 0; t < n; t++) hi[t] += gij[t] * aj[t];
         }
       }
-      for (int j = 0; j < c; j++) { /* z = P h */
-        double *zj = z + j * TILE;
-        const double *pj = Ps + j * D;
-#pragma omp simd
-        for (int t = 0; t < n; t++) zj[t] = 0.0;
-        for (int i = 0; i < D; i++) {
-          const double *hi = h[i], w = pj[i];
-#pragma omp simd
-          for (int t = 0; t < n; t++) zj[t] += w * hi[t];
-        }
-      }
+      mat_rows(c, D, Ps, D, 1, rows, n, z, TILE); /* z = P h */
       acc += tile_loss(c, n, z, ys + b0, squared, k);
       for (int j = 0; j < c; j++) dot_rows(z + j * TILE, rows, D, n, dPs + j * D); /* dP += g h^T */
-      for (int i = 0; i < D; i++) { /* pg = P^T g */
-        double *pi = pg[i];
-#pragma omp simd
-        for (int t = 0; t < n; t++) pi[t] = 0.0;
-        for (int j = 0; j < c; j++) {
-          const double *zj = z + j * TILE, w = Ps[j * D + i];
-#pragma omp simd
-          for (int t = 0; t < n; t++) pi[t] += w * zj[t];
-        }
-      }
+      mat_rows(D, c, Ps, 1, D, zrows, n, pg[0], FULL_TILE); /* pg = P^T g */
       for (int j = 0; j < D; j++) { /* da = G^T pg, into a (no longer needed) */
         double *aj = a[j];
 #pragma omp simd
@@ -414,31 +415,8 @@ int logreg_newton(int P, int d, int c, long M, const double *x, const double *y,
         double mx[TILE], tot[TILE];
         for (int t = 0; t < T; t++) prow[t] = work + t * M + m0;
         for (int l = 0; l < e; l++) frow[l] = prow[tix[l][d]]; /* f_l = f_l * 1 */
-        for (int k = 0; k < c; k++) { /* logits w_k . [x; 1] */
-          const double *wk = wp + k * e;
-          double *zk = z[k];
-#pragma omp simd
-          for (int i = 0; i < nt; i++) zk[i] = wk[d];
-          for (int l = 0; l < d; l++) {
-            const double *xl = xp + l * M + m0, wl = wk[l];
-#pragma omp simd
-            for (int i = 0; i < nt; i++) zk[i] += wl * xl[i];
-          }
-        }
-        memcpy(mx, z[0], nt * sizeof(double));
-        for (int k = 1; k < c; k++) {
-#pragma omp simd
-          for (int i = 0; i < nt; i++) mx[i] = z[k][i] > mx[i] ? z[k][i] : mx[i];
-        }
-        memset(tot, 0, nt * sizeof(double));
-        for (int k = 0; k < c; k++) {
-#pragma omp simd
-          for (int i = 0; i < nt; i++) {
-            double v = exp(z[k][i] - mx[i]);
-            z[k][i] = v;
-            tot[i] += v;
-          }
-        }
+        mat_rows(c, e, wp, e, 1, frow, nt, z[0], TILE); /* logits w_k . [x; 1] */
+        shifted_exp(c, nt, z[0], mx, tot);
         for (int k = 0; k < c; k++) { /* p, then the gradient's sums of (p_k - y_k) f */
           double ck = k, *zk = z[k], *gk = gs[k];
 #pragma omp simd
@@ -547,6 +525,30 @@ static void lu_solve(int n, double *A, double *b) {
   }
 }
 
+/* out[k][i] = beta_k . x_i over the tile m0 .. m0 + nt of a context x [d][M] (examples last) */
+static void em_predict(int d, int K, long M, long m0, int nt, const double *x, const double *beta, double (*out)[TILE]) {
+  const double *xrows[EM_MAX_D];
+  for (int l = 0; l < d; l++) xrows[l] = x + l * M + m0;
+  mat_rows(K, d, beta, d, 1, xrows, nt, out[0], TILE);
+}
+
+/* The tile's log weights log pi_k + log N(y_i; beta_k x_i, s2) (lpi = log pi, c0 = log(2 pi s2) / 2),
+   then shifted to exponentials: lw[k] = exp(log weight - mx), den = their sum over k */
+static void em_weights(int d, int K, long M, long m0, int nt, const double *x, const double *y, const double *beta,
+                       const double *lpi, double s2, double c0, double (*lw)[TILE], double *mx, double *den) {
+  const double *ym = y + m0;
+  em_predict(d, K, M, m0, nt, x, beta, lw);
+  for (int k = 0; k < K; k++) {
+    double *lk = lw[k], lp = lpi[k];
+#pragma omp simd
+    for (int i = 0; i < nt; i++) {
+      double r = ym[i] - lk[i];
+      lk[i] = lp + (-(r * r)) / (2.0 * s2) - c0;
+    }
+  }
+  shifted_exp(K, nt, lw[0], mx, den);
+}
+
 /* One E-step of one restart over a context: the mean log-likelihood; with sums != NULL also the
    M-step's sums per component: [N_k, A_k (T products), b_k (d)] = sums + k * (1 + T + d). */
 static double em_estep(int d, int K, long M, const double *x, const double *y, const double *const *prow,
@@ -560,37 +562,7 @@ static double em_estep(int d, int K, long M, const double *x, const double *y, c
   for (long m0 = 0; m0 < M; m0 += TILE) {
     int nt = M - m0 < TILE ? (int)(M - m0) : TILE;
     const double *ym = y + m0;
-    for (int k = 0; k < K; k++) {
-      const double *bk = beta + k * d;
-      double *lk = lw[k];
-#pragma omp simd
-      for (int i = 0; i < nt; i++) lk[i] = 0.0;
-      for (int l = 0; l < d; l++) {
-        const double *xl = x + l * M + m0, bl = bk[l];
-#pragma omp simd
-        for (int i = 0; i < nt; i++) lk[i] += bl * xl[i];
-      }
-      double lp = lpi[k];
-#pragma omp simd
-      for (int i = 0; i < nt; i++) {
-        double r = ym[i] - lk[i];
-        lk[i] = lp + (-(r * r)) / (2.0 * s2) - c0;
-      }
-    }
-    memcpy(mx, lw[0], nt * sizeof(double));
-    for (int k = 1; k < K; k++) {
-#pragma omp simd
-      for (int i = 0; i < nt; i++) mx[i] = lw[k][i] > mx[i] ? lw[k][i] : mx[i];
-    }
-    memset(den, 0, nt * sizeof(double));
-    for (int k = 0; k < K; k++) {
-#pragma omp simd
-      for (int i = 0; i < nt; i++) {
-        double v = exp(lw[k][i] - mx[i]);
-        lw[k][i] = v;
-        den[i] += v;
-      }
-    }
+    em_weights(d, K, M, m0, nt, x, y, beta, lpi, s2, c0, lw, mx, den);
     double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
     for (int i = 0; i < nt; i++) acc += log(den[i]) + mx[i];
@@ -625,41 +597,12 @@ static double em_scatter(int d, int K, long M, const double *x, const double *y,
   for (long m0 = 0; m0 < M; m0 += TILE) {
     int nt = M - m0 < TILE ? (int)(M - m0) : TILE;
     const double *ym = y + m0;
+    em_weights(d, K, M, m0, nt, x, y, beta_old, lpi, s2, c0, lw, mx, den);
+    em_predict(d, K, M, m0, nt, x, beta_new, e2);
     for (int k = 0; k < K; k++) {
-      const double *bo = beta_old + k * d, *bn = beta_new + k * d;
-      double *lk = lw[k], *ek = e2[k];
+      double *ek = e2[k];
 #pragma omp simd
-      for (int i = 0; i < nt; i++) lk[i] = ek[i] = 0.0;
-      for (int l = 0; l < d; l++) {
-        const double *xl = x + l * M + m0;
-        double a = bo[l], b = bn[l];
-#pragma omp simd
-        for (int i = 0; i < nt; i++) {
-          lk[i] += a * xl[i];
-          ek[i] += b * xl[i];
-        }
-      }
-      double lp = lpi[k];
-#pragma omp simd
-      for (int i = 0; i < nt; i++) {
-        double r = ym[i] - lk[i], e = ym[i] - ek[i];
-        lk[i] = lp + (-(r * r)) / (2.0 * s2) - c0;
-        ek[i] = e * e;
-      }
-    }
-    memcpy(mx, lw[0], nt * sizeof(double));
-    for (int k = 1; k < K; k++) {
-#pragma omp simd
-      for (int i = 0; i < nt; i++) mx[i] = lw[k][i] > mx[i] ? lw[k][i] : mx[i];
-    }
-    memset(den, 0, nt * sizeof(double));
-    for (int k = 0; k < K; k++) {
-#pragma omp simd
-      for (int i = 0; i < nt; i++) {
-        double v = exp(lw[k][i] - mx[i]);
-        lw[k][i] = v;
-        den[i] += v;
-      }
+      for (int i = 0; i < nt; i++) ek[i] = (ym[i] - ek[i]) * (ym[i] - ek[i]);
     }
     for (int k = 0; k < K; k++) {
       double acc = 0.0;
