@@ -320,11 +320,11 @@ def problem(S: int, B: int, d: int, cp: int, loss: str, full: bool, seed: int) -
 
 def reduced_kernel(family: str, d: int, cp: int, S: int, B: int, a, torch_kernels: bool = False) -> dict[str, Any]:
     """training.step as shipped (the fused C step where it is built), or with `torch_kernels` as it
-    runs where it is not (fused.applies patched to False: lsa.reduced_loss_grad over chunks)."""
+    runs where it is not (fused.reduced_applies patched to False: lsa.reduced_loss_grad over chunks)."""
     loss = "squared" if family == "mor" else "ce"
     prob = problem(S, B, d, cp, loss, False, seed=1000 * d + cp)
     W = 0.1 * torch.randn(S, d, d, generator=torch.Generator().manual_seed(2), dtype=F64)
-    with unittest.mock.patch.object(fused, "applies", lambda V: False) if torch_kernels else contextlib.nullcontext():
+    with unittest.mock.patch.object(fused, "reduced_applies", lambda W, V: False) if torch_kernels else contextlib.nullcontext():
         t = timed(lambda: training.step({"W": W}, prob), a)
     stats = 8 * S * B * (cp * d + d)
     return {

@@ -115,9 +115,14 @@ def _logs_per_product(c: int) -> int:
     return max(1, int(0.9 * math.log(torch.finfo(torch.float64).max) / math.log(bound)))
 
 
-def applies(V: torch.Tensor) -> bool:
-    """Whether the fused step can run on statistics V [S, c', d, B] (prompts last)."""
-    return V.device.type == "cpu" and V.dtype == torch.float64 and V.shape[2] <= MAX_D and V.shape[1] <= MAX_C and library() is not None
+def _plain(*ts: torch.Tensor) -> bool:
+    """float64 CPU tensors outside autograd: what the kernels read."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float64 and not t.requires_grad for t in ts)
+
+
+def reduced_applies(W: torch.Tensor, V: torch.Tensor) -> bool:
+    """Whether `reduced_step` can run on W [S, d, d] and statistics V [S, c', d, B] (prompts last)."""
+    return _plain(W, V) and V.shape[2] <= MAX_D and V.shape[1] <= MAX_C and library() is not None
 
 
 def _parts(n: int, call) -> list[int]:
@@ -136,7 +141,7 @@ def _parts(n: int, call) -> list[int]:
 
 
 def reduced_step(W: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """lsa.reduced_loss_grad over all the prompts in one pass (see `applies`).
+    """lsa.reduced_loss_grad over all the prompts in one pass (see `reduced_applies`).
 
     Shapes: W [S, d, d], V [S, c', d, B], xq [S, d, B] (contiguous), y [S, B] float64 (the class
     index for "ce", the target for "squared") -> summed loss [S], summed gradient [S, d, d].
@@ -157,9 +162,9 @@ def reduced_step(W: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch.Te
     return out, grad
 
 
-def full_applies(G: torch.Tensor, c: int) -> bool:
-    """Whether the fused full step can run on Gram matrices G [S, D, D, B] (prompts last) with c' labels."""
-    return G.device.type == "cpu" and G.dtype == torch.float64 and G.shape[1] <= FULL_MAX_D and c <= MAX_C and library() is not None
+def full_applies(P: torch.Tensor, G: torch.Tensor) -> bool:
+    """Whether `full_step` can run on P [S, c', D] and Gram matrices G [S, D, D, B] (prompts last)."""
+    return _plain(P, G) and G.shape[1] <= FULL_MAX_D and P.shape[1] <= MAX_C and library() is not None
 
 
 def full_step(P: torch.Tensor, K: torch.Tensor, G: torch.Tensor, xq: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -187,7 +192,7 @@ def full_step(P: torch.Tensor, K: torch.Tensor, G: torch.Tensor, xq: torch.Tenso
 
 def logreg_applies(x: torch.Tensor, c: int) -> bool:
     """Whether `logreg_newton` can fit contexts x [P, M, d] with c classes."""
-    return x.device.type == "cpu" and x.dtype == torch.float64 and x.shape[2] <= LOGREG_MAX_D and 2 <= c <= LOGREG_MAX_C and library() is not None
+    return _plain(x) and x.shape[2] <= LOGREG_MAX_D and 2 <= c <= LOGREG_MAX_C and library() is not None
 
 
 def logreg_newton(x: torch.Tensor, y: torch.Tensor, c: int, l2: float, tol: float, max_steps: int) -> torch.Tensor:
@@ -215,7 +220,7 @@ def logreg_newton(x: torch.Tensor, y: torch.Tensor, c: int, l2: float, tol: floa
 
 def em_applies(x: torch.Tensor, K: int) -> bool:
     """Whether `em_fit` can fit contexts x [P, M, d] with K components."""
-    return x.device.type == "cpu" and x.dtype == torch.float64 and x.shape[2] <= EM_MAX_D and K <= EM_MAX_K and library() is not None
+    return _plain(x) and x.shape[2] <= EM_MAX_D and K <= EM_MAX_K and library() is not None
 
 
 def em_fit(x: torch.Tensor, y: torch.Tensor, beta0: torch.Tensor, sigma: float | None, iters: int, tol: float, ridge: float, sigma_floor: float) -> tuple[torch.Tensor, ...]:

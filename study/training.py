@@ -156,7 +156,7 @@ def step(params: dict[str, torch.Tensor], prob: Problem) -> tuple[torch.Tensor, 
     if "W" in params:
         W = params["W"]
         V = prob.V.permute(0, 2, 3, 1)  # [S, c', d, B], contiguous
-        if W.dtype == torch.float64 and not W.requires_grad and fused.applies(V):
+        if fused.reduced_applies(W, V):
             loss, grad = fused.reduced_step(W, V, xq, prob.labels, prob.loss)
             return loss / B, {"W": grad / B}
         grad = torch.zeros_like(W)
@@ -167,7 +167,7 @@ def step(params: dict[str, torch.Tensor], prob: Problem) -> tuple[torch.Tensor, 
         return loss / B, {"W": grad / B}
     P, K = params["W_PV"][:, d:, :], params["W_KQ"][:, :, :d]
     G = prob.gram.permute(0, 2, 3, 1)  # [S, D, D, B], contiguous
-    if P.dtype == torch.float64 and not P.requires_grad and fused.full_applies(G, P.shape[1]):
+    if fused.full_applies(P, G):
         loss, dP, dK = fused.full_step(P, K, G, xq, prob.labels, prob.loss)
     else:
         dP, dK = torch.zeros_like(P), torch.zeros_like(K)

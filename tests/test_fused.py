@@ -66,7 +66,7 @@ def test_training_takes_the_fused_step_and_trains_the_same_W(monkeypatch):
     monkeypatch.setattr(fused, "reduced_step", lambda *a: calls.append(1) or _kernel(*a))
     fast, _, _ = training.gd({"W": W.clone()}, prob, steps=50)
     assert len(calls) == 51
-    monkeypatch.setattr(fused, "applies", lambda V: False)
+    monkeypatch.setattr(fused, "reduced_applies", lambda W, V: False)
     slow, _, _ = training.gd({"W": W.clone()}, prob, steps=50)
     torch.testing.assert_close(fast["W"], slow["W"], rtol=1e-12, atol=1e-14)
 
@@ -91,10 +91,13 @@ def test_non_finite_parameters_give_a_non_finite_loss(c, loss):
 
 
 def test_shapes_beyond_the_kernel_and_other_devices_or_dtypes_take_the_torch_path():
-    V = torch.zeros(1, 1, fused.MAX_D + 1, 8, dtype=torch.float64)
-    assert not fused.applies(V)
-    assert not fused.applies(torch.zeros(1, fused.MAX_C + 1, 2, 8, dtype=torch.float64))
-    assert not fused.applies(torch.zeros(1, 1, 2, 8, dtype=torch.float32))
+    W = torch.zeros(1, 2, 2, dtype=torch.float64)
+    assert not fused.reduced_applies(torch.zeros(1, fused.MAX_D + 1, fused.MAX_D + 1, dtype=torch.float64), torch.zeros(1, 1, fused.MAX_D + 1, 8, dtype=torch.float64))
+    assert not fused.reduced_applies(W, torch.zeros(1, fused.MAX_C + 1, 2, 8, dtype=torch.float64))
+    assert not fused.reduced_applies(W.float(), torch.zeros(1, 1, 2, 8, dtype=torch.float32))
+    assert not fused.reduced_applies(W.clone().requires_grad_(), torch.zeros(1, 1, 2, 8, dtype=torch.float64))  # autograd: torch
+    P, G = torch.zeros(1, 1, fused.FULL_MAX_D + 1, dtype=torch.float64), torch.zeros(1, fused.FULL_MAX_D + 1, fused.FULL_MAX_D + 1, 8, dtype=torch.float64)
+    assert not fused.full_applies(P, G)
 
 
 @needs_cc
@@ -229,7 +232,7 @@ def test_training_the_full_form_takes_the_fused_step_and_trains_the_same_paramet
     monkeypatch.setattr(fused, "full_step", lambda *a: calls.append(1) or _full_kernel(*a))
     fast, _, _ = training.gd(training.init_params(prob, "full"), prob, steps=30)
     assert len(calls) == 31
-    monkeypatch.setattr(fused, "full_applies", lambda G, c: False)
+    monkeypatch.setattr(fused, "full_applies", lambda P, G: False)
     slow, _, _ = training.gd(training.init_params(prob, "full"), prob, steps=30)
     for k in fast:
         torch.testing.assert_close(fast[k], slow[k], rtol=1e-11, atol=1e-13)
