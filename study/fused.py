@@ -82,7 +82,7 @@ def _compile(cc: str, out: Path) -> bool:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None where it is switched off or cannot be built."""
+    """The compiled kernels, or None where they are switched off or cannot be built."""
     if os.environ.get("ICL_STUDY_FUSED", "1") == "0":
         return None
     cc = shutil.which(os.environ.get("CC", "cc"))
@@ -97,15 +97,16 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
     except OSError:
         return None
-    i, ptr = ctypes.c_int, ctypes.c_void_p
-    lib.reduced_step.restype = lib.logreg_newton.restype = i
-    lib.reduced_step.argtypes = [i, i, i, ctypes.c_long, ptr, ptr, ptr, ptr, i, i, ptr, ptr]
-    lib.full_step.restype = i
-    lib.full_step.argtypes = [i, i, i, i, ctypes.c_long, ptr, ptr, ptr, ptr, ptr, i, i, ptr, ptr, ptr]
-    lib.logreg_newton.argtypes = [i, i, i, ctypes.c_long, ptr, ptr, ctypes.c_double, ctypes.c_double, i, ptr, ptr, ptr]
-    f64 = ctypes.c_double
-    lib.em_fit.restype = i
-    lib.em_fit.argtypes = [i, i, i, i, ctypes.c_long, ptr, ptr, ptr, f64, i, f64, f64, f64, ptr, ptr, ptr, ptr, ptr]
+    i, n, f64, ptr = ctypes.c_int, ctypes.c_long, ctypes.c_double, ctypes.c_void_p
+    signatures = {  # as fused.c declares them; each returns an int (status, or EM's iterations)
+        "reduced_step": [i, i, i, n, ptr, ptr, ptr, ptr, i, i, ptr, ptr],
+        "full_step": [i, i, i, i, n, ptr, ptr, ptr, ptr, ptr, i, i, ptr, ptr, ptr],
+        "logreg_newton": [i, i, i, n, ptr, ptr, f64, f64, i, ptr, ptr, ptr],
+        "em_fit": [i, i, i, i, n, ptr, ptr, ptr, f64, i, f64, f64, f64, ptr, ptr, ptr, ptr, ptr],
+    }
+    for name, args in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = i, args
     return lib
 
 
