@@ -496,6 +496,9 @@ int logreg_newton(int P, int d, int c, long M, const double *x, const double *y,
 #define EM_MAX_K 8
 #define EM_MAX_T (EM_MAX_D * (EM_MAX_D + 1) / 2)
 
+/* max(v, lo) that keeps a NaN, as torch's clamp(min=lo): a non-finite fit stays visible */
+static double clamp_min(double v, double lo) { return v < lo ? lo : v; }
+
 /* solve A s = b, A [n][n] (overwritten), partial pivoting; b becomes s */
 static void lu_solve(int n, double *A, double *b) {
   for (int j = 0; j < n; j++) {
@@ -643,8 +646,7 @@ int em_fit(int P, int d, int K, int R, long M, const double *x, const double *y,
       for (long m = 0; m < M; m++) mean += yp[m];
       mean /= M;
       for (long m = 0; m < M; m++) ss += (yp[m] - mean) * (yp[m] - mean);
-      s0 = M > 1 ? sqrt(ss / (M - 1)) : NAN;
-      s0 = s0 > sigma_floor ? s0 : sigma_floor;
+      s0 = clamp_min(M > 1 ? sqrt(ss / (M - 1)) : NAN, sigma_floor);
     }
     memcpy(beta, beta0 + (long)p * R * K * d, R * K * d * sizeof(double));
     for (int r = 0; r < R; r++) {
@@ -657,29 +659,27 @@ int em_fit(int P, int d, int K, int R, long M, const double *x, const double *y,
       double moved = 0.0;
       for (int r = 0; r < R; r++) {
         double *br = beta + r * K * d, *pr = pi + r * K, *sr = sums + r * K * W;
-        double sc = sig[r] > sigma_floor ? sig[r] : sigma_floor;
+        double sc = clamp_min(sig[r], sigma_floor);
         double ll = em_estep(d, K, M, xp, yp, prow, br, pr, sc, sr);
         double mv = fabs(ll - prev[r]);
         moved = mv > moved || mv != mv ? mv : moved;
         prev[r] = ll;
         double nb[EM_MAX_K * EM_MAX_D];
         for (int k = 0; k < K; k++) {
-          double *sk = sr + k * W, A[EM_MAX_D * EM_MAX_D], *bk = nb + k * d;
+          double *sk = sr + k * W, A[EM_MAX_D * EM_MAX_D], A2[EM_MAX_D * EM_MAX_D], *bk = nb + k * d;
           for (int t = 0; t < T; t++) A[ti[t] * d + tj[t]] = A[tj[t] * d + ti[t]] = sk[1 + t];
           for (int l = 0; l < d; l++) A[l * d + l] += ridge, bk[l] = sk[1 + T + l];
+          memcpy(A2, A, d * d * sizeof(double)); /* for the fallback: Cholesky overwrites A and bk */
           if (cholesky_solve(d, A, bk) != 0) { /* not positive definite in rounding: pivoted LU */
-            for (int t = 0; t < T; t++) A[ti[t] * d + tj[t]] = A[tj[t] * d + ti[t]] = sk[1 + t];
-            for (int l = 0; l < d; l++) A[l * d + l] += ridge, bk[l] = sk[1 + T + l];
-            lu_solve(d, A, bk);
+            for (int l = 0; l < d; l++) bk[l] = sk[1 + T + l];
+            lu_solve(d, A2, bk);
           }
         }
         if (sigma < 0.0) {
-          double s = sqrt(em_scatter(d, K, M, xp, yp, br, pr, sc, nb) / M);
-          sig[r] = s > sigma_floor ? s : sigma_floor;
+          sig[r] = clamp_min(sqrt(em_scatter(d, K, M, xp, yp, br, pr, sc, nb) / M), sigma_floor);
         }
         for (int k = 0; k < K; k++) {
-          double n = sr[k * W] / M;
-          pr[k] = n > 1e-12 ? n : 1e-12;
+          pr[k] = clamp_min(sr[k * W] / M, 1e-12);
         }
         memcpy(br, nb, K * d * sizeof(double));
       }
@@ -690,8 +690,7 @@ int em_fit(int P, int d, int K, int R, long M, const double *x, const double *y,
     int best = 0;
     double best_ll = 0.0;
     for (int r = 0; r < R; r++) {
-      double sc = sig[r] > sigma_floor ? sig[r] : sigma_floor;
-      double ll = em_estep(d, K, M, xp, yp, prow, beta + r * K * d, pi + r * K, sc, NULL);
+      double ll = em_estep(d, K, M, xp, yp, prow, beta + r * K * d, pi + r * K, clamp_min(sig[r], sigma_floor), NULL);
       if (r == 0 || ll > best_ll) best = r, best_ll = ll;
     }
     memcpy(beta_out + (long)p * K * d, beta + best * K * d, K * d * sizeof(double));

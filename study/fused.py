@@ -137,8 +137,13 @@ def _parts(n: int, call) -> list[int]:
     ranges = [(lo, hi) for lo, hi in zip(cuts, cuts[1:]) if hi > lo] or [(0, n)]
     if len(ranges) == 1:
         return [call(*ranges[0])]
-    with ThreadPoolExecutor(len(ranges)) as pool:
-        return list(pool.map(lambda r: call(*r), ranges))
+    return list(_pool(len(ranges)).map(lambda r: call(*r), ranges))
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """One pool per thread count for the life of the process: a GD step calls the kernel every step."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="icl-fused")
 
 
 def reduced_step(W: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -184,6 +184,20 @@ def test_fused_em_equals_the_torch_em(d, K, R, sigma, monkeypatch):
 
 
 @needs_cc
+def test_fused_em_keeps_a_non_finite_fit_visible(monkeypatch):
+    """A NaN in one context's data gives that prompt a NaN log-likelihood and sigma on both paths
+    (the floors keep NaN, as torch's clamp does), and leaves the other prompts' fits alone."""
+    x, y, b0 = _mixture(3, 20, 2, 2, 2, snr=2.0, seed=5)
+    y[1, 3] = math.nan
+    got = em.fit(x, y, b0, None, 20, 1e-8)
+    monkeypatch.setattr(fused, "em_applies", lambda x, K: False)
+    want = em.fit(x, y, b0, None, 20, 1e-8)
+    for f in (got, want):
+        assert math.isnan(float(f.loglik[1])) and math.isnan(float(f.sigma[1]))
+    torch.testing.assert_close(got.loglik[[0, 2]], want.loglik[[0, 2]], rtol=1e-12, atol=1e-9)
+
+
+@needs_cc
 def test_fused_em_is_chosen_for_em_only_and_within_its_limits(monkeypatch):
     x, y, b0 = _mixture(4, 10, 2, 2, 2, snr=2.0, seed=1)
     calls = []
