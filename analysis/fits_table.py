@@ -9,8 +9,10 @@ Every file is replaced whole (pipelines.location.write_atomic).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import time
 
 import pandas as pd
 import pyarrow as pa
@@ -19,7 +21,7 @@ import pyarrow.parquet as pq
 
 from analysis.claims import CLAIMS
 from analysis.load import Location, StoreReadError, list_files, open_store
-from pipelines.location import parquet_bytes, write_atomic
+from pipelines.location import is_temporary, parquet_bytes, write_atomic
 
 VERDICTS = ("within", "violated", "consistent", "steeper", "shallower", "inconclusive")
 
@@ -58,6 +60,7 @@ def write_fits(store: str | os.PathLike | Location, rows: pd.DataFrame, skipped:
     """
     loc = open_store(store)
     root = loc.join("fits")
+    _sweep_temporaries(loc)
     written = []
     families = set(rows["family"]) if len(rows) else set()
     # one Arrow schema for every family's file (the union of the group columns, typed from all
@@ -74,6 +77,25 @@ def write_fits(store: str | os.PathLike | Location, rows: pd.DataFrame, skipped:
     if loc.fs.get_file_info(legacy).type == pafs.FileType.File:
         loc.fs.delete_file(legacy)
     return written
+
+
+STALE_S = 600  # a temporary of the fits this much older than now was left by a fit that was killed
+
+
+def _sweep_temporaries(loc: Location) -> list[str]:
+    """Delete the hidden temporaries that killed `fit`s left in `fits/` and `fits_skipped/` (a directory
+    store's; an object store's uploads leave none). Only stale ones: a fit writing now keeps its own."""
+    if not loc.local:
+        return []
+    now, removed = time.time(), []
+    for directory in ("fits", SKIPPED[0]):
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.join(directory), recursive=True, allow_not_found=True))
+        for info in infos:
+            if info.type == pafs.FileType.File and is_temporary(info.base_name) and now - info.mtime.timestamp() > STALE_S:
+                with contextlib.suppress(FileNotFoundError):
+                    loc.fs.delete_file(info.path)
+                removed.append(info.path)
+    return removed
 
 
 def _fits_files(loc: Location) -> list[str]:

@@ -144,3 +144,26 @@ def test_every_table_reads_the_same_in_pandas_pyarrow_duckdb_and_polars(tmp_path
         if hive:
             assert set(arrow.column("family").to_pylist()) == set(duck["family"]) == set(polar["family"].to_list()) == ({"gmm", "mor"} if table == "fits" else {"gmm"}), table
     assert not (tmp_path / "fits" / "_skipped.parquet").exists()  # the earlier layout is gone
+
+
+def test_a_fit_deletes_what_a_killed_fit_left_and_keeps_a_running_one(tmp_path):
+    """Temporaries of the fits older than `STALE_S` were left by a killed `fit`: the next fit deletes
+    them; a fresh one may be another fit's write in progress and stays."""
+    import os
+    import time
+
+    from analysis import fits_table
+
+    fits = pd.DataFrame([dict(family="gmm", claim="gmm-claim", kind="bound", tolerance=0.0, estimate=-1.0, ci_low=-1.1, ci_high=-0.9, verdict="within")])
+    fits_table.write_fits(str(tmp_path), fits, [])
+    stale = [tmp_path / "fits" / "family=gmm" / f".fits.parquet.{'1' * 32}.tmp", tmp_path / "fits_skipped" / f".skipped.parquet.{'2' * 32}.tmp"]
+    fresh = tmp_path / "fits" / "family=mor" / f".fits.parquet.{'3' * 32}.tmp"
+    fresh.parent.mkdir()
+    for f in [*stale, fresh]:
+        f.write_bytes(b"half a file")
+    old = time.time() - fits_table.STALE_S - 60
+    for f in stale:
+        os.utime(f, (old, old))
+    fits_table.write_fits(str(tmp_path), fits, [])
+    assert not any(f.exists() for f in stale) and fresh.exists()
+    assert fits_table.read_fits(str(tmp_path))[0]["claim"].tolist() == ["gmm-claim"]
