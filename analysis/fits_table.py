@@ -79,7 +79,7 @@ def write_fits(store: str | os.PathLike | Location, rows: pd.DataFrame, skipped:
     return written
 
 
-STALE_S = 600  # a temporary of the fits this much older than now was left by a fit that was killed
+ABANDONED_S = 600  # a temporary of the fits this much older than now was left by a fit that was killed
 
 
 def _sweep_temporaries(loc: Location) -> list[str]:
@@ -91,7 +91,7 @@ def _sweep_temporaries(loc: Location) -> list[str]:
     for directory in ("fits", SKIPPED[0]):
         infos = loc.fs.get_file_info(pafs.FileSelector(loc.join(directory), recursive=True, allow_not_found=True))
         for info in infos:
-            if info.type == pafs.FileType.File and is_temporary(info.base_name) and now - info.mtime.timestamp() > STALE_S:
+            if info.type == pafs.FileType.File and is_temporary(info.base_name) and now - info.mtime.timestamp() > ABANDONED_S:
                 with contextlib.suppress(FileNotFoundError):
                     loc.fs.delete_file(info.path)
                 removed.append(info.path)

@@ -147,7 +147,7 @@ def test_every_table_reads_the_same_in_pandas_pyarrow_duckdb_and_polars(tmp_path
 
 
 def test_a_fit_deletes_what_a_killed_fit_left_and_keeps_a_running_one(tmp_path):
-    """Temporaries of the fits older than `STALE_S` were left by a killed `fit`: the next fit deletes
+    """Temporaries of the fits older than `ABANDONED_S` were left by a killed `fit`: the next fit deletes
     them; a fresh one may be another fit's write in progress and stays."""
     import os
     import time
@@ -161,7 +161,7 @@ def test_a_fit_deletes_what_a_killed_fit_left_and_keeps_a_running_one(tmp_path):
     fresh.parent.mkdir()
     for f in [*stale, fresh]:
         f.write_bytes(b"half a file")
-    old = time.time() - fits_table.STALE_S - 60
+    old = time.time() - fits_table.ABANDONED_S - 60
     for f in stale:
         os.utime(f, (old, old))
     fits_table.write_fits(str(tmp_path), fits, [])
