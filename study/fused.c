@@ -158,7 +158,7 @@ static double tile_loss(int c, int n, double *z, const double *y, int squared, i
    beyond MAX_D / MAX_C. k: the factors per log in the cross-entropy's sum of logs. */
 int reduced_step(int S, int d, int c, long B, const double *W, const double *V, const double *X,
                  const double *y, int squared, int k, double *loss, double *grad) {
-  if (d > MAX_D || c > MAX_C || d < 1 || c < 1) return -1;
+  if (d > MAX_D || c > MAX_C || d < 1 || c < 1 || (squared && c != 1)) return -1;
   double u[MAX_D][TILE], z[MAX_C * TILE], gv[MAX_D][TILE];
   for (int s = 0; s < S; s++) {
     const double *Ws = W + (long)s * d * d, *Vs = V + (long)s * c * d * B, *Xs = X + (long)s * d * B;
@@ -265,7 +265,7 @@ int reduced_step(int S, int d, int c, long B, const double *W, const double *V, 
 
 int full_step(int S, int d, int c, int D, long B, const double *P, const double *K, const double *G,
               const double *X, const double *y, int squared, int k, double *loss, double *dP, double *dK) {
-  if (D > FULL_MAX_D || c > MAX_C || d < 1 || c < 1 || D < d) return -1;
+  if (D > FULL_MAX_D || c > MAX_C || d < 1 || c < 1 || D < d || (squared && c != 1)) return -1;
   double a[FULL_MAX_D][FULL_TILE], h[FULL_MAX_D][FULL_TILE], pg[FULL_MAX_D][FULL_TILE], z[MAX_C * TILE];
   const double *rows[FULL_MAX_D], *xrows[FULL_MAX_D], *zrows[MAX_C];
   for (int i = 0; i < D; i++) rows[i] = h[i];
@@ -380,8 +380,8 @@ static int cholesky_solve(int n, double *A, double *b) {
    steps [P] (Newton steps taken; -1 where a Hessian was not positive definite). work: T * M doubles. */
 int logreg_newton(int P, int d, int c, long M, const double *x, const double *y, double l2, double tol,
                   int max_iter, double *w, int *steps, double *work) {
+  if (d < 1 || d + 1 > LR_MAX_E || c < 2 || c > LR_MAX_C) return -1;
   int e = d + 1, n = c * e, T = e * (e + 1) / 2, U = (c - 1) * c / 2;
-  if (e > LR_MAX_E || c > LR_MAX_C || c < 2 || d < 1) return -1;
   int ti[LR_MAX_T], tj[LR_MAX_T], tix[LR_MAX_E][LR_MAX_E], pa[LR_MAX_U], pb[LR_MAX_U];
   for (int i = 0, t = 0; i < e; i++)
     for (int j = i; j < e; j++, t++) ti[t] = i, tj[t] = j, tix[i][j] = tix[j][i] = t;
@@ -397,7 +397,7 @@ int logreg_newton(int P, int d, int c, long M, const double *x, const double *y,
       int i = ti[t], j = tj[t];
       if (j == d) { /* f_i * 1 */
         if (i == d) for (long m = 0; m < M; m++) out[m] = 1.0;
-        else memcpy(out, xp + i * M, M * sizeof(double));
+        else if (M > 0) memcpy(out, xp + i * M, M * sizeof(double)); /* M = 0: a NULL pointer */
       } else {
         const double *xi = xp + i * M, *xj = xp + j * M;
 #pragma omp simd

@@ -121,6 +121,14 @@ def _plain(*ts: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float64 and not t.requires_grad for t in ts)
 
 
+def _shaped(kernel: str, **named: tuple[torch.Tensor, tuple[int, ...]]) -> None:
+    """Every tensor a kernel reads, checked against the shape the kernel reads it with (float64, on
+    the CPU): the C code takes its sizes from one tensor and walks the others by them."""
+    for name, (t, shape) in named.items():
+        if t.dtype != torch.float64 or t.device.type != "cpu" or tuple(t.shape) != tuple(shape):
+            raise ValueError(f"fused.{kernel}: {name} must be a float64 CPU tensor of shape {list(shape)}, got {t.dtype} on {t.device.type}, shape {list(t.shape)}")
+
+
 def reduced_applies(W: torch.Tensor, V: torch.Tensor) -> bool:
     """Whether `reduced_step` can run on W [S, d, d] and statistics V [S, c', d, B] (prompts last)."""
     return _plain(W, V) and V.shape[2] <= MAX_D and V.shape[1] <= MAX_C and library() is not None
@@ -153,8 +161,9 @@ def reduced_step(W: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch.Te
     index for "ce", the target for "squared") -> summed loss [S], summed gradient [S, d, d].
     """
     S, c, d, B = V.shape
-    if not (V.is_contiguous() and xq.is_contiguous() and y.is_contiguous() and y.dtype == torch.float64):
-        raise ValueError("fused.reduced_step needs contiguous statistics, prompts last, and float64 labels")
+    _shaped("reduced_step", W=(W, (S, d, d)), V=(V, (S, c, d, B)), xq=(xq, (S, d, B)), y=(y, (S, B)))
+    if not (V.is_contiguous() and xq.is_contiguous() and y.is_contiguous()):
+        raise ValueError("fused.reduced_step needs contiguous statistics, prompts last")
     W = W.contiguous()
     out, grad = W.new_empty(S), torch.empty_like(W)
     squared, k = int(loss == "squared"), _logs_per_product(c)
@@ -164,7 +173,7 @@ def reduced_step(W: torch.Tensor, V: torch.Tensor, xq: torch.Tensor, y: torch.Te
         return library().reduced_step(hi - lo, d, c, B, *ins, squared, k, out[lo:hi].data_ptr(), grad[lo:hi].data_ptr())
 
     if any(_parts(S, call)):
-        raise ValueError(f"fused.reduced_step: shapes beyond the kernel's (d <= {MAX_D}, c' <= {MAX_C}): d = {d}, c' = {c}")
+        raise ValueError(f"fused.reduced_step: shapes beyond the kernel's (d <= {MAX_D}, c' <= {MAX_C}; c' = 1 for the squared loss): d = {d}, c' = {c}, loss {loss}")
     return out, grad
 
 
@@ -181,8 +190,9 @@ def full_step(P: torch.Tensor, K: torch.Tensor, G: torch.Tensor, xq: torch.Tenso
     """
     S, c, D = P.shape
     d, B = xq.shape[1], xq.shape[2]
-    if not (G.is_contiguous() and xq.is_contiguous() and y.is_contiguous() and y.dtype == torch.float64):
-        raise ValueError("fused.full_step needs contiguous statistics, prompts last, and float64 labels")
+    _shaped("full_step", P=(P, (S, c, D)), K=(K, (S, D, d)), G=(G, (S, D, D, B)), xq=(xq, (S, d, B)), y=(y, (S, B)))
+    if not (G.is_contiguous() and xq.is_contiguous() and y.is_contiguous()):
+        raise ValueError("fused.full_step needs contiguous statistics, prompts last")
     P, K = P.contiguous(), K.contiguous()
     out, dP, dK = P.new_empty(S), torch.empty_like(P), torch.empty_like(K)
     squared, k = int(loss == "squared"), _logs_per_product(c)
@@ -192,7 +202,7 @@ def full_step(P: torch.Tensor, K: torch.Tensor, G: torch.Tensor, xq: torch.Tenso
         return library().full_step(hi - lo, d, c, D, B, *ins, squared, k, out[lo:hi].data_ptr(), dP[lo:hi].data_ptr(), dK[lo:hi].data_ptr())
 
     if any(_parts(S, call)):
-        raise ValueError(f"fused.full_step: shapes beyond the kernel's (D <= {FULL_MAX_D}, c' <= {MAX_C}): D = {D}, c' = {c}")
+        raise ValueError(f"fused.full_step: shapes beyond the kernel's (d <= D <= {FULL_MAX_D}, c' <= {MAX_C}; c' = 1 for the squared loss): D = {D}, c' = {c}, loss {loss}")
     return out, dP, dK
 
 
@@ -209,8 +219,9 @@ def logreg_newton(x: torch.Tensor, y: torch.Tensor, c: int, l2: float, tol: floa
     Shapes: x [P, M, d], y [P, M] class index -> w [P, c, d+1] (intercept last).
     """
     P, M, d = x.shape
-    xt = x.transpose(1, 2).contiguous()  # examples last
     yd = y.to(torch.float64).contiguous()
+    _shaped("logreg_newton", x=(x, (P, M, d)), y=(yd, (P, M)))
+    xt = x.transpose(1, 2).contiguous()  # examples last
     w = x.new_empty(P, c, d + 1)
     steps = torch.empty(P, dtype=torch.int32)
 
@@ -226,7 +237,7 @@ def logreg_newton(x: torch.Tensor, y: torch.Tensor, c: int, l2: float, tol: floa
 
 def em_applies(x: torch.Tensor, K: int) -> bool:
     """Whether `em_fit` can fit contexts x [P, M, d] with K components."""
-    return _plain(x) and x.shape[2] <= EM_MAX_D and K <= EM_MAX_K and library() is not None
+    return _plain(x) and x.shape[2] <= EM_MAX_D and 1 <= K <= EM_MAX_K and x.shape[1] >= 1 and library() is not None
 
 
 def em_fit(x: torch.Tensor, y: torch.Tensor, beta0: torch.Tensor, sigma: float | None, iters: int, tol: float, ridge: float, sigma_floor: float) -> tuple[torch.Tensor, ...]:
@@ -238,8 +249,9 @@ def em_fit(x: torch.Tensor, y: torch.Tensor, beta0: torch.Tensor, sigma: float |
     P, M, d = x.shape
     R, K = beta0.shape[1], beta0.shape[2]
     T = d * (d + 1) // 2
-    xt = x.transpose(1, 2).contiguous()  # examples last
     y, beta0 = y.to(torch.float64).contiguous(), beta0.to(torch.float64).contiguous()
+    _shaped("em_fit", x=(x, (P, M, d)), y=(y, (P, M)), beta0=(beta0, (P, R, K, d)))
+    xt = x.transpose(1, 2).contiguous()  # examples last
     beta, pi, sig, loglik = x.new_empty(P, K, d), x.new_empty(P, K), x.new_empty(P), x.new_empty(P)
     known = -1.0 if sigma is None else float(sigma)
 
