@@ -89,7 +89,7 @@ def _resampled_means(table: np.ndarray, rng: np.random.Generator, reps: int) -> 
 def _finite(boot: np.ndarray) -> np.ndarray:
     """The resamples whose fit succeeded; too many failures is a FitError, not a narrow interval."""
     failed = int((~np.isfinite(boot)).sum())
-    if failed > 0.1 * len(boot):
+    if failed > FAILED_SHARE * len(boot):
         raise FitError(f"the fit failed on {failed} of {len(boot)} bootstrap resamples (a mean at or below 0)")
     return boot[np.isfinite(boot)]
 
@@ -210,7 +210,8 @@ GOLDEN = 30  # golden-section steps: the bracket of one grid step shrinks by 0.6
 
 
 def _corrected_fits(levels: np.ndarray, curves: np.ndarray, gamma: float) -> np.ndarray:
-    """beta of y = A x^beta (1 + u (x_min / x)^gamma), |u| <= 1, fitted to each row of curves [R, L].
+    """(beta, u) of y = A x^beta (1 + u (x_min / x)^gamma), |u| <= 1, fitted to each row of curves
+    [R, L]: [R, 2].
 
     Variable projection: for fixed u the law is linear in (log A, beta), so the residual is scanned
     over u on `U_GRID` for every row at once and the best grid step refined by golden section.
@@ -227,8 +228,8 @@ def _corrected_fits(levels: np.ndarray, curves: np.ndarray, gamma: float) -> np.
     keys = np.ascontiguousarray(curves).view(np.dtype((np.void, curves.itemsize * curves.shape[1])))[:, 0]
     _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
     unique = curves[first]
-    beta = np.concatenate([_corrected_block(levels, unique[i : i + BLOCK], gamma) for i in range(0, len(unique), BLOCK)])
-    return beta[inverse.reshape(-1)]
+    fitted = np.concatenate([_corrected_block(levels, unique[i : i + BLOCK], gamma) for i in range(0, len(unique), BLOCK)])
+    return fitted[inverse.reshape(-1)]
 
 
 BLOCK = 512  # rows fitted at once: bounded temporaries, [rows, grid, levels]
@@ -257,8 +258,18 @@ def _corrected_block(levels: np.ndarray, curves: np.ndarray, gamma: float) -> np
         c, d = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
         fc, fd = fit(np.stack([c, d], axis=1))[1].T
         hi, lo = np.where(fc < fd, d, hi), np.where(fc < fd, lo, c)
-    beta, _ = fit(((lo + hi) / 2)[:, None])
-    return np.where(np.isfinite(ly).all(axis=1), beta[:, 0], np.nan)
+    u = (lo + hi) / 2
+    beta, _ = fit(u[:, None])
+    return np.stack([np.where(np.isfinite(ly).all(axis=1), beta[:, 0], np.nan), u], axis=1)
+
+
+def pinned(u: np.ndarray) -> np.ndarray:
+    """Whether a fitted correction u sits at an end of its range (within a grid step): there the
+    correction would be larger than the leading term at the window's start (or y there near 0), so
+    the window is not asymptotic and beta is biased by the bound, every resample at the same bound
+    (a narrow, wrong interval)."""
+    step = U_GRID[1] - U_GRID[0]
+    return (u <= U_GRID[0] + step) | (u >= U_GRID[-1] - step)
 
 
 SCAN_SLACK = 1e-10  # relative to L^2 (1 + Z^2): the bound used on |approximate - computed residual|
@@ -321,11 +332,10 @@ def exponent(x, y, seed, correction: float | None = 1.0, floor=None, rng: np.ran
     With fewer than `MIN_CORRECTED` levels the estimate is NaN (no verdict can rest on it) and the
     note says so. `floor` (per point, e.g. each seed's value at x = inf) is subtracted first.
     """
-    start = _exponent_start(x, y, seed, correction, floor, rng)
-    if isinstance(start, Estimate):
-        return start
-    levels, table, plain, rng = start
-    return _corrected_estimate(levels, correction, plain, *_bootstrapped(lambda c: _corrected_fits(levels, c, correction), table, rng))
+    fit = exponents([(x, y, seed, correction, floor)], rng)[0]
+    if isinstance(fit, FitError):
+        raise fit
+    return fit
 
 
 def _exponent_start(x, y, seed, correction: float | None, floor, rng: np.random.Generator | None) -> Estimate | tuple:
@@ -348,17 +358,35 @@ def _exponent_start(x, y, seed, correction: float | None, floor, rng: np.random.
     if len(levels) < MIN_CORRECTED:
         note = f"{len(levels)} levels: the corrected law needs {MIN_CORRECTED}; the plain slope is {plain:.3f} [{plo:.3f}, {phi:.3f}]"
         return Estimate(np.nan, np.nan, np.nan, len(levels), window, "corrected-power-law+seed-bootstrap-t", plain=plain, note=note)
-    return levels, table, plain, rng
+    return levels, table, (plain, plo, phi), rng
 
 
-def _corrected_estimate(levels: np.ndarray, correction: float, plain: float, est: float, lo: float, hi: float) -> Estimate:
+FAILED_SHARE = 0.1  # of the bootstrap resamples whose fit may fail before the interval is not trusted
+
+
+def _corrected_estimate(levels: np.ndarray, correction: float, plain: tuple[float, float, float], fitted: np.ndarray, seeds: int) -> Estimate:
+    """The corrected law's Estimate from its fits (beta, u) to the seed-averaged curve (fitted[0])
+    and to the resamples; NaN with a note where the correction sits at its bound (`pinned`) on that
+    curve or on more than `FAILED_SHARE` of the resamples (the interval uses every resample's beta)."""
     window = (float(levels[0]), float(levels[-1]))
-    return Estimate(est, lo, hi, len(levels), window, f"corrected-power-law(x^-{correction:g})+seed-bootstrap-t", plain=plain)
+    method = f"corrected-power-law(x^-{correction:g})+seed-bootstrap-t"
+    at_bound = pinned(fitted[:, 1])
+    n = int(at_bound[1:].sum())
+    if at_bound[0] or n > FAILED_SHARE * (len(fitted) - 1):
+        where = "on the seed-averaged curve" if at_bound[0] else f"on {n} of {len(fitted) - 1} bootstrap resamples"
+        note = (
+            f"the corrected law's correction sits at its bound {where}: at x = {window[0]:g} it would exceed the leading term, "
+            f"so the window is not asymptotic; the plain slope is {plain[0]:.3f} [{plain[1]:.3f}, {plain[2]:.3f}]"
+        )
+        return Estimate(np.nan, np.nan, np.nan, len(levels), window, method, plain=plain[0], note=note)
+    est, lo, hi = _with_interval(_checked(fitted[0, 0]), fitted[1:, 0], seeds)
+    return Estimate(est, lo, hi, len(levels), window, method, plain=plain[0])
 
 
-def exponents(requests: list[tuple]) -> list[Estimate | FitError]:
+def exponents(requests: list[tuple], rng: np.random.Generator | None = None) -> list[Estimate | FitError]:
     """`exponent(x, y, seed, correction, floor)` of each request (each with its own generator,
-    default_rng(0), as `exponent` without `rng`), the Estimate or the FitError in its place.
+    default_rng(0), or `rng` for all: `exponent` passes its own), the Estimate or the FitError in
+    its place.
 
     The same numbers as one call per request: the corrected law is fitted to the seed-averaged
     curve and the resamples of every request with the same levels and correction in one
@@ -369,15 +397,15 @@ def exponents(requests: list[tuple]) -> list[Estimate | FitError]:
     pending: dict[tuple, list] = {}
     for x, y, seed, correction, floor in requests:
         try:
-            start = _exponent_start(x, y, seed, correction, floor, None)
+            start = _exponent_start(x, y, seed, correction, floor, rng)
         except FitError as err:
             out.append(err)
             continue
         if isinstance(start, Estimate):
             out.append(start)
             continue
-        levels, table, plain, rng = start
-        rows = np.concatenate([table.mean(axis=0)[None], _resampled_means(table, rng, BOOTSTRAP)])
+        levels, table, plain, own = start
+        rows = np.concatenate([table.mean(axis=0)[None], _resampled_means(table, own, BOOTSTRAP)])
         pending.setdefault((levels.tobytes(), float(correction)), []).append((len(out), levels, correction, plain, len(table), rows))
         out.append(None)
     for batch in pending.values():
@@ -387,7 +415,7 @@ def exponents(requests: list[tuple]) -> list[Estimate | FitError]:
         for i, levels, correction, plain, seeds, rows in batch:
             fitted, at = beta[at : at + len(rows)], at + len(rows)
             try:
-                out[i] = _corrected_estimate(levels, correction, plain, *_with_interval(_checked(fitted[0]), fitted[1:], seeds))
+                out[i] = _corrected_estimate(levels, correction, plain, fitted, seeds)
             except FitError as err:
                 out[i] = err
     return out

@@ -58,6 +58,18 @@ def test_two_noisy_seeds_are_inconclusive():
         assert fits.equality_verdict(-1.0, est.estimate, est.ci_low, est.ci_high, **EQUALITY) == "inconclusive"
 
 
+@pytest.mark.parametrize("a", [100.0, 200.0])
+def test_a_correction_beyond_its_bound_is_not_a_confident_within(a):
+    """3 N^-0.8 (1 + a/N) violates O(1/N), but from N = 50 its correction is 2-4 times the leading
+    term: the best fit pins the correction at its bound (u = 1) on every resample, which gave a
+    narrow, wrong `within` (-1.04 [-1.05, -1.04] at a = 200). The window is not asymptotic: no
+    estimate, and the note says so with the plain slope."""
+    est = fits.exponent(*synthetic(lambda N: 3.0 * N**-0.8 * (1 + a / N)))
+    assert np.isnan(est.estimate) and "at its bound" in est.note and np.isfinite(est.plain), est
+    assert bound(-1.0, est) == "inconclusive"
+    assert bound(-1.0, fits.exponent(*synthetic(lambda N: 3.0 * N**-0.8 * (1 + 25 / N)))) == "violated"  # within its bound: decided
+
+
 def test_too_few_levels_for_the_corrected_law_report_the_plain_slope():
     est = fits.exponent(*synthetic(lambda N: 3.0 / N, levels=(100, 200, 400)))
     assert np.isnan(est.estimate) and abs(est.plain + 1) < 0.03 and "needs 4" in est.note
@@ -271,8 +283,9 @@ def _corrected_fits_plainly(levels, curves, gamma):
         c, d = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
         fc, fd = fit(np.stack([c, d], axis=1))[1].T
         hi, lo = np.where(fc < fd, d, hi), np.where(fc < fd, lo, c)
-    beta, _ = fit(((lo + hi) / 2)[:, None])
-    return np.where(np.isfinite(ly).all(axis=1), beta[:, 0], np.nan)
+    u = (lo + hi) / 2
+    beta, _ = fit(u[:, None])
+    return np.stack([np.where(np.isfinite(ly).all(axis=1), beta[:, 0], np.nan), u], axis=1)
 
 
 def _random_curves(rng, rows=None):
