@@ -91,6 +91,7 @@ class Claim:
     where: dict[str, Callable[[pd.Series], pd.Series]] = field(default_factory=dict)
     ignore: tuple[str, ...] = ()  # configuration fields averaged over rather than grouped by
     signed: bool = False  # the metric may be negative: its sign (that of the group's mean) is fitted out
+    differences: bool = False  # an excess over a baseline on the same prompts: a seed's value may be <= 0 and is kept (the law needs a positive seed mean)
     needs: str = ""  # what a sweep must give for a fit, said when the claim is skipped
 
     def __post_init__(self) -> None:
@@ -269,22 +270,22 @@ CLAIMS: tuple[Claim, ...] = (
     # mor with transformers [J], theory.md section 4
     Claim(
         name="mor-1-transformer-vs-M", family="mor", description="a trained transformer's prediction error is O(sqrt(d/n)) at high SNR: its excess_mse over the oracle (the error squared) falls at least like 1/M in the test length M <= N it was trained for",
-        table="evals", metric="excess_mse", x="M", kind="bound", theory=-1.0, group=(*MOR_TASK, "N", "B", *TRANSFORMER), estimator="transformer", x_min=4, where={**_finite, **_high, **_seen, **_asym},
+        table="evals", metric="excess_mse", x="M", kind="bound", theory=-1.0, group=(*MOR_TASK, "N", "B", *TRANSFORMER), estimator="transformer", differences=True, x_min=4, where={**_finite, **_high, **_seen, **_asym},
         needs="transformer runs at snr >= 1 with 4 or more finite M <= N (the mor-transformer sweeps)",
     ),
     Claim(
         name="mor-1-transformer-vs-d", family="mor", description="a trained transformer's excess_mse at its training length grows at most like d at high SNR (the error O(sqrt(d/n)) squared)",
-        table="evals", metric="excess_mse", x="d", kind="bound", theory=1.0, group=(*(g for g in MOR_TASK if g != "d"), "N", "B", *TRANSFORMER), estimator="transformer", where={**_finite, **_high, **_at_N, **_asym},
+        table="evals", metric="excess_mse", x="d", kind="bound", theory=1.0, group=(*(g for g in MOR_TASK if g != "d"), "N", "B", *TRANSFORMER), estimator="transformer", differences=True, where={**_finite, **_high, **_at_N, **_asym},
         needs="transformer runs at 4 or more values of d, evaluated at M = N (the mor-transformer sweeps)",
     ),
     Claim(
         name="mor-2-transformer-vs-B", family="mor", description="the excess risk of a transformer trained by ERM on B prompts is O(L / sqrt(B)): its excess_mse at M = N falls at least like 1/sqrt(B)",
-        table="evals", metric="excess_mse", x="B", kind="bound", theory=-0.5, group=(*MOR_TASK, "N", *TRANSFORMER), estimator="transformer", x_min=256, where={**_finite, **_erm, **_at_N, **_asym},
+        table="evals", metric="excess_mse", x="B", kind="bound", theory=-0.5, group=(*MOR_TASK, "N", *TRANSFORMER), estimator="transformer", differences=True, x_min=256, where={**_finite, **_erm, **_at_N, **_asym},
         needs="transformer runs with online: false at 4 or more values of B >= 256, evaluated at M = N (the mor-transformer sweeps)",
     ),
     Claim(
         name="mor-2-transformer-vs-L", family="mor", description="the ERM excess risk O(L / sqrt(B)) grows at most like the depth L at fixed B",
-        table="evals", metric="excess_mse", x="layers", kind="bound", theory=1.0, group=(*MOR_TASK, "N", "B", *(g for g in TRANSFORMER if g != "layers")), estimator="transformer", where={**_finite, **_erm, **_at_N, **_asym},
+        table="evals", metric="excess_mse", x="layers", kind="bound", theory=1.0, group=(*MOR_TASK, "N", "B", *(g for g in TRANSFORMER if g != "layers")), estimator="transformer", differences=True, where={**_finite, **_erm, **_at_N, **_asym},
         needs="transformer runs with online: false at 4 or more depths at a fixed B, evaluated at M = N (the mor-transformer sweeps)",
     ),
     Claim(

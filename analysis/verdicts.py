@@ -306,9 +306,13 @@ def _row(claim: Claim, labels: dict[str, Any], fit: fits.Estimate, theory: float
     )
 
 
-def _usable(df: pd.DataFrame, signed: bool = False) -> pd.Series:
+def _usable(df: pd.DataFrame, claim: Claim) -> pd.Series:
+    """The rows a law is fitted to: runs that are ok, finite values, and positive ones unless the
+    claim's metric may be negative (`signed`: not 0, its sign fitted out; `differences`: every
+    value, the law needing a positive seed mean)."""
     y = df["y"].astype(float)
-    return (df["status"] == "ok") & np.isfinite(y) & ((y != 0) if signed else (y > 0))
+    keep = (df["status"] == "ok") & np.isfinite(y)
+    return keep if claim.differences else keep & ((y != 0) if claim.signed else (y > 0))
 
 
 def _evaluate_per_run(claim: Claim, df: pd.DataFrame, rows: list, skipped: list) -> None:
@@ -485,7 +489,7 @@ def _fit_groups(claim: Claim, points: list) -> list[fits.Estimate | fits.FitErro
 
 def _evaluate_law(claim: Claim, df: pd.DataFrame, tables: dict[str, pd.DataFrame], rows: list, skipped: list) -> None:
     """One row per group: the exponent (or the largest increase) of the metric against x, over the seeds."""
-    data = df[_usable(df, claim.signed)]
+    data = df[_usable(df, claim)]
     if data.empty:
         skipped.append((claim.name, f"all {len(df)} rows excluded (runs not ok, or NaN or non-positive values)"))
         return
@@ -570,7 +574,7 @@ def local_slopes(tables: dict[str, pd.DataFrame], claims: tuple[Claim, ...] = CL
         df, _ = _select(claim, tables, window=False, cache=cache)
         if df.empty:
             continue
-        data = df[_usable(df, claim.signed) & (df[claim.x] <= claim.x_max)]
+        data = df[_usable(df, claim) & (df[claim.x] <= claim.x_max)]
         group = _group_fields(claim, data)
         for key, curve in _seed_averaged_curves(claim, data, group):
             curve = curve[np.isfinite(curve.index) & (curve.index > 0)]

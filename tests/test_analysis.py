@@ -466,6 +466,27 @@ def test_the_erm_transformer_bound_in_B_can_fail(slope, verdict):
     assert out["verdict"].iloc[0] == verdict and json.loads(out["group"].iloc[0])["layers"] == 2
 
 
+def test_an_excess_that_is_negative_for_some_seeds_keeps_them():
+    """excess_mse over the oracle on the same prompts can fall below 0 for a seed at large B (its
+    noise exceeds the excess). Dropping such seeds, as a positive metric's rows are dropped, kept
+    the seeds whose noise was high at large B: the tail biased up, B^-0.5 read as violated (7 of
+    10 draws). Every finite value is kept; the law needs a positive seed mean."""
+    rng = np.random.default_rng(4)
+    config = dict(family="mor", status="ok", model="transformer", layers=2, width=32, heads=4, mlp=True, attention="softmax", positions="none", d=4, K=2, snr=2.0,
+                  sigma=0.5, components="fresh", assignment="sample", symmetric=False, cov="identity", kappa=1.0, N=20, online=False)
+    rows = []
+    for seed in range(64):
+        for B in (256, 1024, 4096, 16384, 65536):
+            v = 3.0 * B**-0.5 * (1 + 5 / B) * np.exp(0.03 * rng.standard_normal()) + 0.015 * rng.standard_normal()
+            rows.append(dict(run_id=f"{seed}-{B}", estimator="transformer", metric="excess_mse", M=20.0, shift="none", value=v, seed=seed, B=B, **config))
+    evals = pd.DataFrame(rows)
+    assert (evals["value"] < 0).any()
+    trials = evals.drop_duplicates("run_id").drop(columns=["estimator", "metric", "M", "shift", "value"])
+    out, skipped = verdicts.evaluate({"evals": evals, "trials": trials}, (claims.BY_NAME["mor-2-transformer-vs-B"],))
+    row = out.iloc[0]
+    assert row["excluded"] == 0 and row["verdict"] != "violated" and row["ci_low"] <= -0.5 <= row["ci_high"], row.to_dict()
+
+
 def test_a_log_axis_is_labelled_at_the_data_levels_without_crowded_minor_labels():
     """gmm_error_vs_N's N axis (issue: its labels overlapped): one label per N level, no minor labels."""
     from analysis.plots import _scaling
@@ -583,7 +604,7 @@ def test_local_slopes_seed_averaged_curves_equal_the_per_group_computation(rich_
         df, _ = verdicts._select(claim, tables, window=False)
         if df.empty:
             continue
-        data = df[verdicts._usable(df, claim.signed) & (df[claim.x] <= claim.x_max)]
+        data = df[verdicts._usable(df, claim) & (df[claim.x] <= claim.x_max)]
         group = verdicts._group_fields(claim, data)
         fast = verdicts._seed_averaged_curves(claim, data, group)
         plain = []
