@@ -151,7 +151,9 @@ def t_quantile(df: int, level: float = LEVEL) -> np.float64:
 
 def _linregress(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     """slope, its standard error and r of the least-squares line, as scipy.stats.linregress
-    computes them (the same operations: np.cov with bias=1, r clipped to [-1, 1])."""
+    computes them (the same operations: np.cov with bias=1, r clipped to [-1, 1]), except for a
+    flat y: there scipy's r and standard error are NaN, here the standard error is 0 (the line fits
+    exactly: a stalled GD curve is a rate of exactly 1, not an unknown one)."""
     x, y = np.asarray(x), np.asarray(y)
     if x.size == 0 or y.size == 0:
         raise ValueError("Inputs must not be empty.")
@@ -168,7 +170,7 @@ def _linregress(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
         elif r < -1.0:
             r = -1.0
     slope = ssxym / ssxm
-    stderr = 0.0 if n == 2 else np.sqrt((1 - r**2) * ssym / ssxm / (n - 2))
+    stderr = 0.0 if n == 2 or ssym == 0.0 else np.sqrt((1 - r**2) * ssym / ssxm / (n - 2))
     return slope, stderr, r
 
 

@@ -165,6 +165,16 @@ def test_an_exact_geometric_curve_gives_its_rate():
     assert fits.rate_verdict(0.97, gap.estimate, gap.ci_low, gap.ci_high, tolerance=0.02, limit=0.02) == "consistent"
 
 
+def test_a_stalled_curve_is_slower_than_its_prediction():
+    """A GD curve that does not move (a loss gap of 0.5 at every step) fits rho = 1 exactly; its
+    interval was NaN (scipy's r of a flat line), so `inconclusive`: now `shallower` against a
+    predicted contraction."""
+    t = np.arange(0, 100, 10)
+    est = fits.rate(t, np.full(len(t), 0.5))
+    assert (est.estimate, est.ci_low, est.ci_high) == (1.0, 1.0, 1.0)
+    assert fits.rate_verdict(0.97, est.estimate, est.ci_low, est.ci_high, tolerance=0.02, limit=0.02) == "shallower"
+
+
 @pytest.mark.parametrize("rho_true, expected", [(0.96, "consistent"), (0.965, "shallower"), (0.955, "steeper"), (0.9598, "consistent")])
 def test_rate_verdict_is_on_the_ratio_of_log_rates(rho_true, expected):
     """|log rho / log rho_H - 1| <= 2%: 0.965 is 12% slower in log rate than 0.96, 0.9598 is 0.5% faster."""
