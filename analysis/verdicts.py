@@ -494,6 +494,7 @@ def _evaluate_law(claim: Claim, df: pd.DataFrame, tables: dict[str, pd.DataFrame
         skipped.append((claim.name, f"all {len(df)} rows excluded (runs not ok, or NaN or non-positive values)"))
         return
     group = _group_fields(claim, data)
+    data = _complete(claim, data, group)
     groups = _groups(data, group)
     excluded = _excluded(claim, tables, group, data, groups if group else None)
     reasons: dict[str, list] = {}
@@ -506,6 +507,27 @@ def _evaluate_law(claim: Claim, df: pd.DataFrame, tables: dict[str, pd.DataFrame
         rows.append(_row(claim, labels, fit, claim.theory, excluded.get(key, 0)))
     for reason, groups in reasons.items():
         skipped.append((claim.name, f"{len(groups)} group(s) against {claim.x} in the window {claim.window}: {reason} (e.g. {json.dumps(groups[0])}); needs {claim.needs}"))
+
+
+def _complete(claim: Claim, data: pd.DataFrame, group: list[str]) -> pd.DataFrame:
+    """The rows whose (group, seed, x) holds every combination of the fields the claim averages
+    over (`ignore`) that its group has at that x. A seed's point at x is the mean over those
+    fields: a seed that lacks one (a failed run) would average another mix of them, which moves its
+    point wherever the metric depends on them (gmm-2-noise-vs-B averages over N, and a seed missing
+    the small N sits low: 16 such seeds of 24 read B^-0.5 as steeper). Where the metric does not
+    depend on them at that x (every seed's values equal across them: EM's rows, the same for every
+    training configuration of its data), nothing is dropped."""
+    averaged = [f for f in claim.ignore if f in data and _distinct_reprs(data[f]) > 1]
+    if not averaged or data.empty:
+        return data
+    keys = [*group, claim.x]
+    d = data[[*keys, "seed", "y"]].assign(_combo=data.groupby(averaged, dropna=False, sort=False).ngroup().to_numpy())
+    per_seed = d.groupby([*keys, "seed"], dropna=False, sort=False)
+    have = per_seed["_combo"].transform("nunique")
+    full = d.groupby(keys, dropna=False, sort=False)["_combo"].transform("nunique")
+    spread = per_seed["y"].transform("max") - per_seed["y"].transform("min")
+    flat = spread.groupby([d[k] for k in keys], dropna=False, sort=False).transform("max") == 0
+    return data[((have == full) | flat).to_numpy()]
 
 
 def _with_model(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:

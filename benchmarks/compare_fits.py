@@ -26,7 +26,7 @@ def load(store: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     parts = [p for p in sorted((store / "fits").glob("family=*/**/*.parquet"))]
     fits = pd.concat([pd.read_parquet(p).assign(family=p.relative_to(store / "fits").parts[0].split("=", 1)[1]) for p in parts])
     skipped = sorted((store / "fits").glob("_skipped*.parquet")) + sorted((store / "fits").glob("_skipped/**/*.parquet"))
-    return fits.set_index(KEYS).sort_index(), pd.concat([pd.read_parquet(p) for p in skipped]) if skipped else pd.DataFrame()
+    return fits.set_index([k for k in KEYS if k in fits.columns]).sort_index(), pd.concat([pd.read_parquet(p) for p in skipped]) if skipped else pd.DataFrame()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -487,6 +487,22 @@ def test_an_excess_that_is_negative_for_some_seeds_keeps_them():
     assert row["excluded"] == 0 and row["verdict"] != "violated" and row["ci_low"] <= -0.5 <= row["ci_high"], row.to_dict()
 
 
+def test_a_seed_missing_a_run_it_averages_over_is_left_out_at_that_x():
+    """gmm-2-noise-vs-B averages opt_noise over N; it is 10x larger at N = 10 than at N = 1000. A
+    seed whose N = 10 run failed at the largest B averaged N = 1000 alone there: its point fell
+    10x, and with 16 such seeds of 24 the B^-0.5 law read `steeper` (-0.67). That seed's point at
+    that B is left out (and counted in `excluded`)."""
+    rng = np.random.default_rng(0)
+    config = dict(family="gmm", d=2, c=2, snr=1.0, cov="identity", kappa=1.0, symmetric=False, param="reduced", opt_converged=True)
+    rows = [dict(run_id=f"{seed}-{N}-{B}", seed=seed, N=N, B=B, status="ok", opt_noise=(1.0 if N == 10 else 0.1) * B**-0.5 * np.exp(0.03 * rng.standard_normal()), **config)
+            for seed in range(24) for N in (10, 1000) for B in (1024, 4096, 16384, 65536)]
+    trials = pd.DataFrame(rows)
+    trials.loc[(trials.seed < 16) & (trials.N == 10) & (trials.B == 65536), "status"] = "diverged"
+    out, _ = verdicts.evaluate({"trials": trials, "evals": pd.DataFrame()}, (claims.BY_NAME["gmm-2-noise-vs-B"],))
+    row = out.iloc[0]
+    assert row["verdict"] == "consistent" and abs(row["estimate"] + 0.5) < 0.01 and row["excluded"] == 32, row.to_dict()
+
+
 def test_a_log_axis_is_labelled_at_the_data_levels_without_crowded_minor_labels():
     """gmm_error_vs_N's N axis (issue: its labels overlapped): one label per N level, no minor labels."""
     from analysis.plots import _scaling
