@@ -234,6 +234,19 @@ def test_the_largest_increase_of_a_curve_that_should_not_rise():
     assert fits.bound_verdict(0.0, rising.estimate, rising.ci_low, rising.ci_high, tolerance=0.02, limit=0.1) == "violated"
 
 
+def test_a_flat_curve_is_not_read_as_rising():
+    """A flat curve over 10 levels: the largest of 9 noisy steps is above 0 by chance. Its
+    simultaneous (Bonferroni) interval keeps false `violated` verdicts near 5% or below, where the
+    interval about the noisy maximum gave 2-5% and never `within`; with little noise it is `within`."""
+    M = tuple(2.0**k for k in range(4, 14))
+    verdict = lambda e: fits.bound_verdict(0.0, e.estimate, e.ci_low, e.ci_high, tolerance=0.02, limit=0.1)  # noqa: E731
+    rng = np.random.default_rng(5)
+    noisy = [verdict(fits.largest_increase(*synthetic(lambda m: 0.1 + 0 * m, levels=M, noise=0.05, rng=rng))) for _ in range(100)]
+    assert noisy.count("violated") <= 3 and noisy.count("within") == 0
+    quiet = [verdict(fits.largest_increase(*synthetic(lambda m: 0.1 + 0 * m, levels=M, noise=0.002, rng=rng))) for _ in range(20)]
+    assert quiet.count("within") == 20
+
+
 def test_too_little_data_is_an_error_not_a_made_up_interval():
     with pytest.raises(fits.FitError, match="distinct x"):
         fits.exponent([1, 2, 1, 2], [1, 2, 1, 2], [0, 0, 1, 1])
