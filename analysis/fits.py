@@ -88,10 +88,7 @@ def _resampled_means(table: np.ndarray, rng: np.random.Generator, reps: int) -> 
 
 def _finite(boot: np.ndarray) -> np.ndarray:
     """The resamples whose fit succeeded; too many failures is a FitError, not a narrow interval."""
-    failed = int((~np.isfinite(boot)).sum())
-    if failed > FAILED_SHARE * len(boot):
-        raise FitError(f"the fit failed on {failed} of {len(boot)} bootstrap resamples (a mean at or below 0)")
-    return boot[np.isfinite(boot)]
+    return _finite_rows(boot[:, None])[:, 0]
 
 
 def _finite_rows(boot: np.ndarray) -> np.ndarray:
