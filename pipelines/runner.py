@@ -303,6 +303,9 @@ def run_sweep(
                 record_failure(by_id[i], store, sweep.name, code, repr(err))
                 summary.failed += len(by_id[i].runs)
                 summary.errors.append(f"bundle {i[:8]}: {err!r}"[:500])
+        # an attempt that died mid-write (its node lost, its worker killed) left hidden temporaries
+        # or files of a bundle its retry then committed afresh: the store this run leaves holds none
+        store.recover()
     finally:
         if progress_made and progress is not None:
             progress.close()

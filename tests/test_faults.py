@@ -45,6 +45,24 @@ def assert_exactly_once(store, runs):
     assert not list(store.glob("trials/*/failed-*")), "a failure record was left"
 
 
+def test_a_sweep_leaves_no_temporary_of_an_attempt_that_died(tmp_path):
+    """A trial whose node is lost mid-write leaves its staged files; its retry commits the bundle
+    afresh. The run's end clears what such an attempt left (the node-loss test above met it when
+    the node went while a bundle was staged). Here the dead attempt's temporary is put in place
+    first, deterministically."""
+    from pipelines.runner import run_sweep
+
+    store = Store(tmp_path / "store")
+    sw = sweeps.parse_sweep(_doc("stale", 20, {"c": [2], "N": [5, 10], "snr": [1.0]}))
+    bundles = sw.bundles(trial_s=0)
+    stale = tmp_path / "store" / "curves" / "family=gmm" / f".part-{bundles[0].bundle_id}.parquet.{'0' * 32}.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a file")
+    summary = run_sweep(sw, store, bundles, num_cpus=2)
+    assert summary.failed == 0 and summary.ok == len(sw.runs)
+    assert_exactly_once(store.root, len(sw.runs))
+
+
 def test_ten_driver_kills_then_a_rerun_store_every_run_once(tmp_path):
     """Three kills at random moments of the start (import, Ray's start, the first trials), seven
     just after a bundle commits (mid-write of the next ones): moments tied to events, not to this
