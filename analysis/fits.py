@@ -270,7 +270,7 @@ def _corrected_block(levels: np.ndarray, curves: np.ndarray, gamma: float) -> np
     return np.stack([np.where(np.isfinite(ly).all(axis=1), beta[:, 0], np.nan), u], axis=1)
 
 
-def pinned(u: np.ndarray) -> np.ndarray:
+def _pinned(u: np.ndarray) -> np.ndarray:
     """Whether a fitted correction u sits at an end of its range (within a grid step): there the
     correction would be larger than the leading term at the window's start (or y there near 0), so
     the window is not asymptotic and beta is biased by the bound, every resample at the same bound
@@ -373,11 +373,11 @@ FAILED_SHARE = 0.1  # of the bootstrap resamples whose fit may fail before the i
 
 def _corrected_estimate(levels: np.ndarray, correction: float, plain: tuple[float, float, float], fitted: np.ndarray, seeds: int) -> Estimate:
     """The corrected law's Estimate from its fits (beta, u) to the seed-averaged curve (fitted[0])
-    and to the resamples; NaN with a note where the correction sits at its bound (`pinned`) on that
+    and to the resamples; NaN with a note where the correction sits at its bound (`_pinned`) on that
     curve or on more than `FAILED_SHARE` of the resamples (the interval uses every resample's beta)."""
     window = (float(levels[0]), float(levels[-1]))
     method = f"corrected-power-law(x^-{correction:g})+seed-bootstrap-t"
-    at_bound = pinned(fitted[:, 1])
+    at_bound = _pinned(fitted[:, 1])
     n = int(at_bound[1:].sum())
     if at_bound[0] or n > FAILED_SHARE * (len(fitted) - 1):
         where = "on the seed-averaged curve" if at_bound[0] else f"on {n} of {len(fitted) - 1} bootstrap resamples"
